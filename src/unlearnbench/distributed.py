@@ -1,0 +1,127 @@
+"""The Accelerator, its guards against silent misconfiguration, and a description of the setup."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+from typing import Any
+
+import psutil
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
+
+from unlearnbench.errors import UserError
+
+
+def make_accelerator(expected_processes: int | None = None, **kwargs: Any) -> Accelerator:
+    """An Accelerator on gloo when CUDA is absent (DeepSpeed on CPU needs it), after the launch checks."""
+    handlers = list(kwargs.pop("kwargs_handlers", []))
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or _env_true("ACCELERATE_USE_DEEPSPEED")
+    if distributed and not torch.cuda.is_available():
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    check_launch_env()
+    acc = Accelerator(kwargs_handlers=handlers, **kwargs)
+    check_world_size(acc, expected_processes)
+    return acc
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+def check_launch_env() -> None:
+    """Fail loudly on `--multi_gpu` without CUDA and without ACCELERATE_USE_CPU (N independent runs)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cpu = _env_true("ACCELERATE_USE_CPU")
+    is_deepspeed = _env_true("ACCELERATE_USE_DEEPSPEED")
+    if world > 1 and not torch.cuda.is_available() and not use_cpu and not is_deepspeed:
+        raise UserError(
+            f"This launch started {world} processes for multi-GPU training, but there is no CUDA device, so each "
+            "process would run alone (N independent, non-distributed runs). For CPU data parallelism set "
+            "ACCELERATE_USE_CPU=1: `ACCELERATE_USE_CPU=1 accelerate launch --config_file "
+            "accelerate_configs/cpu_ddp.yaml -m unlearnbench ...`."
+        )
+
+
+def _launcher_requested_processes() -> int | None:
+    """The --num_processes the parent `accelerate launch` was given, if it is one."""
+    try:
+        cmd = psutil.Process(os.getppid()).cmdline()
+    except (psutil.Error, OSError):
+        return None
+    joined = " ".join(cmd)
+    if "accelerate" not in joined or "launch" not in joined:
+        return None
+    for i, tok in enumerate(cmd):
+        for flag in ("--num_processes", "--num-processes"):
+            if tok == flag and i + 1 < len(cmd):
+                return int(cmd[i + 1]) if cmd[i + 1].isdigit() else None
+            if tok.startswith(flag + "="):
+                val = tok.split("=", 1)[1]
+                return int(val) if val.isdigit() else None
+    return None
+
+
+def check_world_size(acc: Accelerator, expected: int | None = None) -> None:
+    """num_processes must equal WORLD_SIZE, the launcher's request and the config's `run.num_processes`."""
+    world_env = int(os.environ.get("WORLD_SIZE", "1"))
+    if acc.num_processes != world_env:
+        raise UserError(
+            f"Accelerate sees {acc.num_processes} process(es) but WORLD_SIZE={world_env}: the processes are not "
+            "one distributed job. On CPU launch with `ACCELERATE_USE_CPU=1 accelerate launch --config_file "
+            "accelerate_configs/cpu_ddp.yaml ...`; on GPUs check the accelerate config's distributed_type."
+        )
+    requested = _launcher_requested_processes()
+    if requested is not None and requested != acc.num_processes:
+        raise UserError(
+            f"`accelerate launch` was asked for {requested} processes but started {acc.num_processes} "
+            "(`--cpu` with --num_processes > 1 starts a single process). For CPU data parallelism use "
+            "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N ...` or "
+            "`--config_file accelerate_configs/cpu_ddp.yaml`."
+        )
+    if expected is not None and expected != acc.num_processes:
+        raise UserError(
+            f"run.num_processes={expected} but this launch has {acc.num_processes} process(es). Launch with "
+            f"--num_processes {expected}, or change run.num_processes."
+        )
+
+
+def zero_stage(acc: Accelerator) -> int:
+    """DeepSpeed ZeRO stage, 0 when DeepSpeed is not in use."""
+    plugin = getattr(acc.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return 0
+    return int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def describe(acc: Accelerator) -> dict:
+    """World size, backend, ZeRO stage, device and hardware, for logs and the saved config."""
+    info = {
+        "num_processes": acc.num_processes,
+        "distributed_type": str(acc.distributed_type).split(".")[-1],
+        "backend": getattr(acc.state, "backend", None),
+        "zero_stage": zero_stage(acc),
+        "mixed_precision": acc.mixed_precision,
+        "device": str(acc.device),
+        "cuda_devices": torch.cuda.device_count(),
+        "gpu_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "launch_command": shlex.join(psutil.Process(os.getppid()).cmdline()) if acc.num_processes > 1 else None,
+    }
+    return info
+
+
+def peak_memory_mib() -> dict:
+    """Peak memory of this process: CPU max RSS and CUDA max allocated, in MiB."""
+    import resource
+
+    out = {"cpu_max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        out["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out

@@ -1,0 +1,45 @@
+"""Pure numpy metrics for unlearnbench: exposure, unlearning quality, utility, memorization.
+
+Every function takes arrays of per-example numbers already computed by the scoring code; none
+touches torch, files or processes. Definitions follow DESIGN.md section 3.
+"""
+from .exposure import (
+    EXPOSURE_KINDS,
+    SkewNormFit,
+    exposure,
+    extrapolated_exposure,
+    fit_skewnorm,
+    rank_exposure,
+    skewnorm_logcdf,
+)
+from .memorization import (
+    counterfactual_difficulty,
+    counterfactual_memorization,
+    difficulty,
+    exposure_memorization,
+    memorization,
+)
+from .quality import (
+    UQResult,
+    bootstrap_ci,
+    first_crossing,
+    forget_quality_ks,
+    forgotten,
+    steps_to_forget,
+    unlearning_quality,
+    uq_example,
+    uq_with_ci,
+)
+from .stats import spearman_with_ci
+from .utility import mean_nll, perplexity, token_accuracy, utility_drop
+
+__all__ = [
+    "EXPOSURE_KINDS", "SkewNormFit", "exposure", "extrapolated_exposure", "fit_skewnorm",
+    "rank_exposure", "skewnorm_logcdf",
+    "counterfactual_difficulty", "counterfactual_memorization", "difficulty",
+    "exposure_memorization", "memorization",
+    "UQResult", "bootstrap_ci", "first_crossing", "forget_quality_ks", "forgotten",
+    "steps_to_forget", "unlearning_quality", "uq_example", "uq_with_ci",
+    "spearman_with_ci",
+    "mean_nll", "perplexity", "token_accuracy", "utility_drop",
+]

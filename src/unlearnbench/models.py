@@ -1,0 +1,71 @@
+"""Models: a tiny Llama or GPT-2 from config, or any causal LM by name; safetensors only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from unlearnbench.config import Config
+from unlearnbench.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_model(cfg: Config, vocab_size: int, seed: int):
+    """A randomly initialised model from config, or the pretrained `model.name_or_path`."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    m = cfg.model
+    if m.name_or_path:
+        return load_pretrained(m.name_or_path, m.dtype, m.trust_remote_code, vocab_size)
+    torch.manual_seed(seed)
+    if m.arch == "llama":
+        mc = LlamaConfig(vocab_size=vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+                         num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads, num_key_value_heads=m.n_heads,
+                         max_position_embeddings=m.max_position_embeddings, tie_word_embeddings=m.tie_embeddings,
+                         bos_token_id=0, eos_token_id=0, pad_token_id=0, attention_dropout=0.0)
+        model = LlamaForCausalLM(mc)
+    else:
+        mc = GPT2Config(vocab_size=vocab_size, n_embd=m.hidden_size, n_layer=m.n_layers, n_head=m.n_heads,
+                        n_inner=m.intermediate_size, n_positions=m.max_position_embeddings, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=m.tie_embeddings,
+                        bos_token_id=0, eos_token_id=0, pad_token_id=0)
+        model = GPT2LMHeadModel(mc)
+    return model.to(DTYPES[m.dtype])
+
+
+def load_pretrained(path: str, dtype: str = "float32", trust_remote_code: bool = False, vocab_size: int | None = None):
+    """Load a causal LM from a local directory or hub name, safetensors weights only."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], use_safetensors=True,
+                                                     trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise UserError(f"Could not load a causal LM from '{path}': {type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}. Give a directory written by "
+                        "save_pretrained (safetensors) or a hub name reachable from here.") from None
+    if vocab_size is not None and model.get_input_embeddings().num_embeddings < vocab_size:
+        raise UserError(f"The model at '{path}' has {model.get_input_embeddings().num_embeddings} embeddings but the "
+                        f"tokenizer has {vocab_size} tokens: they do not belong together. Use the model's own "
+                        "tokenizer (rerun prepare with this model.name_or_path).")
+    return model
+
+
+def n_params(model) -> int:
+    """Number of parameters (shared ones once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def model_dir(run_dir: Path, name: str) -> Path:
+    """Where a trained model lives in a run directory."""
+    return Path(run_dir) / "models" / name
+
+
+def load_trained(run_dir: Path, name: str, dtype: str = "float32"):
+    """A model saved by the train stage."""
+    path = model_dir(run_dir, name)
+    if not (path / "config.json").exists():
+        raise UserError(f"No trained model '{name}' at {path}. Run `unlearnbench train` (or `run`) first.")
+    return load_pretrained(str(path), dtype)

@@ -1,0 +1,1 @@
+"""Preset configs shipped with the package (smoke, default, paper)."""

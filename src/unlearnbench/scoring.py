@@ -1,0 +1,124 @@
+"""The sharded scoring pass: per-example losses for every example, identical for any number of processes.
+
+It knows nothing of exposure or unlearning: it turns (model, examples with scored spans) into per-example
+`nll_sum`, `n_tokens`, `nll` and `acc`. Examples are sorted by length (little padding), dealt to processes
+in batches by Accelerate's sharded data loader, reduced per example on the device, and gathered with
+`gather_for_metrics`, which drops the duplicates that pad the last round of batches.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from unlearnbench.batching import IGNORE
+from unlearnbench.errors import UserError
+
+REQUIRED = ("example_id", "input_ids", "score_start", "score_end")
+
+
+@dataclass
+class PassStats:
+    """What a pass cost: examples, real and padded token slots, seconds."""
+
+    examples: int
+    tokens: int
+    slots: int
+    seconds: float
+
+    @property
+    def padding_fraction(self) -> float:
+        """Share of the computed token slots that were padding."""
+        return 1.0 - self.tokens / max(1, self.slots)
+
+
+class _Sorted(Dataset):
+    """Examples in length order; each item carries its row index so results can be keyed back."""
+
+    def __init__(self, ids: list, starts: list, ends: list):
+        order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))
+        self.items = [(i, ids[i], starts[i], ends[i]) for i in order]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, k: int):
+        return self.items[k]
+
+
+def _collate(items, pad_id: int) -> dict:
+    width = max(len(x[1]) for x in items)
+    n = len(items)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attn = torch.zeros((n, width), dtype=torch.long)
+    labels = torch.full((n, width), IGNORE, dtype=torch.long)
+    for j, (_, seq, a, b) in enumerate(items):
+        ids[j, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+        attn[j, : len(seq)] = 1
+        labels[j, a:b] = ids[j, a:b]
+    return {"row": torch.tensor([x[0] for x in items], dtype=torch.long), "input_ids": ids,
+            "attention_mask": attn, "labels": labels}
+
+
+def check_scorable(dataset, vocab_size: int | None = None) -> None:
+    """Clear errors for a dataset that cannot be scored."""
+    cols = getattr(dataset, "column_names", None) or list(dataset.keys())
+    missing = [c for c in REQUIRED if c not in cols]
+    if missing:
+        raise UserError(f"The dataset to score lacks column(s) {', '.join(missing)} (has: {', '.join(cols)}). "
+                        "Score data written by `unlearnbench prepare`, which adds example_id and the scored span.")
+    if len(dataset["example_id"]) == 0:
+        raise UserError("The set to score is empty: there is nothing to evaluate. Check the data sizes in config.")
+    if vocab_size is not None:
+        top = max(max(s) for s in dataset["input_ids"] if len(s))
+        if top >= vocab_size:
+            raise UserError(f"Token id {top} is outside the model's vocabulary of {vocab_size}: the data was "
+                            "tokenized for another model. Rerun prepare with this model's tokenizer.")
+
+
+@torch.inference_mode()
+def score_pass(acc, model, dataset, batch_size: int = 64, pad_id: int = 0,
+               vocab_size: int | None = None) -> tuple[pd.DataFrame, PassStats]:
+    """Per-example scores of `model` on every example of `dataset`, sorted by example_id, on all processes."""
+    check_scorable(dataset, vocab_size)
+    t0 = time.perf_counter()
+    ids = dataset["input_ids"]
+    data = _Sorted(ids, dataset["score_start"], dataset["score_end"])
+    loader = acc.prepare_data_loader(DataLoader(data, batch_size=batch_size, shuffle=False,
+                                                collate_fn=lambda items: _collate(items, pad_id)))
+    was_training = model.training
+    model.eval()
+    gathered, slots = [], 0
+    for batch in loader:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        logits = out.logits[:, :-1]
+        targets = batch["labels"][:, 1:]
+        mask = targets != IGNORE
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(),
+                                                targets.clamp(min=0).reshape(-1), reduction="none")
+        nll = torch.where(mask, nll.view_as(targets), torch.zeros((), device=nll.device))
+        correct = (logits.argmax(-1) == targets) & mask
+        per_example = torch.stack([batch["row"].double(), nll.sum(1).double(), mask.sum(1).double(),
+                                   correct.sum(1).double()], dim=1)
+        gathered.append(acc.gather_for_metrics(per_example).cpu())
+        slots += batch["input_ids"].numel()
+    if was_training:
+        model.train()
+    table = torch.cat(gathered).numpy() if gathered else np.zeros((0, 4))
+    rows = table[:, 0].astype(np.int64)
+    if len(rows) != len(ids) or len(np.unique(rows)) != len(ids):
+        raise RuntimeError(f"scoring pass returned {len(rows)} rows ({len(np.unique(rows))} unique) for "
+                           f"{len(ids)} examples")
+    df = pd.DataFrame({"example_id": np.asarray(dataset["example_id"])[rows], "nll_sum": table[:, 1],
+                       "n_tokens": table[:, 2].astype(np.int64), "n_correct": table[:, 3].astype(np.int64)})
+    df["nll"] = df["nll_sum"] / df["n_tokens"].clip(lower=1)
+    df["acc"] = df["n_correct"] / df["n_tokens"].clip(lower=1)
+    df = df.sort_values("example_id", kind="stable").reset_index(drop=True)
+    total_slots = int(acc.reduce(torch.tensor(slots, device=acc.device), reduction="sum").item())
+    stats = PassStats(len(df), int(sum(len(s) for s in ids)), total_slots, time.perf_counter() - t0)
+    return df, stats

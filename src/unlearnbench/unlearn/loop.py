@@ -1,0 +1,452 @@
+"""The unlearn stage: for each forget request, start from θ₀ and run the method in a plain Accelerate loop.
+
+At step 0 and on the evaluation schedule, one sharded pass scores the request's examples, their references and
+the utility sets; exposure, unlearning quality and utility come from the pure metrics. The loop stops when the
+UQ target held for `patience` evaluations, on divergence (non-finite loss, exploding gradient, perplexity past
+`max_ppl_ratio` x θ₀'s) or at `max_steps`. Each finished request writes its files; a rerun skips it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from unlearnbench import metrics
+from unlearnbench.batching import collate, shard_batch, token_logprobs
+from unlearnbench.config import Config
+from unlearnbench.data.prepare import load_examples, load_tokenizer
+from unlearnbench.distributed import peak_memory_mib, zero_stage
+from unlearnbench.errors import UserError
+from unlearnbench.io import read_json, write_json, write_parquet
+from unlearnbench.models import load_trained
+from unlearnbench.runner import Context, clear_outputs, finish_stage, require, should_run
+from unlearnbench.scoring import score_pass
+from unlearnbench.stages import eval_subset, tracker, utility_table
+from unlearnbench.unlearn.methods import LossInputs, MethodParams, get_method
+
+_MANTISSAS = (1.0, 1.3, 1.6, 2.0, 2.5, 3.0, 4.0, 5.0, 6.5, 8.0)
+
+
+def eval_steps(cfg: Config) -> list[int]:
+    """Step 0, then log-spaced (1, 2, 3, 4, 6, 8, 10, 13, 16, 20, 25, ...) or every k steps; always max_steps."""
+    u = cfg.unlearn
+    if u.eval_schedule == "every":
+        steps = set(range(0, u.max_steps + 1, u.eval_every))
+    else:
+        steps = {0, 1, 2, 3, 4, 6, 8}
+        decade = 10
+        while decade <= u.max_steps:
+            steps |= {int(round(m * decade)) for m in _MANTISSAS}
+            decade *= 10
+    steps.add(u.max_steps)
+    return sorted(s for s in steps if s <= u.max_steps)
+
+
+@dataclass
+class Request:
+    """A forget request: a named set of forget examples unlearned together from θ₀."""
+
+    name: str
+    example_ids: list[str]
+    kind: str
+    repetitions: int
+
+
+def build_requests(cfg: Config, forget: pd.DataFrame) -> list[Request]:
+    """Requests per (kind, repetitions) group, per example, or one user-given list of example ids."""
+    u = cfg.unlearn
+    if u.request_kinds:
+        forget = forget[forget.kind.isin(u.request_kinds)]
+    if u.requests == "groups":
+        return [Request(f"{k}_r{r}", sorted(g.example_id), k, int(r))
+                for (k, r), g in forget.groupby(["kind", "repetitions"])]
+    if u.requests == "per_example":
+        rows = forget.sort_values("example_id")
+        if u.max_per_example_requests:
+            rows = rows.groupby(["kind", "repetitions"]).head(
+                max(1, u.max_per_example_requests // max(1, rows.groupby(["kind", "repetitions"]).ngroups)))
+        return [Request(f"ex_{r.example_id}", [r.example_id], r.kind, int(r.repetitions)) for r in rows.itertuples()]
+    known = set(forget.example_id)
+    missing = [e for e in u.example_ids if e not in known]
+    if missing:
+        raise UserError(f"unlearn.example_ids has ids that are not forget examples of this run: "
+                        f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}. Valid ids look like "
+                        f"{', '.join(sorted(known)[:3])} (see scores/examples.parquet).")
+    sub = forget[forget.example_id.isin(u.example_ids)]
+    kinds = sorted(set(sub.kind))
+    reps = sorted(set(sub.repetitions))
+    return [Request("ids_" + "_".join(kinds), sorted(u.example_ids), "+".join(kinds), int(reps[0]) if len(reps) == 1 else -1)]
+
+
+def _optimizer(cfg: Config, model):
+    u = cfg.unlearn
+    params = [p for p in model.parameters() if p.requires_grad]
+    if u.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=u.lr, weight_decay=u.weight_decay)
+    if u.optimizer == "adam":
+        return torch.optim.Adam(params, lr=u.lr, weight_decay=u.weight_decay)
+    return torch.optim.AdamW(params, lr=u.lr, weight_decay=u.weight_decay)
+
+
+def _lr_factor(cfg: Config):
+    u = cfg.unlearn
+
+    def f(step: int) -> float:
+        warm = (step + 1) / u.warmup_steps if step < u.warmup_steps else 1.0
+        if u.scheduler == "constant":
+            return warm
+        progress = min(1.0, step / max(1, u.max_steps))
+        return warm * ((1 - progress) if u.scheduler == "linear" else 0.5 * (1 + math.cos(math.pi * progress)))
+    return f
+
+
+class RequestEvaluator:
+    """Scores a model on a request's examples, their references and the utility sets; turns that into metrics."""
+
+    def __init__(self, ctx: Context, request: Request, subset, meta: pd.DataFrame, oracle: pd.DataFrame, pad_id: int):
+        cfg = ctx.cfg
+        self.ctx, self.request, self.cfg = ctx, request, cfg
+        kinds = set(meta.set_index("example_id").loc[request.example_ids, "kind"])
+        keep = meta.example_id.isin(request.example_ids) | ((meta.split == "reference") & meta.kind.isin(kinds)) | \
+            meta.split.isin(["holdout", "retain"])
+        idx = np.nonzero(keep.to_numpy())[0]
+        self.data = subset.select(idx)
+        self.meta = meta.iloc[idx].reset_index(drop=True)
+        self.pad_id = pad_id
+        self.e_r = oracle.set_index("example_id").loc[request.example_ids, f"exposure_{cfg.metrics.exposure}_oracle"]
+        self.e_0: np.ndarray | None = None
+        self.ppl_0: float | None = None
+        self.seconds = 0.0
+
+    def evaluate(self, model, step: int) -> tuple[dict, pd.DataFrame]:
+        """Curve row and per-example trajectory rows at this step."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        scores, _ = score_pass(self.ctx.acc, model, self.data, cfg.score.batch_size, self.pad_id)
+        self.seconds += time.perf_counter() - t0
+        df = self.meta.merge(scores, on="example_id")
+        loss = cfg.metrics.loss
+        parts = []
+        for kind, g in df.groupby("kind"):
+            mine = g[g.example_id.isin(self.request.example_ids)]
+            if mine.empty:
+                continue
+            refs = g[g.split == "reference"][loss].to_numpy()
+            fit = metrics.fit_skewnorm(refs)
+            parts.append(pd.DataFrame({"example_id": mine.example_id.to_numpy(), "nll": mine.nll.to_numpy(),
+                                       "exposure_rank": metrics.rank_exposure(mine[loss].to_numpy(), refs),
+                                       "exposure_extrapolated": metrics.extrapolated_exposure(
+                                           mine[loss].to_numpy(), refs, fit=fit)}))
+        traj = pd.concat(parts).set_index("example_id").loc[self.request.example_ids].reset_index()
+        traj["exposure"] = traj[f"exposure_{cfg.metrics.exposure}"]
+        e_t = traj.exposure.to_numpy()
+        e_r = self.e_r.to_numpy()
+        if self.e_0 is None:
+            self.e_0 = e_t.copy()
+        traj["forgotten"] = metrics.forgotten(e_t, e_r, cfg.metrics.tolerance_bits)
+        traj.insert(0, "step", step)
+        q = metrics.uq_with_ci(e_t, self.e_0, e_r, cfg.metrics.uq_min_gap_bits, cfg.metrics.n_boot, cfg.run.seed)
+        util = utility_table(scores, self.meta)
+        if self.ppl_0 is None:
+            self.ppl_0 = util["id_holdout_ppl"]
+        row = {"step": step, **q, "exposure_mean": float(e_t.mean()),
+               "exposure_rank_mean": float(traj.exposure_rank.mean()),
+               "exposure_oracle_mean": float(e_r.mean()), "forgotten_fraction": float(traj.forgotten.mean()),
+               "forget_nll": float(traj.nll.mean()), **util,
+               "utility_drop": float(metrics.utility_drop(util["id_holdout_ppl"], self.ppl_0))}
+        return row, traj
+
+
+def _forward_logp(model, batch):
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return out.logits
+
+
+def _batch(all_ids, starts, ends, rows, pad_id, device):
+    b = collate([all_ids[i] for i in rows], [starts[i] for i in rows], [ends[i] for i in rows], pad_id)
+    return {k: v.to(device) for k, v in b.items()}
+
+
+def unlearn_request(ctx: Context, request: Request, examples, subset, meta, oracle_table, tok, trk) -> dict:
+    """Run the configured method on one request from θ₀; write its trajectory, curve and result."""
+    cfg, acc = ctx.cfg, ctx.acc
+    u = cfg.unlearn
+    spec = get_method(u.method)
+    params = MethodParams(beta=u.simnpo_beta if u.method == "simnpo" else u.beta, gamma=u.gamma,
+                          retain_weight=u.retain_weight, nll_clamp=u.nll_clamp)
+    out_dir = ctx.run_dir / "unlearn" / request.name
+    pad_id = tok.pad_token_id or 0
+    evaluator = RequestEvaluator(ctx, request, subset, meta, oracle_table, pad_id)
+    row_of = {e: i for i, e in enumerate(examples["example_id"])}
+    all_ids, starts, ends = examples["input_ids"], examples["score_start"], examples["score_end"]
+    forget_rows = [row_of[e] for e in request.example_ids]
+    retain_rows = [i for i, s in enumerate(examples["split"]) if s == "retain"]
+    lengths = np.array([len(x) for x in all_ids])
+    world = acc.num_processes
+    model = load_trained(ctx.run_dir, "original", cfg.model.dtype)
+    model.config.use_cache = False
+    opt = _optimizer(cfg, model)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg))
+    if acc.state.deepspeed_plugin is not None:
+        per_rank = max(1, math.ceil(min(u.batch_size, len(forget_rows)) / world))
+        ds = acc.state.deepspeed_plugin.deepspeed_config
+        ds.update({"train_micro_batch_size_per_gpu": per_rank, "gradient_accumulation_steps": 1,
+                   "train_batch_size": per_rank * world})
+        ds.pop("gradient_clipping", None)
+    acc.gradient_accumulation_steps = 1
+    model, opt = acc.prepare(model, opt)
+    reference = None
+    if spec.needs_reference:
+        reference = _reference_model(ctx)
+    eval_model = model if zero_stage(acc) == 3 else acc.unwrap_model(model)
+    schedule = set(eval_steps(cfg))
+    curve, trajs = [], []
+    status, reason, unlearned_step, held = "max_steps", "", None, 0
+    rng = np.random.default_rng([cfg.run.seed, 104729])
+    perm = rng.permutation(len(forget_rows))
+    t_start, train_time, tokens, loss_window = time.perf_counter(), 0.0, 0, []
+    step = 0
+    while True:
+        if step in schedule:
+            row, traj = evaluator.evaluate(eval_model, step)
+            elapsed = time.perf_counter() - t_start
+            row.update({"train_loss": float(np.mean(loss_window)) if loss_window else float("nan"),
+                        "lr": sched.get_last_lr()[0], "tokens_per_s": tokens / train_time if train_time else float("nan"),
+                        "eval_seconds": evaluator.seconds, "elapsed_seconds": elapsed})
+            loss_window = []
+            curve.append(row)
+            trajs.append(traj)
+            trk.log({f"unlearn/{request.name}/{k}": v for k, v in row.items() if k != "step"},
+                    **{"unlearn/step": step}, request=request.name)
+            if row["uq"] >= cfg.metrics.uq_target and step > 0:
+                held += 1
+                unlearned_step = step if unlearned_step is None else unlearned_step
+            else:
+                held = 0
+            if not np.isfinite(row["id_holdout_ppl"]) or row["id_holdout_ppl"] > cfg.metrics.max_ppl_ratio * evaluator.ppl_0:
+                status, reason = "diverged", (f"ID-holdout perplexity {row['id_holdout_ppl']:.3g} exceeds "
+                                              f"{cfg.metrics.max_ppl_ratio:g} x θ₀'s {evaluator.ppl_0:.3g}")
+                break
+            if u.stop_on_target and held >= u.patience:
+                status, reason = "unlearned", f"UQ >= {cfg.metrics.uq_target} held for {held} evaluation(s)"
+                break
+            if step >= u.max_steps:
+                reason = f"reached max_steps={u.max_steps}"
+                break
+        # one optimisation step
+        t0 = time.perf_counter()
+        bsz = min(u.batch_size, len(forget_rows))
+        start = (step * bsz) % len(forget_rows)
+        order = np.concatenate([perm, perm])[start:start + bsz]
+        global_rows = [forget_rows[i] for i in order]
+        mine = shard_batch(list(range(len(global_rows))), lengths[global_rows], acc.process_index, world, bsz)
+        mine_rows = [global_rows[i] for i in (mine[0] if mine else [])]
+        forget_tokens = int(sum(ends[r] - starts[r] for r in global_rows))
+        inputs = {"forget_tokens": forget_tokens, "forget_seqs": len(global_rows), "token_weight": float(world)}
+        model.train()
+        if spec.needs_retain:
+            r_rng = np.random.default_rng([cfg.run.seed, 7, step])
+            r_global = [retain_rows[i] for i in r_rng.choice(len(retain_rows), size=min(u.retain_batch_size,
+                                                                                         len(retain_rows)), replace=False)]
+            r_mine = [r_global[i] for i in (shard_batch(list(range(len(r_global))), lengths[r_global],
+                                                        acc.process_index, world, len(r_global)) or [[]])[0]]
+            inputs.update({"retain_tokens": int(sum(ends[r] - starts[r] for r in r_global)),
+                           "retain_seqs": len(r_global)})
+        if mine_rows:
+            fb = _batch(all_ids, starts, ends, mine_rows, pad_id, acc.device)
+            logits = _forward_logp(model, fb)
+            f_logp, f_mask = token_logprobs(logits, fb["labels"])
+            inputs.update({"forget_logp": f_logp, "forget_mask": f_mask})
+            if spec.needs_reference:
+                with torch.no_grad():
+                    ref_logp, _ = token_logprobs(_forward_logp(reference, fb), fb["labels"])
+                inputs["forget_ref_logp"] = ref_logp
+            if spec.needs_retain and r_mine:
+                rb = _batch(all_ids, starts, ends, r_mine, pad_id, acc.device)
+                r_logits = _forward_logp(model, rb)
+                r_logp, r_mask = token_logprobs(r_logits, rb["labels"])
+                inputs.update({"retain_logp": r_logp, "retain_mask": r_mask})
+                if spec.needs_full_retain_dist:
+                    valid = rb["labels"][:, 1:] != -100
+                    inputs["retain_logprobs"] = torch.log_softmax(r_logits[:, :-1].float(), -1)
+                    with torch.no_grad():
+                        inputs["retain_ref_logprobs"] = torch.log_softmax(
+                            _forward_logp(reference, rb)[:, :-1].float(), -1)
+                    del valid
+            loss, _ = spec.fn(LossInputs(**inputs), params)
+            tokens += int(fb["attention_mask"].sum())
+        else:  # this process has no example this step; it still joins the gradient all-reduce
+            loss = sum(p.sum() for p in model.parameters()) * 0.0
+        acc.backward(loss)
+        total_loss = acc.reduce(loss.detach().float().reshape(1), reduction="sum").item() / world
+        grad_norm = _grad_norm(acc, model, u.grad_clip)
+        if not math.isfinite(total_loss) or not math.isfinite(grad_norm) or grad_norm > u.max_grad_norm:
+            opt.zero_grad(set_to_none=True)
+            status = "diverged"
+            reason = (f"non-finite loss ({total_loss})" if not math.isfinite(total_loss)
+                      else f"gradient norm {grad_norm:.3g} (limit unlearn.max_grad_norm={u.max_grad_norm:g})")
+            break  # the last good state is the one before this step; it is not updated
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        loss_window.append(total_loss)
+        train_time += time.perf_counter() - t0
+        step += 1
+    wall = time.perf_counter() - t_start
+    curve_df = pd.DataFrame(curve)
+    traj_df = pd.concat(trajs, ignore_index=True)
+    result = summarize_request(cfg, request, curve_df, traj_df, oracle_table, status, reason, step, wall, evaluator)
+    per_example = result.pop("_per_example")
+    if acc.is_main_process:
+        write_parquet(out_dir / "trajectory.parquet", traj_df)
+        write_parquet(out_dir / "curve.parquet", curve_df)
+        write_parquet(out_dir / "examples.parquet", per_example)
+        trk.log_table(f"unlearn/{request.name}/examples", per_example)
+    if u.save_model:
+        from unlearnbench.train import _save_model
+
+        _save_model(acc, model, tok, out_dir / "model")
+    if acc.is_main_process:
+        write_json(out_dir / "result.json", result)  # last: its presence marks the request as done
+    acc.wait_for_everyone()
+    acc.free_memory()
+    del model, opt, reference
+    return result
+
+
+def _grad_norm(acc, model, clip: float | None) -> float:
+    if acc.state.deepspeed_plugin is not None:
+        norm = model.get_global_grad_norm() if hasattr(model, "get_global_grad_norm") else None
+        return float(norm) if norm is not None else 0.0
+    return float(acc.clip_grad_norm_(model.parameters(), clip if clip else float("inf")))
+
+
+def _reference_model(ctx: Context):
+    """θ₀, frozen, for npo / ga_kl; a DeepSpeed inference engine under ZeRO-3 so its parameters are sharded."""
+    ref = load_trained(ctx.run_dir, "original", ctx.cfg.model.dtype)
+    ref.requires_grad_(False).eval()
+    if zero_stage(ctx.acc) == 3:
+        import deepspeed
+
+        plugin = ctx.acc.state.deepspeed_plugin
+        conf = {"train_micro_batch_size_per_gpu": plugin.deepspeed_config["train_micro_batch_size_per_gpu"],
+                "zero_optimization": {"stage": 3}}
+        engine, *_ = deepspeed.initialize(model=ref, config=conf)
+        engine.eval()
+        return engine
+    return ref.to(ctx.acc.device)
+
+
+def summarize_request(cfg: Config, request: Request, curve: pd.DataFrame, traj: pd.DataFrame, oracle_table,
+                      status: str, reason: str, steps_run: int, wall: float, evaluator) -> dict:
+    """result.json: when the request was unlearned, the utility cost there, steps to forget per example."""
+    steps = curve.step.to_numpy()
+    wide = traj.pivot(index="step", columns="example_id", values="forgotten").loc[steps, request.example_ids]
+    per_steps, censored = metrics.steps_to_forget(steps, wide.to_numpy(), cfg.unlearn.max_steps)
+    info = oracle_table.set_index("example_id").loc[request.example_ids]
+    per_example = pd.DataFrame({"example_id": request.example_ids, "kind": info.kind.to_numpy(),
+                                "repetitions": info.repetitions.to_numpy(), "steps_to_forget": per_steps,
+                                "censored": censored, "memorization": info.memorization.to_numpy(),
+                                "exposure_memorization": info.exposure_memorization.to_numpy(),
+                                "difficulty": info.difficulty.to_numpy(),
+                                "exposure_original": evaluator.e_0, "exposure_oracle": evaluator.e_r.to_numpy(),
+                                "exposure_final": traj[traj.step == steps[-1]].exposure.to_numpy()})
+    for col in ("cf_memorization", "cf_difficulty"):
+        if col in info:
+            per_example[col] = info[col].to_numpy()
+    uq = curve.uq.to_numpy()
+    unlearned_step = metrics.first_crossing(steps[1:], uq[1:], cfg.metrics.uq_target) if len(steps) > 1 else None
+    at = curve[curve.step == unlearned_step].iloc[0] if unlearned_step is not None else None
+    first = curve.iloc[0]
+    nothing = bool(first.nothing_to_forget)
+    return {
+        "request": request.name, "kind": request.kind, "repetitions": request.repetitions,
+        "n_examples": len(request.example_ids), "method": cfg.unlearn.method, "lr": cfg.unlearn.lr,
+        "status": "nothing_to_forget" if nothing and status != "diverged" else status,
+        "stop_reason": reason, "steps_run": steps_run, "diverged": status == "diverged",
+        "unlearned": unlearned_step is not None, "steps_to_unlearn": unlearned_step,
+        "steps_to_unlearn_censored": unlearned_step if unlearned_step is not None else cfg.unlearn.max_steps,
+        "step_uq_0.5": metrics.first_crossing(steps[1:], uq[1:], 0.5),
+        "step_uq_0.8": metrics.first_crossing(steps[1:], uq[1:], 0.8),
+        "utility_drop_at_unlearned": float(at.utility_drop) if at is not None else None,
+        "id_holdout_ppl_at_unlearned": float(at.id_holdout_ppl) if at is not None else None,
+        "uq_final": float(uq[-1]), "uq_max": float(np.nanmax(uq)),
+        "uq_example_final": float(curve.uq_example.iloc[-1]), "forget_quality_final": float(curve.forget_quality.iloc[-1]),
+        "utility_drop_final": float(curve.utility_drop.iloc[-1]),
+        "exposure_original_mean": float(np.mean(evaluator.e_0)), "exposure_oracle_mean": float(evaluator.e_r.mean()),
+        "exposure_gap_bits": float(first.gap), "nothing_to_forget": nothing,
+        "forgotten_fraction_final": float(curve.forgotten_fraction.iloc[-1]),
+        "steps_to_forget_mean": float(per_steps.mean()), "censored_fraction": float(censored.mean()),
+        "memorization_mean": float(per_example.memorization.mean()),
+        "difficulty_mean": float(per_example.difficulty.mean()),
+        "id_holdout_ppl_0": float(evaluator.ppl_0), "wall_seconds": wall, "eval_seconds": evaluator.seconds,
+        "eval_share": evaluator.seconds / wall if wall else None,
+        "_per_example": per_example,
+    }
+
+
+def run_unlearn(ctx: Context) -> None:
+    """Every forget request of the run, then summary.json with the study's findings."""
+    from unlearnbench.summary import summarize_run
+
+    require(ctx, "score")
+    if not should_run(ctx, "unlearn"):
+        return
+    clear_outputs(ctx, "unlearn")
+    cfg = ctx.cfg
+    examples = load_examples(ctx.run_dir / "data")
+    tok = load_tokenizer(ctx.run_dir / "data")
+    subset = eval_subset(examples)
+    meta = subset.select_columns(["example_id", "kind", "repetitions", "split"]).to_pandas()
+    oracle_table = pd.read_parquet(ctx.run_dir / "scores" / "examples.parquet")
+    requests = build_requests(cfg, oracle_table)
+    if not requests or any(not r.example_ids for r in requests):
+        raise UserError("The forget request is empty: no forget example matches unlearn.requests / request_kinds. "
+                        "Check unlearn.request_kinds and data.kinds.")
+    trk = tracker(ctx, "unlearn")
+    trk.define_step("unlearn/step", "unlearn")
+    results = []
+    for req in requests:
+        done = ctx.run_dir / "unlearn" / req.name / "result.json"
+        if done.exists():
+            ctx.acc.print(f"[unlearn] {req.name}: already done, skipping")
+            results.append(read_json(done))
+            continue
+        res = unlearn_request(ctx, req, examples, subset, meta, oracle_table, tok, trk)
+        ctx.acc.print(f"[unlearn] {req.name}: {res['status']} after {res['steps_run']} steps; steps to unlearn "
+                      f"{res['steps_to_unlearn']}, utility drop there {_fmt(res['utility_drop_at_unlearned'])}, "
+                      f"final UQ {res['uq_final']:.2f} (gap {res['exposure_gap_bits']:.1f} bits)")
+        results.append(res)
+    summary = summarize_run(cfg, ctx.run_dir, results)
+    if ctx.is_main:
+        write_json(ctx.run_dir / "summary.json", summary)
+        trk.summary(flatten_findings(summary))
+    trk.finish()
+    ctx.acc.print(format_findings(summary))
+    finish_stage(ctx, "unlearn", {"requests": len(results), **peak_memory_mib()})
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:+.1%}"
+
+
+def flatten_findings(summary: dict) -> dict:
+    """F1-F3 numbers and verdicts as flat W&B summary keys."""
+    out = {}
+    for key, f in summary.get("findings", {}).items():
+        out[f"findings/{key}/verdict"] = f["verdict"]
+    return out
+
+
+def format_findings(summary: dict) -> str:
+    """The findings block printed at the end of unlearn."""
+    lines = ["[findings]"]
+    for key, f in summary.get("findings", {}).items():
+        lines.append(f"  {key}: {f['verdict']} — {f['statement']}")
+    return "\n".join(lines)
+

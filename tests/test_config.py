@@ -1,0 +1,82 @@
+"""Config validation: presets load, unknown keys and wrong types are rejected with the key named."""
+
+import pytest
+
+from unlearnbench.config import config_reference, fingerprint, load_config, preset_names
+from unlearnbench.errors import UserError
+
+
+def test_presets_load_and_differ():
+    assert set(preset_names()) >= {"smoke", "default", "paper"}
+    smoke, default, paper = (load_config(p) for p in ("smoke", "default", "paper"))
+    assert smoke.model.n_layers == 2 and default.model.n_layers == 4
+    assert default.data.repetitions == [1, 4, 16]
+    assert paper.data.repetitions == [1, 10, 100] and paper.data.n_references == 10000
+    assert paper.model.name_or_path
+
+
+def test_overrides_are_typed():
+    cfg = load_config("smoke", None, ["train.steps=7", "unlearn.lr=0.5", "data.repetitions=[2,3]"])
+    assert cfg.train.steps == 7 and cfg.unlearn.lr == 0.5 and cfg.data.repetitions == [2, 3]
+
+
+@pytest.mark.parametrize("override, words", [
+    ("train.stepz=3", ["train.stepz", "steps"]),
+    ("nosuchsection.x=1", ["nosuchsection"]),
+    ("train.steps=abc", ["train.steps", "int"]),
+    ("train.steps=0", ["train.steps", "positive"]),
+    ("data.group_size=-4", ["data.group_size"]),
+    ("unlearn.method=magic", ["magic", "ga", "npo"]),
+    ("metrics.exposure=median", ["metrics.exposure", "extrapolated", "rank"]),
+    ("data.kinds=[id,weird]", ["data.kinds"]),
+    ("data.repetitions=[0]", ["data.repetitions"]),
+    ("unlearn.eval_schedule=every", []),  # valid on its own
+])
+def test_bad_values_name_the_key(override, words):
+    if not words:
+        load_config("smoke", None, [override])
+        return
+    with pytest.raises(UserError) as err:
+        load_config("smoke", None, [override])
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_unknown_preset_and_missing_file(tmp_path):
+    with pytest.raises(UserError, match="Unknown preset 'nope'.*smoke"):
+        load_config("nope")
+    with pytest.raises(UserError, match="does not exist"):
+        load_config("smoke", str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  steps: [1,\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config("smoke", str(bad))
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("train:\n  nope: 1\n")
+    with pytest.raises(UserError, match="train.nope"):
+        load_config("smoke", str(unknown))
+
+
+def test_eval_every_beyond_max_steps_and_canary_without_secret():
+    with pytest.raises(UserError, match="eval_every"):
+        load_config("smoke", None, ["unlearn.eval_schedule=every", "unlearn.eval_every=50", "unlearn.max_steps=20"])
+    with pytest.raises(UserError, match="secret"):
+        load_config("smoke", None, ["data.canary_secret_length=1", "data.canary_alphabet=ab"])
+
+
+def test_fingerprints_track_their_sections():
+    a = load_config("smoke")
+    b = load_config("smoke", None, ["unlearn.lr=0.01"])
+    c = load_config("smoke", None, ["train.steps=3"])
+    assert fingerprint(a, "train") == fingerprint(b, "train")
+    assert fingerprint(a, "unlearn") != fingerprint(b, "unlearn")
+    assert fingerprint(a, "train") != fingerprint(c, "train")
+    assert fingerprint(a, "prepare") == fingerprint(c, "prepare")
+
+
+def test_readme_lists_every_config_key():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [key for key, _, _ in config_reference() if f"`{key}`" not in readme]
+    assert not missing, f"README config reference lacks {missing}; regenerate with `python -m unlearnbench.docs`"

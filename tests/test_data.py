@@ -1,0 +1,131 @@
+"""The prepare stage: counts, disjointness, scored spans, determinism, bad corpora."""
+
+import filecmp
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import cli, smoke_config
+from unlearnbench.data.corpora import kjv_passages, load_texts, pydoc_paragraphs
+from unlearnbench.data.prepare import load_examples, load_tokenizer, prepare
+from unlearnbench.errors import UserError
+
+
+def test_builtin_corpora():
+    kjv = kjv_passages()
+    assert len(kjv) == 24408
+    assert kjv[0].startswith("In the beginning") and not kjv[0][0].isdigit()
+    docs = pydoc_paragraphs()
+    assert len(docs) > 1000 and any("assert" in d for d in docs)
+
+
+def test_counts_match_config(prepared):
+    cfg, run_dir = prepared
+    ds = load_examples(run_dir / "data").to_pandas()
+    d = cfg.data
+    for kind in d.kinds:
+        for r in d.repetitions:
+            assert ((ds.kind == kind) & (ds.repetitions == r) & (ds.split == "forget")).sum() == d.group_size
+    assert ((ds.kind == "canary") & (ds.split == "reference")).sum() == d.n_references
+    assert ((ds.kind == "id") & (ds.split == "reference")).sum() == d.n_id_references
+    assert ((ds.kind == "domain") & (ds.split == "reference")).sum() == d.n_domain_references
+    assert ((ds.kind == "id") & (ds.split == "holdout")).sum() == d.n_holdout
+    assert (ds.split == "retain").sum() == d.n_retain
+    assert ds.split.isin(["train", "retain"]).sum() == d.n_train
+    assert ds.example_id.is_unique
+    man = json.loads((run_dir / "data" / "manifest.json").read_text())
+    reps = sum(d.group_size * r for r in d.repetitions) * len(d.kinds)
+    assert man["training_mixture"]["original"]["sequences"] == d.n_train + reps
+    assert man["training_mixture"]["oracle"]["sequences"] == d.n_train
+
+
+def test_nothing_held_out_is_trained_on(prepared):
+    _, run_dir = prepared
+    ds = load_examples(run_dir / "data").to_pandas()
+    trained = set(ds[ds.in_original].text) | set(ds[ds.in_oracle].text)
+    held = ds[ds.split.isin(["reference", "holdout"])]
+    assert not (set(held.text) & trained)
+    # the oracle never sees a forget example; the original sees all of them
+    assert not ds[ds.split == "forget"].in_oracle.any() and ds[ds.split == "forget"].in_original.all()
+    # no canary secret of the references appears in a trained canary
+    canaries = ds[ds.kind == "canary"]
+    assert not set(canaries[canaries.split == "reference"].text) & set(canaries[canaries.split == "forget"].text)
+
+
+def test_canary_span_is_the_secret_only(prepared):
+    cfg, run_dir = prepared
+    ds = load_examples(run_dir / "data")
+    tok = load_tokenizer(run_dir / "data")
+    for row in ds.filter(lambda r: r["kind"] == "canary").select(range(20)):
+        scored = tok.decode(row["input_ids"][row["score_start"]:row["score_end"]])
+        prefix = tok.decode(row["input_ids"][1:row["score_start"]])
+        assert prefix == cfg.data.canary_prefix
+        assert scored == row["text"][len(cfg.data.canary_prefix):]
+        assert len(scored) == cfg.data.canary_secret_length
+    for row in ds.filter(lambda r: r["kind"] == "id").select(range(5)):
+        assert row["score_start"] == 1 and row["score_end"] == len(row["input_ids"])
+        assert row["input_ids"][0] == tok.bos_token_id
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path):
+    small = ["data.n_train=200", "data.n_retain=20", "data.n_holdout=20", "data.n_id_references=30",
+             "data.n_references=30", "data.n_domain_references=20", "data.n_domain_holdout=10", "data.group_size=4"]
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    prepare(smoke_config(a, *small), a / "data")
+    prepare(smoke_config(b, *small), b / "data")
+    prepare(smoke_config(c, *small, "run.seed=1"), c / "data")
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files and all(filecmp.cmp(a / f, b / f, shallow=False) for f in files)
+    assert not filecmp.cmp(a / "data/examples/data-00000-of-00001.arrow", c / "data/examples/data-00000-of-00001.arrow",
+                           shallow=False)
+
+
+def test_local_files_as_corpus(tmp_path):
+    texts = [f"Passage number {i} says something about the weather and the sea." for i in range(50)]
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in texts))
+    (tmp_path / "c.txt").write_text("\n".join(texts))
+    import pandas as pd
+
+    pd.DataFrame({"body": texts}).to_parquet(tmp_path / "c.parquet")
+    pd.DataFrame({"text": texts}).to_csv(tmp_path / "c.csv", index=False)
+    assert load_texts(str(tmp_path / "c.jsonl")) == texts
+    assert load_texts(str(tmp_path / "c.txt")) == texts
+    assert load_texts(str(tmp_path / "c.parquet"), text_field="body") == texts
+    assert load_texts(str(tmp_path / "c.csv")) == texts
+
+
+def test_bad_corpora(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": broken}\n')
+    with pytest.raises(UserError, match="line 2"):
+        load_texts(str(bad))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(UserError, match="empty"):
+        load_texts(str(empty))
+    with pytest.raises(UserError, match="does not exist"):
+        load_texts(str(tmp_path / "missing.jsonl"))
+    nofield = tmp_path / "nofield.jsonl"
+    nofield.write_text('{"body": "x"}\n')
+    with pytest.raises(UserError, match="text_field"):
+        load_texts(str(nofield))
+
+
+def test_corpus_too_small_is_refused_and_nothing_written(tmp_path):
+    small = tmp_path / "small.jsonl"
+    small.write_text("\n".join(json.dumps({"text": f"a short passage of text, number {i}, long enough to keep"}) for i in range(40)))
+    run_dir = tmp_path / "run"
+    with pytest.raises(UserError, match="too small"):
+        prepare(smoke_config(run_dir, f"data.corpus={small}"), run_dir / "data")
+    assert not (run_dir / "data").exists()
+
+
+def test_cli_bad_input_exits_cleanly(tmp_path):
+    res = cli("prepare", "--preset", "smoke", f"run.dir={tmp_path / 'r'}", "data.corpus=/no/such/file.jsonl")
+    assert res.returncode == 2
+    assert "does not exist" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "r" / "data").exists()
+    res = cli("prepare", "--preset", "nope")
+    assert res.returncode == 2 and "Unknown preset" in res.stderr
