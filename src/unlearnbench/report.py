@@ -1,62 +1,637 @@
-"""The report stage: report/report.md with the group table and the findings of a run."""
+"""The report stage: report/report.md with the group table, the findings and PNG figures of a run; and
+`report --compare`, several runs side by side.
+
+Figures use matplotlib's object API (no pyplot, so no global backend state): one colour per kind (ID blue,
+canary vermillion, domain green) and one marker per repetitions, the same in every figure.
+"""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullLocator
+
 from unlearnbench.errors import UserError
-from unlearnbench.io import read_json, write_text
+from unlearnbench.io import atomic_dir, read_json
 from unlearnbench.runner import Context, finish_stage, require
 
+KIND_ORDER = ("id", "canary", "domain")
+KIND_COLORS = {"id": "#0072B2", "canary": "#D55E00", "domain": "#009E73"}  # Okabe-Ito: colour-blind safe
+KIND_LABELS = {"id": "ID (KJV)", "canary": "OOD canary", "domain": "OOD domain"}
+REP_MARKERS = {1: "o", 4: "s", 16: "^"}
+OTHER_MARKERS = ("D", "v", "P", "X", "h", "<", ">")
+STEP_LABEL = "unlearning step (optimizer steps, symlog)"
+FIGURES = {  # name -> (heading, caption)
+    "exposure_trajectories": ("Exposure trajectories, ID vs OOD",
+                              "Mean exposure of each forget request vs step; dashed: its level under the oracle θr."),
+    "uq_vs_step": ("Unlearning quality vs step",
+                   "UQ of each request with its 95% bootstrap band; dotted: the UQ target (vertical: reached)."),
+    "utility_vs_step": ("Utility vs step",
+                        "ID-holdout perplexity relative to θ0 (utility drop = ratio − 1); star: the step the request "
+                        "became unlearned."),
+    "uq_vs_utility": ("Trade-off: unlearning quality vs utility",
+                      "UQ against the utility cost along each unlearning run; star: the step it became unlearned."),
+    "steps_to_forget_vs_memorization": ("Steps to forget vs memorization",
+                                        "Per example, with Spearman ρ and its 95% interval per kind; hollow markers: "
+                                        "censored at max steps."),
+    "steps_to_forget_vs_difficulty": ("Steps to forget vs difficulty",
+                                      "Per example, with Spearman ρ and its 95% interval per kind; hollow markers: "
+                                      "censored at max steps."),
+}
+
+
+# ----------------------------------------------------------------------------------------------- helpers
 
 def _num(x, fmt="{:.2f}") -> str:
-    return "–" if x is None else fmt.format(x)
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–"
+    return fmt.format(x)
 
 
-def render_markdown(summary: dict) -> str:
-    """Markdown of a run's summary: per (kind, repetitions) table, then F1-F3 with their numbers."""
+def kind_color(kind: str) -> str:
+    """The colour of a forget kind in every figure (grey for kinds outside the study's three)."""
+    return KIND_COLORS.get(kind, "#666666")
+
+
+def rep_marker(reps: int) -> str:
+    """The marker of a repetitions count in every figure."""
+    return REP_MARKERS.get(int(reps), OTHER_MARKERS[abs(int(reps)) % len(OTHER_MARKERS)])
+
+
+def _kind_key(kind: str) -> tuple:
+    return (KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER), kind)
+
+
+def _cells(groups: list[dict]) -> list[tuple[str, int, list[dict]]]:
+    """Requests grouped by (kind, repetitions), in the study's order."""
+    cells: dict[tuple[str, int], list[dict]] = {}
+    for g in groups:
+        cells.setdefault((g["kind"], int(g["repetitions"])), []).append(g)
+    return [(k, r, cells[(k, r)]) for k, r in sorted(cells, key=lambda c: (_kind_key(c[0]), c[1]))]
+
+
+def _mean(values) -> float | None:
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return float(np.mean(vals)) if vals else None
+
+
+def _reps_title(reps: int) -> str:
+    return f"{reps} repetition" + ("" if reps == 1 else "s")
+
+
+def _step_axis(ax, max_steps: int | None, axis: str = "x") -> None:
+    """Symlog steps (the evaluation schedule is log-spaced, and starts at 0) with plain-number ticks."""
+    a = ax.xaxis if axis == "x" else ax.yaxis
+    top = max_steps or 100
+    (ax.set_xscale if axis == "x" else ax.set_yscale)("symlog", linthresh=1.0)
+    ticks = [t for t in (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000) if t <= top]
+    a.set_major_locator(FixedLocator(ticks))
+    a.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    a.set_minor_locator(NullLocator())
+    (ax.set_xlim if axis == "x" else ax.set_ylim)(-0.05 if axis == "x" else -0.3, top * 1.08)
+    if axis == "x":
+        ax.set_xlabel(STEP_LABEL)
+
+
+def _ratio_axis(ax, curves: list[pd.Series], axis: str) -> str:
+    """Log scale for a perplexity ratio when it spans more than 3x, else linear; plain-number ticks."""
+    vals = pd.concat(curves).dropna() if curves else pd.Series(dtype=float)
+    log = len(vals) and vals.max() / max(vals.min(), 1e-12) > 3
+    a = ax.xaxis if axis == "x" else ax.yaxis
+    if log:
+        (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+        a.set_major_locator(LogLocator(subs=(1.0, 3.0)))
+        a.set_minor_locator(NullLocator())
+        a.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    return "log" if log else "linear"
+
+
+def _legend_handles(kinds: list[str], reps: list[int], extra: list[Line2D] = ()) -> list[Line2D]:
+    h = [Line2D([], [], color=kind_color(k), lw=2.5, label=KIND_LABELS.get(k, k)) for k in kinds]
+    h += [Line2D([], [], color="black", marker=rep_marker(r), ls="none", label=_reps_title(r)) for r in reps]
+    return h + list(extra)
+
+
+def _figure(n_panels: int, width: float = 4.6, height: float = 3.6, rows: int = 1) -> tuple[Figure, np.ndarray]:
+    fig = Figure(figsize=(width * n_panels, height * rows + 0.9), dpi=100, layout="constrained")
+    axes = np.atleast_2d(fig.subplots(rows, n_panels, squeeze=False))
+    return fig, axes
+
+
+def _save(fig: Figure, path: Path) -> None:
+    fig.savefig(path, format="png")
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+def load_run(run_dir: Path) -> tuple[dict, dict[str, pd.DataFrame], pd.DataFrame]:
+    """summary.json, the curve of each request and the per-example table (with a `request` column)."""
+    run_dir = Path(run_dir)
+    path = run_dir / "summary.json"
+    if not path.exists():
+        raise UserError(f"No summary.json in {run_dir}: run the unlearn stage first "
+                        f"(`unlearnbench unlearn run.dir={run_dir}`).")
+    summary = read_json(path)
+    if "runs" in summary:
+        raise UserError(f"{path} aggregates several seeds; make the report of each seed_*/ run, or compare them with "
+                        f"`unlearnbench report --compare {run_dir}`.")
+    curves, frames = {}, []
+    for g in summary["groups"]:
+        d = run_dir / "unlearn" / g["request"]
+        if (d / "curve.parquet").exists():
+            curves[g["request"]] = pd.read_parquet(d / "curve.parquet")
+        if (d / "examples.parquet").exists():
+            frames.append(pd.read_parquet(d / "examples.parquet").assign(request=g["request"]))
+    examples = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    return summary, curves, examples
+
+
+# ----------------------------------------------------------------------------------------------- figures
+
+def _by_reps(summary: dict, curves: dict) -> tuple[list[int], list[str], dict[int, list[dict]]]:
+    groups = [g for g in summary["groups"] if g["request"] in curves]
+    reps = sorted({int(g["repetitions"]) for g in groups})
+    kinds = sorted({g["kind"] for g in groups}, key=_kind_key)
+    per = {r: sorted([g for g in groups if int(g["repetitions"]) == r], key=lambda g: _kind_key(g["kind"]))
+           for r in reps}
+    return reps, kinds, per
+
+
+def _line_kw(g: dict, many: bool) -> dict:
+    return {"color": kind_color(g["kind"]), "marker": None if many else rep_marker(g["repetitions"]),
+            "ms": 4, "lw": 0.8 if many else 1.6, "alpha": 0.35 if many else 1.0}
+
+
+def fig_exposure(summary: dict, curves: dict, path: Path) -> None:
+    """Mean exposure (bits) vs step per request, one panel per repetitions; oracle level dashed."""
+    reps, kinds, per = _by_reps(summary, curves)
+    fig, axes = _figure(len(reps))
+    for ax, r in zip(axes[0], reps):
+        many = len(per[r]) > len(kinds)
+        for g in per[r]:
+            c = curves[g["request"]]
+            ax.plot(c.step, c.exposure_mean, **_line_kw(g, many))
+            ax.axhline(float(c.exposure_oracle_mean.iloc[0]), color=kind_color(g["kind"]), ls="--", lw=1,
+                       alpha=0.4 if many else 0.9)
+        ax.set_title(_reps_title(r))
+        ax.set_ylabel(f"mean exposure of the forget request (bits, {summary.get('exposure', '')})")
+        _step_axis(ax, summary.get("max_steps"))
+        ax.grid(alpha=0.3)
+    extra = [Line2D([], [], color="grey", ls="--", label="same request under oracle θr")]
+    fig.legend(handles=_legend_handles(kinds, reps, extra), loc="outside lower center", ncol=4, fontsize=8)
+    fig.suptitle("Exposure trajectories during unlearning: ID vs OOD")
+    _save(fig, path)
+
+
+def fig_uq(summary: dict, curves: dict, path: Path) -> None:
+    """UQ vs step with the bootstrap band, one panel per (kind, repetitions)."""
+    cells = [(k, r, [g for g in gs if g["request"] in curves]) for k, r, gs in _cells(summary["groups"])]
+    cells = [c for c in cells if c[2]]
+    kinds = sorted({k for k, _, _ in cells}, key=_kind_key)
+    reps = sorted({r for _, r, _ in cells})
+    fig, axes = _figure(len(reps), 4.0, 2.8, rows=len(kinds))
+    for ax in axes.flat:
+        ax.set_visible(False)
+    target = summary.get("uq_target")
+    for k, r, gs in cells:
+        ax = axes[kinds.index(k), reps.index(r)]
+        ax.set_visible(True)
+        many = len(gs) > 1
+        for g in gs:
+            c = curves[g["request"]]
+            if not many:
+                ax.fill_between(c.step, c.uq_lo, c.uq_hi, color=kind_color(k), alpha=0.2, lw=0)
+            ax.plot(c.step, c.uq, **_line_kw(g, many))
+            if g.get("steps_to_unlearn") is not None and not many and not g.get("nothing_to_forget"):
+                ax.axvline(g["steps_to_unlearn"], color=kind_color(k), ls=":", lw=1)
+        if target is not None:
+            ax.axhline(target, color="black", ls=":", lw=1)
+        note = " (nothing to forget)" if all(g.get("nothing_to_forget") for g in gs) else ""
+        ax.set_title(f"{KIND_LABELS.get(k, k)}, {_reps_title(r)}{note}", fontsize=9)
+        ax.set_ylabel("UQ (0 = as θ0, 1 = as θr)")
+        _step_axis(ax, summary.get("max_steps"))
+        ax.grid(alpha=0.3)
+    extra = [Line2D([], [], color="grey", lw=6, alpha=0.3, label="95% bootstrap interval"),
+             Line2D([], [], color="black", ls=":", label=f"UQ target {target}")]
+    fig.legend(handles=_legend_handles(kinds, reps, extra), loc="outside lower center", ncol=5, fontsize=8)
+    fig.suptitle("Unlearning quality vs step")
+    _save(fig, path)
+
+
+def _ppl_ratio(c: pd.DataFrame) -> pd.Series:
+    ratio = 1.0 + c.utility_drop.astype(float)
+    return ratio.where(np.isfinite(ratio) & (ratio > 0))
+
+
+def fig_utility(summary: dict, curves: dict, path: Path) -> None:
+    """ID-holdout perplexity ratio ppl_t / ppl_0 vs step, one panel per repetitions."""
+    reps, kinds, per = _by_reps(summary, curves)
+    fig, axes = _figure(len(reps))
+    for ax, r in zip(axes[0], reps):
+        many = len(per[r]) > len(kinds)
+        ratios = []
+        for g in per[r]:
+            c = curves[g["request"]]
+            ratio = _ppl_ratio(c)
+            ratios.append(ratio)
+            ax.plot(c.step, ratio, **_line_kw(g, many))
+            s = g.get("steps_to_unlearn")
+            if s is not None and not many and not g.get("nothing_to_forget") and (c.step == s).any():
+                ax.plot([s], [ratio[c.step == s].iloc[0]], marker="*", ms=12, color=kind_color(g["kind"]),
+                        mec="black", mew=0.6, ls="none")
+        ax.axhline(1.0, color="black", lw=0.8)
+        scale = _ratio_axis(ax, ratios, "y")
+        ax.set_title(_reps_title(r))
+        ax.set_ylabel(f"ID-holdout perplexity ppl_t / ppl_0 (ratio, {scale})")
+        _step_axis(ax, summary.get("max_steps"))
+        ax.grid(alpha=0.3, which="both")
+    extra = [Line2D([], [], color="grey", marker="*", ms=10, mec="black", ls="none", label="step it became unlearned")]
+    fig.legend(handles=_legend_handles(kinds, reps, extra), loc="outside lower center", ncol=4, fontsize=8)
+    fig.suptitle("Utility on the ID holdout during unlearning")
+    _save(fig, path)
+
+
+def fig_tradeoff(summary: dict, curves: dict, path: Path) -> None:
+    """UQ against the ID-holdout perplexity ratio along each run, one panel per repetitions."""
+    reps, kinds, per = _by_reps(summary, curves)
+    fig, axes = _figure(len(reps))
+    target = summary.get("uq_target")
+    for ax, r in zip(axes[0], reps):
+        many = len(per[r]) > len(kinds)
+        ratios = []
+        for g in per[r]:
+            c = curves[g["request"]]
+            ratio = _ppl_ratio(c)
+            ratios.append(ratio)
+            ax.plot(ratio, c.uq, **_line_kw(g, many))
+            s = g.get("steps_to_unlearn")
+            if s is not None and not many and not g.get("nothing_to_forget") and (c.step == s).any():
+                ax.plot([ratio[c.step == s].iloc[0]], [c.uq[c.step == s].iloc[0]], marker="*", ms=12,
+                        color=kind_color(g["kind"]), mec="black", mew=0.6, ls="none")
+        if target is not None:
+            ax.axhline(target, color="black", ls=":", lw=1)
+        scale = _ratio_axis(ax, ratios, "x")
+        ax.set_title(_reps_title(r))
+        ax.set_xlabel(f"ID-holdout perplexity ppl_t / ppl_0 (ratio, {scale})")
+        ax.set_ylabel("UQ (0 = as θ0, 1 = as θr)")
+        ax.grid(alpha=0.3, which="both")
+    extra = [Line2D([], [], color="grey", marker="*", ms=10, mec="black", ls="none", label="unlearned"),
+             Line2D([], [], color="black", ls=":", label=f"UQ target {target}")]
+    fig.legend(handles=_legend_handles(kinds, reps, extra), loc="outside lower center", ncol=5, fontsize=8)
+    fig.suptitle("Trade-off: unlearning quality vs utility cost (up and left is better)")
+    _save(fig, path)
+
+
+def fig_steps_to_forget(summary: dict, examples: pd.DataFrame, variable: str, path: Path) -> None:
+    """Steps to forget vs `variable` (memorization or difficulty) per example, Spearman ρ per kind in the legend."""
+    xlabel = {"memorization": "memorization ℓθr(x) − ℓθ0(x) (nats/token)",
+              "difficulty": "difficulty ℓθr(x) (nats/token)"}[variable]
+    corr = {c["kind"]: c for c in summary.get("findings", {}).get("F3", {}).get("correlations", [])
+            if c["variable"] == variable}
+    fig = Figure(figsize=(7.2, 6.0), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    kinds = sorted(set(examples.kind), key=_kind_key) if not examples.empty else []
+    reps = sorted(set(int(r) for r in examples.repetitions)) if not examples.empty else []
+    handles = []
+    for k in kinds:
+        sub = examples[examples.kind == k]
+        for r in reps:
+            s = sub[sub.repetitions == r]
+            for censored, face in ((False, kind_color(k)), (True, "none")):
+                part = s[s.censored == censored]
+                if len(part):
+                    ax.scatter(part[variable], part.steps_to_forget, marker=rep_marker(r), s=28, alpha=0.75,
+                               facecolors=face, edgecolors=kind_color(k), linewidths=1)
+        c = corr.get(k)
+        rho = (f": ρ = {_num(c['rho'])} [{_num(c['lo'])}, {_num(c['hi'])}], n = {c['n']}" if c else "")
+        handles.append(Line2D([], [], color=kind_color(k), marker="o", ls="none", label=KIND_LABELS.get(k, k) + rho))
+    handles += [Line2D([], [], color="black", marker=rep_marker(r), ls="none", label=_reps_title(r))
+                for r in reps]
+    handles.append(Line2D([], [], color="black", marker="o", mfc="none", ls="none",
+                          label=f"censored at {summary.get('max_steps')} steps"))
+    _step_axis(ax, summary.get("max_steps"), axis="y")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("steps to forget (optimizer steps, symlog)")
+    ax.grid(alpha=0.3)
+    fig.legend(handles=handles, fontsize=8, loc="outside lower center", ncol=2,
+               title="kind: Spearman ρ(steps to forget, " + variable + ") [95% interval]", title_fontsize=8)
+    ax.set_title(f"Steps to forget vs {variable}")
+    _save(fig, path)
+
+
+def make_figures(run_dir: Path, out_dir: Path) -> dict[str, Path]:
+    """Render every report figure of a run into `out_dir`; returns name -> PNG path."""
+    summary, curves, examples = load_run(run_dir)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {name: out_dir / f"{name}.png" for name in FIGURES}
+    fig_exposure(summary, curves, paths["exposure_trajectories"])
+    fig_uq(summary, curves, paths["uq_vs_step"])
+    fig_utility(summary, curves, paths["utility_vs_step"])
+    fig_tradeoff(summary, curves, paths["uq_vs_utility"])
+    for var in ("memorization", "difficulty"):
+        fig_steps_to_forget(summary, examples, var, paths[f"steps_to_forget_vs_{var}"])
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------- markdown
+
+def group_table(summary: dict) -> list[str]:
+    """Markdown table per (kind, repetitions); cells with several requests show means."""
+    lines = ["| kind | reps | requests | examples | unlearned | steps to unlearn | utility drop there | final UQ "
+             "| max UQ | exposure θ0 (bits) | exposure θr (bits) | steps to forget | censored | memorization "
+             "(nats/tok) | difficulty (nats/tok) | diverged | nothing to forget |", "|" + "---|" * 17]
+    for kind, reps, gs in _cells(summary["groups"]):
+        unlearned = [g for g in gs if g.get("steps_to_unlearn") is not None and not g.get("nothing_to_forget")]
+        lines.append(
+            f"| {kind} | {reps} | {len(gs)} | {sum(g['n_examples'] for g in gs)} | {len(unlearned)}/{len(gs)} | "
+            f"{_num(_mean(g['steps_to_unlearn'] for g in unlearned), '{:.3g}')} | "
+            f"{_num(_mean(g['utility_drop_at_unlearned'] for g in unlearned), '{:+.1%}')} | "
+            f"{_num(_mean(g['uq_final'] for g in gs))} | {_num(_mean(g.get('uq_max') for g in gs))} | "
+            f"{_num(_mean(g['exposure_original_mean'] for g in gs))} | "
+            f"{_num(_mean(g['exposure_oracle_mean'] for g in gs))} | "
+            f"{_num(_mean(g['steps_to_forget_mean'] for g in gs), '{:.1f}')} | "
+            f"{_num(_mean(g.get('censored_fraction') for g in gs), '{:.0%}')} | "
+            f"{_num(_mean(g['memorization_mean'] for g in gs), '{:.3f}')} | "
+            f"{_num(_mean(g['difficulty_mean'] for g in gs), '{:.3f}')} | "
+            f"{sum(bool(g.get('diverged')) for g in gs)} | {sum(bool(g.get('nothing_to_forget')) for g in gs)} |")
+    return lines
+
+
+def finding_lines(findings: dict) -> list[str]:
+    """F1-F3 with their verdicts and the numbers behind them."""
+    if not findings:
+        return ["No findings: the run has no (kind, repetitions) groups or no per-example results."]
+    lines = []
+    for key, f in findings.items():
+        lines.append(f"- **{key}: {f['verdict']}** ({f['holds']} of {f['of']} comparisons hold). {f['statement']}.")
+        for c in f.get("comparisons", []):
+            r, ood = c["repetitions"], c["ood_kind"]
+            ok = "holds" if c["holds"] else "does not hold"
+            if key == "F1":
+                lines.append(f"  - {r} repetitions, {ood} vs id: {c['ood_steps']}{'+' if c['ood_censored'] else ''} "
+                             f"vs {c['id_steps']}{'+' if c['id_censored'] else ''} steps to unlearn "
+                             f"(mean steps to forget {_num(c['ood_steps_to_forget_mean'], '{:.1f}')} vs "
+                             f"{_num(c['id_steps_to_forget_mean'], '{:.1f}')}): {ok}")
+            elif key == "F2":
+                lines.append(f"  - {r} repetitions, id vs {ood}: utility drop when unlearned "
+                             f"{_num(c['id_utility_drop'], '{:+.1%}')} vs {_num(c['ood_utility_drop'], '{:+.1%}')}: "
+                             f"{ok}")
+            else:
+                lines.append("  - " + ", ".join(f"{k}={_num(v, '{:.3g}') if isinstance(v, float) else v}"
+                                                for k, v in c.items()))
+        for c in f.get("correlations", []):
+            lines.append(f"  - {c['kind']}, steps to forget vs {c['variable']}: ρ = {_num(c['rho'])} "
+                         f"[{_num(c['lo'])}, {_num(c['hi'])}], p = {_num(c['p'], '{:.2g}')}, n = {c['n']}, "
+                         f"censored {_num(c['censored_fraction'], '{:.0%}')}"
+                         f"{' (counts for F3)' if c['variable'] == 'memorization' else ''}: "
+                         f"{'ρ > 0 with interval above 0' if c['holds'] else 'interval includes or is below 0'}")
+    lines.append("")
+    lines.append("`N+` = censored: not unlearned within the step budget. Verdicts are computed from these numbers.")
+    return lines
+
+
+def render_markdown(summary: dict, figures: dict[str, str] | None = None) -> str:
+    """Markdown of a run's summary: per (kind, repetitions) table, F1-F3 with their numbers, then the figures."""
+    if "runs" in summary and "seeds" in summary:
+        return _render_aggregate(summary)
     lines = [f"# unlearnbench report: {summary['run']} (seed {summary['seed']})", "",
              f"Method `{summary['method']}`, lr {summary['lr']}, exposure `{summary['exposure']}`, "
              f"UQ target {summary['uq_target']}, max steps {summary['max_steps']}.", "",
-             "| kind | reps | n | status | steps to unlearn | utility drop there | final UQ | exposure θ0 | exposure θr "
-             "| mean steps to forget | memorization | difficulty |", "|" + "---|" * 12]
-    for g in summary["groups"]:
-        lines.append(f"| {g['kind']} | {g['repetitions']} | {g['n_examples']} | {g['status']} | "
-                     f"{_num(g['steps_to_unlearn'], '{}')} | {_num(g['utility_drop_at_unlearned'], '{:+.1%}')} | "
-                     f"{_num(g['uq_final'])} | {_num(g['exposure_original_mean'])} | {_num(g['exposure_oracle_mean'])} | "
-                     f"{_num(g['steps_to_forget_mean'], '{:.1f}')} | {_num(g['memorization_mean'], '{:.3f}')} | "
-                     f"{_num(g['difficulty_mean'], '{:.3f}')} |")
+             "## Forget requests per kind and repetitions", ""]
+    lines += group_table(summary)
+    lines += ["", "Steps to unlearn and the utility drop there (ppl_t / ppl_0 − 1 on the ID holdout) are means over "
+              "the unlearned requests, excluding those with nothing to forget.", "", "## Findings", ""]
+    lines += finding_lines(summary.get("findings", {}))
+    if figures:
+        lines += ["", "## Figures", ""]
+        for name, file in figures.items():
+            heading, caption = FIGURES.get(name, (name, ""))
+            lines += [f"### {heading}", "", caption, "",
+                      f"![{name}]({file})", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _ci(d: dict | None, fmt: str = "{:.2f}") -> str:
+    if not d or d.get("mean") is None:
+        return "–"
+    if d["n"] < 2 or d["lo"] == d["hi"]:
+        return f"{fmt.format(d['mean'])} (n={d['n']})"
+    return f"{fmt.format(d['mean'])} ± {fmt.format((d['hi'] - d['lo']) / 2)} (n={d['n']})"
+
+
+def _render_aggregate(summary: dict) -> str:
+    lines = [f"# unlearnbench report: seeds {summary['seeds']}", "",
+             "Mean ± half-width of the 95% t-interval across seeds.", "",
+             "| kind | reps | seeds | unlearned seeds | steps to unlearn | utility drop there | final UQ | steps to "
+             "forget | memorization | difficulty |", "|" + "---|" * 10]
+    for g in sorted(summary["groups"], key=lambda g: (_kind_key(g["kind"]), g["repetitions"])):
+        lines.append(f"| {g['kind']} | {g['repetitions']} | {g['seeds']} | {g['unlearned_seeds']} | "
+                     f"{_ci(g['steps_to_unlearn'], '{:.3g}')} | {_ci(g['utility_drop_at_unlearned'], '{:+.1%}')} | "
+                     f"{_ci(g['uq_final'])} | {_ci(g['steps_to_forget_mean'], '{:.1f}')} | "
+                     f"{_ci(g['memorization_mean'], '{:.3f}')} | {_ci(g['difficulty_mean'], '{:.3f}')} |")
     lines += ["", "## Findings", ""]
     for key, f in summary.get("findings", {}).items():
-        lines.append(f"- **{key}** ({f['verdict']}, {f['holds']} of {f['of']}): {f['statement']}.")
-        for c in f.get("comparisons", []):
-            lines.append("  - " + ", ".join(f"{k}={_num(v, '{:.3g}') if isinstance(v, float) else v}"
-                                            for k, v in c.items()))
-        for c in f.get("correlations", []):
-            lines.append(f"  - {c['kind']} / {c['variable']}: ρ={_num(c['rho'])} [{_num(c['lo'])}, {_num(c['hi'])}], "
-                         f"n={c['n']}, censored {c['censored_fraction']:.0%}")
+        lines.append(f"- **{key}: {f['verdict']}**, reproduced in {f['reproduced_in']} of {f['of']} seeds "
+                     f"({', '.join(f['verdicts'])})")
     return "\n".join(lines) + "\n"
 
 
-def run_report(ctx: Context) -> None:
-    """Write report/report.md from summary.json."""
+def flat_findings(summary: dict) -> dict:
+    """F1-F3 numbers and verdicts as flat summary keys for the tracker."""
+    out = {}
+    for key, f in summary.get("findings", {}).items():
+        out.update({f"findings/{key}/verdict": f["verdict"], f"findings/{key}/holds": f["holds"],
+                    f"findings/{key}/of": f["of"]})
+        for c in f.get("comparisons", []):
+            base = f"findings/{key}/r{c['repetitions']}_{c['ood_kind']}"
+            for k in ("id_steps", "ood_steps", "id_utility_drop", "ood_utility_drop"):
+                if k in c:
+                    out[f"{base}/{k}"] = c[k]
+        for c in f.get("correlations", []):
+            for k in ("rho", "lo", "hi", "p", "n"):
+                out[f"findings/{key}/{c['kind']}/{c['variable']}/{k}"] = c[k]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- stage
+
+def run_report(ctx: Context, trk=None) -> None:
+    """Write report/report.md and its PNG figures from summary.json and the unlearning curves.
+
+    The figures and the F1-F3 numbers also go to `trk` (a tracking.Tracker); without one, the stage opens
+    its own tracking session (job_type `report`).
+    """
     require(ctx, "unlearn")
-    path = ctx.run_dir / "summary.json"
-    if not path.exists():
+    if not (ctx.run_dir / "summary.json").exists():
         raise UserError(f"No summary.json in {ctx.run_dir}: run the unlearn stage first.")
+    out = ctx.run_dir / "report"
+    own = trk is None
+    if own:
+        if ctx.tracker_factory is not None:
+            trk = ctx.tracker_factory(ctx, "report")
+        else:
+            from unlearnbench.tracking import Tracker
+
+            trk = Tracker(ctx.cfg, ctx.run_dir, "report", ctx.is_main)
     if ctx.is_main:
-        write_text(ctx.run_dir / "report" / "report.md", render_markdown(read_json(path)))
-    ctx.acc.print(f"[report] wrote {ctx.run_dir / 'report' / 'report.md'}")
-    finish_stage(ctx, "report", {})
+        summary = read_json(ctx.run_dir / "summary.json")
+        with atomic_dir(out) as tmp:  # the report appears whole: markdown and figures of the same summary
+            paths = make_figures(ctx.run_dir, tmp)
+            (tmp / "report.md").write_text(render_markdown(summary, {n: p.name for n, p in paths.items()}))
+        trk.log_images({f"report/{name}": out / p.name for name, p in paths.items()})
+        trk.summary(flat_findings(summary))
+    if own:
+        trk.finish()
+    ctx.acc.print(f"[report] wrote {out / 'report.md'} and {len(FIGURES)} figures")
+    finish_stage(ctx, "report", {"figures": sorted(f"{n}.png" for n in FIGURES)})
+
+
+# ----------------------------------------------------------------------------------------------- compare
+
+def _seed_dirs(d: Path) -> list[Path]:
+    """The single-seed run directories behind `d`: itself, or its seed_*/ sub-runs."""
+    subs = sorted((p for p in d.glob("seed_*") if (p / "summary.json").exists()),
+                  key=lambda p: (len(p.name), p.name))
+    if subs:
+        return subs
+    if (d / "summary.json").exists() and "groups" in read_json(d / "summary.json"):
+        return [d]
+    raise UserError(f"{d} has no summary.json (nor seed_*/summary.json); give run directories that finished the "
+                    "unlearn stage.")
+
+
+def _settings(d: Path, summaries: list[dict]) -> dict:
+    """What distinguishes a run: seeds, method, model, backend (from summary.json and config.yaml)."""
+    s0 = summaries[0]
+    cfg_path = d / "config.yaml"
+    if not cfg_path.exists() and (d.parent / "config.yaml").exists():
+        cfg_path = d.parent / "config.yaml"
+    doc = {}
+    if cfg_path.exists():
+        import yaml
+
+        doc = yaml.safe_load(cfg_path.read_text()) or {}
+    c, dist = doc.get("config", {}), doc.get("distributed", {}) or {}
+    m = c.get("model", {})
+    model = (m.get("name_or_path") or f"{m.get('arch', '?')} {m.get('n_layers', '?')}×{m.get('hidden_size', '?')}"
+             if m else "–")
+    backend = (f"{dist.get('distributed_type', '?')} ×{dist.get('num_processes', '?')} {dist.get('device', '')} "
+               f"{m.get('dtype', '')}" + (f" ZeRO-{dist['zero_stage']}" if dist.get("zero_stage") else "")) if dist else "–"
+    return {"seeds": ", ".join(str(s["seed"]) for s in summaries), "method": s0["method"], "lr": s0["lr"],
+            "exposure": s0["exposure"], "max steps": s0["max_steps"], "model": model, "backend": backend.strip(),
+            "git": (doc.get("git_revision") or "–")[:12]}
+
+
+METRICS = (("steps_to_unlearn", "steps to unlearn", "{:.3g}"),
+           ("utility_drop_at_unlearned", "utility drop when unlearned", "{:+.1%}"),
+           ("uq_final", "final UQ", "{:.2f}"),
+           ("steps_to_forget_mean", "mean steps to forget", "{:.1f}"),
+           ("memorization_mean", "memorization (nats/token)", "{:.3f}"),
+           ("difficulty_mean", "difficulty (nats/token)", "{:.3f}"))
+
+
+def _values(summaries: list[dict], kind: str, reps: int, col: str) -> np.ndarray:
+    vals = []
+    for s in summaries:
+        for g in s["groups"]:
+            if g["kind"] == kind and int(g["repetitions"]) == reps:
+                v = g.get(col)
+                if col in ("steps_to_unlearn", "utility_drop_at_unlearned") and g.get("nothing_to_forget"):
+                    v = None
+                if v is not None and math.isfinite(float(v)):
+                    vals.append(float(v))
+    return np.asarray(vals, float)
 
 
 def compare_runs(dirs: list[Path], out_dir: Path) -> None:
-    """Side-by-side markdown of several runs' summaries."""
-    parts = []
+    """`<out_dir>/compare.md` and `compare.png`: runs side by side with mean ± 95% interval per (kind, repetitions).
+
+    A run directory may be a multi-seed parent: its seed_*/ sub-runs are the seeds of that column.
+    `out_dir` is replaced as a whole.
+    """
+    from unlearnbench.summary import _mean_ci as mean_ci
+
+    dirs = [Path(d) for d in dirs]
+    out_dir = Path(out_dir)
     for d in dirs:
-        p = Path(d) / "summary.json"
-        if not p.exists():
-            raise UserError(f"{d} has no summary.json; give run directories that finished the unlearn stage.")
-        parts.append(f"## {d}\n\n" + render_markdown(read_json(p)))
-    write_text(Path(out_dir) / "compare.md", "\n".join(parts))
-    print(f"[report] wrote {Path(out_dir) / 'compare.md'}")
+        if d.resolve() == out_dir.resolve() or out_dir.resolve() in d.resolve().parents:
+            raise UserError(f"The comparison would be written over {d}; choose another run.dir for it.")
+    runs = []
+    for d in dirs:
+        subs = _seed_dirs(d)
+        summaries = [read_json(s / "summary.json") for s in subs]
+        label = d.name if d.name not in [r["label"] for r in runs] else str(d)
+        runs.append({"label": label, "dir": d, "summaries": summaries, "settings": _settings(d, summaries)})
+    cells = sorted({(g["kind"], int(g["repetitions"])) for r in runs for s in r["summaries"] for g in s["groups"]},
+                   key=lambda c: (_kind_key(c[0]), c[1]))
+    everything = [s for r in runs for s in r["summaries"]]
+
+    lines = ["# unlearnbench comparison", "", "## Runs", "",
+             "| run | directory | " + " | ".join(runs[0]["settings"]) + " |", "|" + "---|" * (len(runs[0]["settings"]) + 2)]
+    for r in runs:
+        lines.append(f"| {r['label']} | `{r['dir']}` | " + " | ".join(str(v) for v in r["settings"].values()) + " |")
+    lines += ["", "Each cell: mean ± half-width of the 95% t-interval across the run's seeds (n = seeds with a value); "
+              "the last column pools every seed of every run. Steps to unlearn and the utility drop there count only "
+              "seeds where the request became unlearned and had something to forget.", ""]
+    stats = {}
+    for col, title, fmt in METRICS:
+        lines += [f"### {title[0].upper() + title[1:]}", "",
+                  "| kind | reps | " + " | ".join(r["label"] for r in runs) + " | all runs |", "|" + "---|" * (len(runs) + 3)]
+        for kind, reps in cells:
+            per = [mean_ci(_values(r["summaries"], kind, reps, col)) for r in runs]
+            pooled = mean_ci(_values(everything, kind, reps, col))
+            stats[(col, kind, reps)] = per
+            lines.append(f"| {kind} | {reps} | " + " | ".join(_ci(p, fmt) for p in per) + f" | {_ci(pooled, fmt)} |")
+        lines.append("")
+    lines += ["## Findings", "", "| finding | " + " | ".join(r["label"] for r in runs) + " |", "|" + "---|" * (len(runs) + 1)]
+    for key in ("F1", "F2", "F3"):
+        cols = []
+        for r in runs:
+            v = [s["findings"][key]["verdict"] for s in r["summaries"] if key in s.get("findings", {})]
+            cols.append(f"{sum(x == 'reproduced' for x in v)}/{len(v)} seeds reproduced ({', '.join(v)})" if v else "–")
+        lines.append(f"| {key} | " + " | ".join(cols) + " |")
+    lines += ["", "## Figure", "", "![compare](compare.png)", ""]
+
+    with atomic_dir(out_dir) as tmp:
+        _fig_compare(runs, cells, stats, tmp / "compare.png")
+        (tmp / "compare.md").write_text("\n".join(lines))
+    print(f"[report] wrote {out_dir / 'compare.md'} and {out_dir / 'compare.png'}")
+
+
+RUN_MARKERS = ("o", "D", "s", "^", "v", "P", "X", "h")
+
+
+def _fig_compare(runs: list[dict], cells: list[tuple[str, int]], stats: dict, path: Path) -> None:
+    shown = METRICS[:3]
+    fig = Figure(figsize=(max(6.0, 0.9 * len(cells) + 2), 3.0 * len(shown) + 1.0), dpi=100, layout="constrained")
+    axes = fig.subplots(len(shown), 1, sharex=True, squeeze=False)[:, 0]
+    width = 0.7 / max(1, len(runs))
+    for ax, (col, title, _) in zip(axes, shown):
+        for j, r in enumerate(runs):
+            for i, (kind, reps) in enumerate(cells):
+                s = stats[(col, kind, reps)][j]
+                if s["mean"] is None:
+                    continue
+                x = i - 0.35 + width * (j + 0.5)
+                ax.errorbar([x], [s["mean"]], yerr=[[s["mean"] - s["lo"]], [s["hi"] - s["mean"]]],
+                            marker=RUN_MARKERS[j % len(RUN_MARKERS)], color=kind_color(kind), ms=6, capsize=3,
+                            ls="none")
+        unit = {"steps_to_unlearn": " (steps)", "utility_drop_at_unlearned": " (ppl_t / ppl_0 − 1)",
+                "uq_final": " (0 = as θ0, 1 = as θr)"}[col]
+        ax.set_ylabel(title + unit, fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
+    axes[-1].set_xticks(range(len(cells)), [f"{k}\n{r} reps" for k, r in cells], fontsize=8)
+    axes[-1].set_xlabel("forget request (kind, repetitions)")
+    kinds = sorted({k for k, _ in cells}, key=_kind_key)
+    handles = [Line2D([], [], color=kind_color(k), lw=2.5, label=KIND_LABELS.get(k, k)) for k in kinds]
+    handles += [Line2D([], [], color="black", marker=RUN_MARKERS[j % len(RUN_MARKERS)], ls="none", label=r["label"])
+                for j, r in enumerate(runs)]
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(6, len(handles)), fontsize=8)
+    fig.suptitle("Runs side by side: mean and 95% interval across seeds")
+    fig.savefig(path, format="png")

@@ -347,7 +347,9 @@ def summarize_request(cfg: Config, request: Request, curve: pd.DataFrame, traj: 
     """result.json: when the request was unlearned, the utility cost there, steps to forget per example."""
     steps = curve.step.to_numpy()
     wide = traj.pivot(index="step", columns="example_id", values="forgotten").loc[steps, request.example_ids]
-    per_steps, censored = metrics.steps_to_forget(steps, wide.to_numpy(), cfg.unlearn.max_steps)
+    # Censored at the last evaluated step: a request that stopped early (unlearned or diverged) did not observe
+    # its remaining examples beyond it, so max_steps would overstate their steps to forget.
+    per_steps, censored = metrics.steps_to_forget(steps, wide.to_numpy(), int(steps[-1]))
     info = oracle_table.set_index("example_id").loc[request.example_ids]
     per_example = pd.DataFrame({"example_id": request.example_ids, "kind": info.kind.to_numpy(),
                                 "repetitions": info.repetitions.to_numpy(), "steps_to_forget": per_steps,
@@ -397,7 +399,6 @@ def run_unlearn(ctx: Context) -> None:
     require(ctx, "score")
     if not should_run(ctx, "unlearn"):
         return
-    clear_outputs(ctx, "unlearn")
     cfg = ctx.cfg
     examples = load_examples(ctx.run_dir / "data")
     tok = load_tokenizer(ctx.run_dir / "data")
@@ -408,6 +409,7 @@ def run_unlearn(ctx: Context) -> None:
     if not requests or any(not r.example_ids for r in requests):
         raise UserError("The forget request is empty: no forget example matches unlearn.requests / request_kinds. "
                         "Check unlearn.request_kinds and data.kinds.")
+    clear_outputs(ctx, "unlearn")  # only once the requests are valid: a bad config destroys nothing
     trk = tracker(ctx, "unlearn")
     trk.define_step("unlearn/step", "unlearn")
     results = []

@@ -1,0 +1,105 @@
+"""The sharded scoring pass: every example once, equal across process counts, equal to a naive computation."""
+
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import PY, ROOT, free_port, smoke_config
+from unlearnbench.data.prepare import load_examples
+from unlearnbench.distributed import make_accelerator
+from unlearnbench.errors import UserError
+from unlearnbench.models import build_model
+from unlearnbench.scoring import score_pass
+
+N = 103  # not divisible by 2 processes x batch 8
+
+
+@pytest.fixture(scope="module")
+def scoring_setup(prepared, tmp_path_factory):
+    cfg, run_dir = prepared
+    ds = load_examples(run_dir / "data")
+    # a mix of kinds and lengths: canaries (secret span only), ID and domain passages
+    idx = [i for i, s in enumerate(ds["split"]) if s in ("forget", "reference")]
+    rng = np.random.default_rng(0)
+    subset = ds.select(sorted(rng.choice(idx, size=N, replace=False).tolist()))
+    tmp = tmp_path_factory.mktemp("scoring")
+    subset.save_to_disk(str(tmp / "subset"))
+    model = build_model(cfg, 2048, seed=3)
+    model.save_pretrained(str(tmp / "model"))
+    return model.eval(), subset, tmp
+
+
+def naive_scores(model, subset) -> pd.DataFrame:
+    """Each example alone through `model(input_ids, labels=...)`: the HF loss is the mean NLL of the labels."""
+    rows = []
+    with torch.no_grad():
+        for ex in subset:
+            ids = torch.tensor([ex["input_ids"]])
+            labels = torch.full_like(ids, -100)
+            labels[0, ex["score_start"]:ex["score_end"]] = ids[0, ex["score_start"]:ex["score_end"]]
+            out = model(input_ids=ids, labels=labels)
+            n = ex["score_end"] - max(ex["score_start"], 1)
+            rows.append({"example_id": ex["example_id"], "nll": float(out.loss), "n_tokens": n,
+                         "nll_sum": float(out.loss) * n})
+    return pd.DataFrame(rows).sort_values("example_id").reset_index(drop=True)
+
+
+def test_pass_matches_independent_per_example_computation(scoring_setup):
+    model, subset, _ = scoring_setup
+    acc = make_accelerator()
+    df, stats = score_pass(acc, model, subset, batch_size=8)
+    ref = naive_scores(model, subset)
+    assert list(df.example_id) == sorted(subset["example_id"])
+    assert (df.n_tokens.to_numpy() == ref.n_tokens.to_numpy()).all()
+    np.testing.assert_allclose(df.nll.to_numpy(), ref.nll.to_numpy(), rtol=1e-5, atol=1e-5)
+    assert 0 <= stats.padding_fraction < 0.2  # length bucketing keeps padding low
+
+
+def test_scored_span_is_honoured(scoring_setup):
+    model, subset, _ = scoring_setup
+    acc = make_accelerator()
+    df, _ = score_pass(acc, model, subset, batch_size=8)
+    spans = {e: b - a for e, a, b in zip(subset["example_id"], subset["score_start"], subset["score_end"])}
+    assert all(df.n_tokens.to_numpy() == [spans[e] for e in df.example_id])
+    # widening a canary's span to the prefix changes its score; the prefix tokens were not counted before
+    canary = [i for i, k in enumerate(subset["kind"]) if k == "canary"][0]
+    wide = subset.select([canary]).map(lambda r: {"score_start": 1})
+    w, _ = score_pass(acc, model, wide, batch_size=8)
+    narrow = df.set_index("example_id").loc[subset[canary]["example_id"]]
+    assert w.n_tokens[0] > narrow.n_tokens and abs(w.nll_sum[0] - narrow.nll_sum) > 1e-3
+
+
+def test_two_processes_match_one(scoring_setup):
+    model, subset, tmp = scoring_setup
+    acc = make_accelerator()
+    one, _ = score_pass(acc, model, subset, batch_size=8)
+    out = tmp / "two.parquet"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [str(Path(PY).parent / "accelerate"), "launch", "--config_file", str(ROOT / "accelerate_configs/cpu_ddp.yaml"),
+           "--main_process_port", str(free_port()), str(ROOT / "tests" / "mp_score.py"), str(tmp / "model"),
+           str(tmp / "subset"), str(out), "8"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    two = pd.read_parquet(out)
+    assert (two.world == 2).all()
+    assert list(two.example_id) == list(one.example_id) and two.example_id.is_unique and len(two) == N
+    np.testing.assert_allclose(two.nll_sum.to_numpy(), one.nll_sum.to_numpy(), rtol=1e-5)
+    assert (two.n_tokens.to_numpy() == one.n_tokens.to_numpy()).all()
+    assert (two.n_correct.to_numpy() == one.n_correct.to_numpy()).all()
+
+
+def test_bad_inputs(scoring_setup):
+    model, subset, _ = scoring_setup
+    acc = make_accelerator()
+    with pytest.raises(UserError, match="score_start"):
+        score_pass(acc, model, subset.remove_columns(["score_start"]))
+    with pytest.raises(UserError, match="empty"):
+        score_pass(acc, model, subset.select([]))
+    big = subset.select([0]).map(lambda r: {"input_ids": r["input_ids"] + [5000]})
+    with pytest.raises(UserError, match="vocabulary"):
+        score_pass(acc, model, big, vocab_size=2048)

@@ -1,0 +1,138 @@
+"""The unlearning loop and the smoke study end to end: outputs, UQ at step 0, stopping, divergence, 2 processes."""
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import launch, smoke_config
+from unlearnbench.errors import UserError
+from unlearnbench.study import run_study
+from unlearnbench.unlearn.loop import eval_steps
+
+REQUESTS = [f"{k}_r{r}" for k in ("canary", "domain", "id") for r in (1, 4, 16)]
+
+
+def _copy(smoke_study, dest):
+    shutil.copytree(smoke_study[1], dest)
+    return dest
+
+
+def test_eval_schedule():
+    cfg = smoke_config("/tmp/x", "unlearn.max_steps=100")
+    assert eval_steps(cfg) == [0, 1, 2, 3, 4, 6, 8, 10, 13, 16, 20, 25, 30, 40, 50, 65, 80, 100]
+    cfg = smoke_config("/tmp/x", "unlearn.max_steps=12", "unlearn.eval_schedule=every", "unlearn.eval_every=5")
+    assert eval_steps(cfg) == [0, 5, 10, 12]
+
+
+def test_smoke_study_writes_every_output(smoke_study):
+    cfg, run = smoke_study
+    for path in ["config.yaml", "data/manifest.json", "models/original/model.safetensors",
+                 "models/oracle/model.safetensors", "scores/original.parquet", "scores/oracle.parquet",
+                 "scores/examples.parquet", "summary.json", "report/report.md", "metrics.jsonl"]:
+        assert (run / path).exists(), path
+    examples = pd.read_parquet(run / "scores/examples.parquet")
+    assert len(examples) == 9 * cfg.data.group_size
+    for name in REQUESTS:
+        d = run / "unlearn" / name
+        curve = pd.read_parquet(d / "curve.parquet")
+        traj = pd.read_parquet(d / "trajectory.parquet")
+        result = json.loads((d / "result.json").read_text())
+        assert curve.step.iloc[0] == 0 and curve.uq.iloc[0] == 0.0  # UQ is 0 at step 0 by definition
+        assert set(traj.step) == set(curve.step)
+        assert len(traj) == len(curve) * cfg.data.group_size
+        assert set(traj.columns) >= {"example_id", "step", "nll", "exposure", "forgotten"}
+        assert set(curve.columns) >= {"uq", "uq_lo", "uq_hi", "id_holdout_ppl", "utility_drop", "train_loss", "lr",
+                                      "tokens_per_s", "forget_quality"}
+        assert result["steps_run"] <= cfg.unlearn.max_steps
+        per = pd.read_parquet(d / "examples.parquet")
+        assert per.steps_to_forget.between(0, cfg.unlearn.max_steps).all()
+        # never-forgotten examples are censored at the last evaluated step
+        assert (per.steps_to_forget[per.censored] == curve.step.iloc[-1]).all()
+        assert (per.steps_to_forget[~per.censored].isin(curve.step)).all()
+        # exposure under θ₀ measured in the loop equals the score stage's
+        ex = examples.set_index("example_id").loc[per.example_id]
+        np.testing.assert_allclose(per.exposure_original, ex.exposure_original, rtol=1e-4, atol=1e-4)
+    summary = json.loads((run / "summary.json").read_text())
+    assert {g["request"] for g in summary["groups"]} == set(REQUESTS)
+    for key in ("F1", "F2", "F3"):
+        assert summary["findings"][key]["verdict"] in ("reproduced", "partly reproduced", "not reproduced",
+                                                       "inconclusive")
+    # F1's verdict is what its comparisons say
+    f1 = summary["findings"]["F1"]
+    assert f1["holds"] == sum(c["ood_steps"] > c["id_steps"] for c in f1["comparisons"])
+
+
+def test_ga_raises_uq_on_a_memorized_canary(smoke_study):
+    _, run = smoke_study
+    curve = pd.read_parquet(run / "unlearn/canary_r16/curve.parquet")
+    assert curve.uq.iloc[0] == 0.0
+    assert curve.uq.max() > 0.5
+    assert curve.exposure_mean.iloc[0] > curve.exposure_oracle_mean.iloc[0] + 1.0  # memorized: > 1 bit above θᵣ
+    assert curve.forget_nll.iloc[-1] > curve.forget_nll.iloc[0]  # gradient ascent raised the loss
+
+
+def test_stopping_rules(smoke_study, tmp_path):
+    run = _copy(smoke_study, tmp_path / "stop")
+    cfg = smoke_config(run, "unlearn.request_kinds=[domain]", "unlearn.patience=2")
+    run_study(cfg, "unlearn", force=True)
+    for r in (4, 16):
+        res = json.loads((run / f"unlearn/domain_r{r}/result.json").read_text())
+        curve = pd.read_parquet(run / f"unlearn/domain_r{r}/curve.parquet")
+        if res["status"] == "unlearned":  # target held for 2 consecutive evaluations, then stopped
+            assert (curve.uq.iloc[-2:] >= cfg.metrics.uq_target).all()
+            assert res["steps_run"] == curve.step.iloc[-1]
+    cfg = smoke_config(run, "unlearn.request_kinds=[domain]", "unlearn.stop_on_target=false", "unlearn.max_steps=8")
+    run_study(cfg, "unlearn", force=True)
+    for r in (1, 4, 16):
+        res = json.loads((run / f"unlearn/domain_r{r}/result.json").read_text())
+        assert res["steps_run"] == 8 or res["diverged"]
+
+
+def test_huge_learning_rate_diverges_without_failing_the_study(smoke_study, tmp_path):
+    run = _copy(smoke_study, tmp_path / "diverge")
+    cfg = smoke_config(run, "unlearn.lr=50.0", "unlearn.request_kinds=[id,canary]")
+    run_study(cfg, "unlearn", force=True)
+    results = [json.loads((run / f"unlearn/{k}_r{r}/result.json").read_text()) for k in ("id", "canary")
+               for r in (1, 4, 16)]
+    assert all(r["diverged"] for r in results)
+    assert all(r["stop_reason"] for r in results)
+    assert (run / "summary.json").exists()
+
+
+def test_bad_requests_fail_before_compute(smoke_study, tmp_path):
+    run = _copy(smoke_study, tmp_path / "bad")
+    cfg = smoke_config(run, "unlearn.requests=ids", "unlearn.example_ids=[nope-1]")
+    with pytest.raises(UserError, match="nope-1"):
+        run_study(cfg, "unlearn", force=True)
+    assert not (run / "unlearn").exists()
+
+
+def test_rerun_is_skipped_and_other_config_refused(smoke_study, tmp_path, capsys):
+    cfg, _ = smoke_study
+    run = _copy(smoke_study, tmp_path / "rerun")
+    run_study(smoke_config(run), "unlearn")
+    assert "already done" in capsys.readouterr().out
+    with pytest.raises(UserError, match="different config"):
+        run_study(smoke_config(run, "unlearn.lr=0.01"), "unlearn")
+
+
+def test_two_process_unlearn_matches_one(smoke_study, tmp_path):
+    overrides = ["unlearn.request_kinds=[canary]", "unlearn.max_steps=6"]
+    one = _copy(smoke_study, tmp_path / "one")
+    run_study(smoke_config(one, *overrides), "unlearn", force=True)
+    two = _copy(smoke_study, tmp_path / "two")
+    res = launch("unlearn", "--preset", "smoke", "--force", f"run.dir={two}", *overrides)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for r in (1, 4, 16):
+        a = pd.read_parquet(one / f"unlearn/canary_r{r}/curve.parquet")
+        b = pd.read_parquet(two / f"unlearn/canary_r{r}/curve.parquet")
+        assert list(a.step) == list(b.step)
+        # Same global batch and loss normalisation; the all-reduce only reorders float sums, so after 6 Adam
+        # steps exposures agree to ~1e-4 bits and perplexities to ~1e-5 relative.
+        np.testing.assert_allclose(a.exposure_mean, b.exposure_mean, atol=1e-2)
+        np.testing.assert_allclose(a.id_holdout_ppl, b.id_holdout_ppl, rtol=1e-3)
+        np.testing.assert_allclose(a.uq, b.uq, atol=1e-2)
+        np.testing.assert_allclose(a.train_loss.dropna(), b.train_loss.dropna(), rtol=1e-4)
