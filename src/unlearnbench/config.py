@@ -130,6 +130,7 @@ class UnlearnConfig:
     stop_on_target: bool = True
     max_grad_norm: float = 1.0e6  # a larger (or non-finite) gradient norm counts as divergence
     save_model: bool = False
+    parallel: str = "auto"  # auto | data | requests: how several processes share the requests (README)
 
 
 @dataclass
@@ -179,6 +180,7 @@ CHOICES = {
     "unlearn.optimizer": ("adamw", "adam", "sgd"),
     "unlearn.scheduler": ("constant", "linear", "cosine"),
     "unlearn.eval_schedule": ("log", "every"),
+    "unlearn.parallel": ("auto", "data", "requests"),
     "tracking.backend": ("wandb", "none"),
 }
 OPTIONAL_CHOICES = {"tracking.mode": ("online", "offline", "disabled")}

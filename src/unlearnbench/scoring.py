@@ -83,18 +83,25 @@ def check_scorable(dataset, vocab_size: int | None = None) -> None:
 
 @torch.inference_mode()
 def score_pass(acc, model, dataset, batch_size: int = 64, pad_id: int = 0,
-               vocab_size: int | None = None) -> tuple[pd.DataFrame, PassStats]:
-    """Per-example scores of `model` on every example of `dataset`, sorted by example_id, on all processes."""
+               vocab_size: int | None = None, local: bool = False) -> tuple[pd.DataFrame, PassStats]:
+    """Per-example scores of `model` on every example of `dataset`, sorted by example_id, on all processes.
+
+    `local=True` scores everything in this process alone (no sharding, no collectives): request-parallel
+    unlearning, where each process evaluates its own model copy.
+    """
     check_scorable(dataset, vocab_size)
     t0 = time.perf_counter()
     ids = dataset["input_ids"]
     data = _Sorted(ids, dataset["score_start"], dataset["score_end"])
-    loader = acc.prepare_data_loader(DataLoader(data, batch_size=batch_size, shuffle=False,
-                                                collate_fn=lambda items: _collate(items, pad_id)))
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=lambda items: _collate(items, pad_id))
+    if not local:
+        loader = acc.prepare_data_loader(loader)
     was_training = model.training
     model.eval()
     gathered, slots = [], 0
     for batch in loader:
+        if local:
+            batch = {k: v.to(acc.device) for k, v in batch.items()}
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         logits = out.logits[:, :-1]
         targets = batch["labels"][:, 1:]
@@ -105,7 +112,7 @@ def score_pass(acc, model, dataset, batch_size: int = 64, pad_id: int = 0,
         correct = (logits.argmax(-1) == targets) & mask
         per_example = torch.stack([batch["row"].double(), nll.sum(1).double(), mask.sum(1).double(),
                                    correct.sum(1).double()], dim=1)
-        gathered.append(acc.gather_for_metrics(per_example).cpu())
+        gathered.append((per_example if local else acc.gather_for_metrics(per_example)).cpu())
         slots += batch["input_ids"].numel()
     if was_training:
         model.train()
@@ -119,6 +126,6 @@ def score_pass(acc, model, dataset, batch_size: int = 64, pad_id: int = 0,
     df["nll"] = df["nll_sum"] / df["n_tokens"].clip(lower=1)
     df["acc"] = df["n_correct"] / df["n_tokens"].clip(lower=1)
     df = df.sort_values("example_id", kind="stable").reset_index(drop=True)
-    total_slots = int(acc.reduce(torch.tensor(slots, device=acc.device), reduction="sum").item())
+    total_slots = slots if local else int(acc.reduce(torch.tensor(slots, device=acc.device), reduction="sum").item())
     stats = PassStats(len(df), int(sum(len(s) for s in ids)), total_slots, time.perf_counter() - t0)
     return df, stats

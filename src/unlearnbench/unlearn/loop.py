@@ -8,6 +8,7 @@ UQ target held for `patience` evaluations, on divergence (non-finite loss, explo
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -22,11 +23,12 @@ from unlearnbench.config import Config
 from unlearnbench.data.prepare import load_examples, load_tokenizer
 from unlearnbench.distributed import peak_memory_mib, zero_stage
 from unlearnbench.errors import UserError
-from unlearnbench.io import read_json, write_json, write_parquet
+from unlearnbench.io import atomic_dir, read_json, write_json, write_parquet
 from unlearnbench.models import load_trained
 from unlearnbench.runner import Context, clear_outputs, finish_stage, require, should_run
 from unlearnbench.scoring import score_pass
 from unlearnbench.stages import eval_subset, tracker, utility_table
+from unlearnbench.tracking import Tracker
 from unlearnbench.unlearn.methods import LossInputs, MethodParams, get_method
 
 _MANTISSAS = (1.0, 1.3, 1.6, 2.0, 2.5, 3.0, 4.0, 5.0, 6.5, 8.0)
@@ -108,8 +110,10 @@ def _lr_factor(cfg: Config):
 class RequestEvaluator:
     """Scores a model on a request's examples, their references and the utility sets; turns that into metrics."""
 
-    def __init__(self, ctx: Context, request: Request, subset, meta: pd.DataFrame, oracle: pd.DataFrame, pad_id: int):
+    def __init__(self, ctx: Context, request: Request, subset, meta: pd.DataFrame, oracle: pd.DataFrame, pad_id: int,
+                 local: bool = False):
         cfg = ctx.cfg
+        self.local = local
         self.ctx, self.request, self.cfg = ctx, request, cfg
         kinds = set(meta.set_index("example_id").loc[request.example_ids, "kind"])
         keep = meta.example_id.isin(request.example_ids) | ((meta.split == "reference") & meta.kind.isin(kinds)) | \
@@ -127,7 +131,7 @@ class RequestEvaluator:
         """Curve row and per-example trajectory rows at this step."""
         cfg = self.cfg
         t0 = time.perf_counter()
-        scores, _ = score_pass(self.ctx.acc, model, self.data, cfg.score.batch_size, self.pad_id)
+        scores, _ = score_pass(self.ctx.acc, model, self.data, cfg.score.batch_size, self.pad_id, local=self.local)
         self.seconds += time.perf_counter() - t0
         df = self.meta.merge(scores, on="example_id")
         loss = cfg.metrics.loss
@@ -172,8 +176,13 @@ def _batch(all_ids, starts, ends, rows, pad_id, device):
     return {k: v.to(device) for k, v in b.items()}
 
 
-def unlearn_request(ctx: Context, request: Request, examples, subset, meta, oracle_table, tok, trk) -> dict:
-    """Run the configured method on one request from θ₀; write its trajectory, curve and result."""
+def unlearn_request(ctx: Context, request: Request, examples, subset, meta, oracle_table, tok, trk,
+                    local: bool = False) -> dict:
+    """Run the configured method on one request from θ₀; write its trajectory, curve and result.
+
+    `local=True` (request-parallel mode): this process runs the whole request on its own model copy with no
+    collective operation, and writes the request's files itself.
+    """
     cfg, acc = ctx.cfg, ctx.acc
     u = cfg.unlearn
     spec = get_method(u.method)
@@ -181,29 +190,33 @@ def unlearn_request(ctx: Context, request: Request, examples, subset, meta, orac
                           retain_weight=u.retain_weight, nll_clamp=u.nll_clamp)
     out_dir = ctx.run_dir / "unlearn" / request.name
     pad_id = tok.pad_token_id or 0
-    evaluator = RequestEvaluator(ctx, request, subset, meta, oracle_table, pad_id)
+    evaluator = RequestEvaluator(ctx, request, subset, meta, oracle_table, pad_id, local)
     row_of = {e: i for i, e in enumerate(examples["example_id"])}
     all_ids, starts, ends = examples["input_ids"], examples["score_start"], examples["score_end"]
     forget_rows = [row_of[e] for e in request.example_ids]
     retain_rows = [i for i, s in enumerate(examples["split"]) if s == "retain"]
     lengths = np.array([len(x) for x in all_ids])
-    world = acc.num_processes
+    world, rank = (1, 0) if local else (acc.num_processes, acc.process_index)
+    writer = local or acc.is_main_process
     model = load_trained(ctx.run_dir, "original", cfg.model.dtype)
     model.config.use_cache = False
     opt = _optimizer(cfg, model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg))
-    if acc.state.deepspeed_plugin is not None:
+    if acc.state.deepspeed_plugin is not None and not local:
         per_rank = max(1, math.ceil(min(u.batch_size, len(forget_rows)) / world))
         ds = acc.state.deepspeed_plugin.deepspeed_config
         ds.update({"train_micro_batch_size_per_gpu": per_rank, "gradient_accumulation_steps": 1,
                    "train_batch_size": per_rank * world})
         ds.pop("gradient_clipping", None)
-    acc.gradient_accumulation_steps = 1
-    model, opt = acc.prepare(model, opt)
+    if local:
+        model = model.to(acc.device)
+    else:
+        acc.gradient_accumulation_steps = 1
+        model, opt = acc.prepare(model, opt)
     reference = None
     if spec.needs_reference:
         reference = _reference_model(ctx)
-    eval_model = model if zero_stage(acc) == 3 else acc.unwrap_model(model)
+    eval_model = model if local or zero_stage(acc) == 3 else acc.unwrap_model(model)
     schedule = set(eval_steps(cfg))
     curve, trajs = [], []
     status, reason, unlearned_step, held = "max_steps", "", None, 0
@@ -244,7 +257,7 @@ def unlearn_request(ctx: Context, request: Request, examples, subset, meta, orac
         start = (step * bsz) % len(forget_rows)
         order = np.concatenate([perm, perm])[start:start + bsz]
         global_rows = [forget_rows[i] for i in order]
-        mine = shard_batch(list(range(len(global_rows))), lengths[global_rows], acc.process_index, world, bsz)
+        mine = shard_batch(list(range(len(global_rows))), lengths[global_rows], rank, world, bsz)
         mine_rows = [global_rows[i] for i in (mine[0] if mine else [])]
         forget_tokens = int(sum(ends[r] - starts[r] for r in global_rows))
         inputs = {"forget_tokens": forget_tokens, "forget_seqs": len(global_rows), "token_weight": float(world)}
@@ -254,7 +267,7 @@ def unlearn_request(ctx: Context, request: Request, examples, subset, meta, orac
             r_global = [retain_rows[i] for i in r_rng.choice(len(retain_rows), size=min(u.retain_batch_size,
                                                                                          len(retain_rows)), replace=False)]
             r_mine = [r_global[i] for i in (shard_batch(list(range(len(r_global))), lengths[r_global],
-                                                        acc.process_index, world, len(r_global)) or [[]])[0]]
+                                                        rank, world, len(r_global)) or [[]])[0]]
             inputs.update({"retain_tokens": int(sum(ends[r] - starts[r] for r in r_global)),
                            "retain_seqs": len(r_global)})
         if mine_rows:
@@ -282,9 +295,14 @@ def unlearn_request(ctx: Context, request: Request, examples, subset, meta, orac
             tokens += int(fb["attention_mask"].sum())
         else:  # this process has no example this step; it still joins the gradient all-reduce
             loss = sum(p.sum() for p in model.parameters()) * 0.0
-        acc.backward(loss)
-        total_loss = acc.reduce(loss.detach().float().reshape(1), reduction="sum").item() / world
-        grad_norm = _grad_norm(acc, model, u.grad_clip)
+        if local:
+            loss.backward()
+            total_loss = float(loss.detach())
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), u.grad_clip or float("inf")))
+        else:
+            acc.backward(loss)
+            total_loss = acc.reduce(loss.detach().float().reshape(1), reduction="sum").item() / world
+            grad_norm = _grad_norm(acc, model, u.grad_clip)
         if not math.isfinite(total_loss) or not math.isfinite(grad_norm) or grad_norm > u.max_grad_norm:
             opt.zero_grad(set_to_none=True)
             status = "diverged"
@@ -302,7 +320,7 @@ def unlearn_request(ctx: Context, request: Request, examples, subset, meta, orac
     traj_df = pd.concat(trajs, ignore_index=True)
     result = summarize_request(cfg, request, curve_df, traj_df, oracle_table, status, reason, step, wall, evaluator)
     per_example = result.pop("_per_example")
-    if acc.is_main_process:
+    if writer:
         write_parquet(out_dir / "trajectory.parquet", traj_df)
         write_parquet(out_dir / "curve.parquet", curve_df)
         write_parquet(out_dir / "examples.parquet", per_example)
@@ -310,11 +328,17 @@ def unlearn_request(ctx: Context, request: Request, examples, subset, meta, orac
     if u.save_model:
         from unlearnbench.train import _save_model
 
-        _save_model(acc, model, tok, out_dir / "model")
-    if acc.is_main_process:
+        if local:
+            with atomic_dir(out_dir / "model") as tmp:
+                model.save_pretrained(str(tmp), safe_serialization=True)
+                tok.save_pretrained(str(tmp))
+        else:
+            _save_model(acc, model, tok, out_dir / "model")
+    if writer:
         write_json(out_dir / "result.json", result)  # last: its presence marks the request as done
-    acc.wait_for_everyone()
-    acc.free_memory()
+    if not local:
+        acc.wait_for_everyone()
+        acc.free_memory()
     del model, opt, reference
     return result
 
@@ -410,20 +434,30 @@ def run_unlearn(ctx: Context) -> None:
         raise UserError("The forget request is empty: no forget example matches unlearn.requests / request_kinds. "
                         "Check unlearn.request_kinds and data.kinds.")
     clear_outputs(ctx, "unlearn")  # only once the requests are valid: a bad config destroys nothing
+    mode = parallel_mode(ctx, len(requests))
+    acc = ctx.acc
     trk = tracker(ctx, "unlearn")
+    if mode == "requests" and not acc.is_main_process:
+        # each process logs the requests it runs to metrics.jsonl; W&B stays on the main process
+        trk = Tracker(dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, backend="none")),
+                      ctx.run_dir, "unlearn", True)
     trk.define_step("unlearn/step", "unlearn")
-    results = []
-    for req in requests:
+    acc.print(f"[unlearn] {len(requests)} request(s), method {cfg.unlearn.method}, "
+              + ("request-parallel: each process runs whole requests on its own model copy" if mode == "requests"
+                 else f"data-parallel over {acc.num_processes} process(es)"))
+    mine = requests[acc.process_index::acc.num_processes] if mode == "requests" else requests
+    for req in mine:
         done = ctx.run_dir / "unlearn" / req.name / "result.json"
         if done.exists():
-            ctx.acc.print(f"[unlearn] {req.name}: already done, skipping")
-            results.append(read_json(done))
+            acc.print(f"[unlearn] {req.name}: already done, skipping")
             continue
-        res = unlearn_request(ctx, req, examples, subset, meta, oracle_table, tok, trk)
-        ctx.acc.print(f"[unlearn] {req.name}: {res['status']} after {res['steps_run']} steps; steps to unlearn "
-                      f"{res['steps_to_unlearn']}, utility drop there {_fmt(res['utility_drop_at_unlearned'])}, "
-                      f"final UQ {res['uq_final']:.2f} (gap {res['exposure_gap_bits']:.1f} bits)")
-        results.append(res)
+        res = unlearn_request(ctx, req, examples, subset, meta, oracle_table, tok, trk, local=mode == "requests")
+        msg = (f"[unlearn] {req.name}: {res['status']} after {res['steps_run']} steps; steps to unlearn "
+               f"{res['steps_to_unlearn']}, utility drop there {_fmt(res['utility_drop_at_unlearned'])}, "
+               f"final UQ {res['uq_final']:.2f} (gap {res['exposure_gap_bits']:.1f} bits)")
+        print(msg, flush=True) if mode == "requests" else acc.print(msg)
+    acc.wait_for_everyone()
+    results = [read_json(ctx.run_dir / "unlearn" / r.name / "result.json") for r in requests]
     summary = summarize_run(cfg, ctx.run_dir, results)
     if ctx.is_main:
         write_json(ctx.run_dir / "summary.json", summary)
@@ -431,6 +465,22 @@ def run_unlearn(ctx: Context) -> None:
     trk.finish()
     ctx.acc.print(format_findings(summary))
     finish_stage(ctx, "unlearn", {"requests": len(results), **peak_memory_mib()})
+
+
+def parallel_mode(ctx: Context, n_requests: int) -> str:
+    """`requests` (each process runs whole requests on its own copy) or `data` (every request on all processes).
+
+    Auto rule: request-parallel when there are several processes, at least as many requests as processes, and the
+    model fits one device (plain DDP, no ZeRO or FSDP sharding); data-parallel otherwise.
+    """
+    acc, choice = ctx.acc, ctx.cfg.unlearn.parallel
+    sharded = zero_stage(acc) > 0 or "FSDP" in str(acc.distributed_type)
+    if choice == "requests" and sharded:
+        raise UserError("unlearn.parallel=requests needs a model that fits one device, but this launch shards it "
+                        "(DeepSpeed ZeRO or FSDP). Use unlearn.parallel=data or a DDP accelerate config.")
+    if choice != "auto":
+        return choice if acc.num_processes > 1 else "data"
+    return "requests" if acc.num_processes > 1 and n_requests >= acc.num_processes and not sharded else "data"
 
 
 def _fmt(x) -> str:
