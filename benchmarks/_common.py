@@ -116,16 +116,20 @@ def prepared_dir() -> Path:
 
 
 def scoring_data(n: int = 2000, seed: int = 0):
-    """A seeded random subset of n prepared examples of 8..128 tokens (a datasets.Dataset)."""
+    """A seeded random subset of n prepared examples of 8..128 tokens: a datasets.Dataset read from disk with an
+    indices mapping, like the subsets the stages score (eval_subset, the request evaluator's selection)."""
     import numpy as np
+
+    import datasets
 
     from unlearnbench.data.prepare import load_examples
 
+    datasets.disable_progress_bars()
     ds = load_examples(prepared_dir())
     lengths = np.array([len(x) for x in ds["input_ids"]])
     ok = np.nonzero((lengths >= 8) & (lengths <= 128))[0]
     pick = np.sort(np.random.default_rng(seed).choice(ok, size=min(n, len(ok)), replace=False))
-    return ds.select(pick.tolist()).flatten_indices(keep_in_memory=True)
+    return ds.select(pick.tolist())
 
 
 def default_model(vocab_size: int = 4096, seed: int = 0):

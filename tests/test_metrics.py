@@ -49,7 +49,8 @@ def _mp_log_left(z, a):
     """log int_{-inf}^z 2 phi(t) Phi(a t) dt at 50 digits.
 
     The integrand is divided by f(z) because mpmath's quad tolerance is absolute (a raw pdf of
-    1e-2000 would "converge" at once), and s = z - t is scaled by the local decay length.
+    1e-2000 would "converge" at once), and s = z - t is scaled by the local decay length, so
+    the integrand is below e^-100 well before u = 256.
     """
     az = a * z
     mills = mp.npdf(az) / mp.ncdf(az)
@@ -57,7 +58,7 @@ def _mp_log_left(z, a):
     c = max(1 + a * a * mills * (az + mills), 1)
     scale = 1 / mp.sqrt(h * h + c)
     lf = _mp_logpdf(z, a)
-    integral = mp.quad(lambda u: mp.exp(_mp_logpdf(z - scale * u, a) - lf), [0, 1, 4, 16, 64, mp.inf])
+    integral = mp.quad(lambda u: mp.exp(_mp_logpdf(z - scale * u, a) - lf), [0, 4, 32, 256])
     return lf + mp.log(scale * integral)
 
 
@@ -373,3 +374,16 @@ def test_spearman_degenerate_inputs_are_nan_without_warnings():
                      ([1.0, np.nan, 3.0], [1.0, 2.0, np.nan])]:
             out = spearman_with_ci(x, y, n_boot=50)
             assert all(math.isnan(out[k]) for k in ("rho", "lo", "hi", "p"))
+
+
+def test_fit_shape_is_capped_for_half_normal_references():
+    from unlearnbench.metrics import extrapolated_exposure, fit_skewnorm
+    from unlearnbench.metrics.exposure import MAX_SHAPE
+
+    rng = np.random.default_rng(0)
+    refs = 3.0 + np.abs(rng.normal(size=2000))  # a hard left edge at 3.0
+    fit = fit_skewnorm(refs)
+    assert abs(fit.a) <= MAX_SHAPE + 1e-9
+    # one scale unit below the edge: large, but finite and of a sane size
+    e = extrapolated_exposure(np.array([2.0]), refs, fit=fit)[0]
+    assert np.isfinite(e) and 10 < e < 1e5

@@ -38,7 +38,9 @@ def build_model(cfg: Config, vocab_size: int, seed: int):
 def load_pretrained(path: str, dtype: str = "float32", trust_remote_code: bool = False, vocab_size: int | None = None):
     """Load a causal LM from a local directory or hub name, safetensors weights only."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one bar per load, hundreds of loads per study
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], use_safetensors=True,
                                                      trust_remote_code=trust_remote_code)

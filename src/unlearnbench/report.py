@@ -118,6 +118,7 @@ def _legend_handles(kinds: list[str], reps: list[int], extra: list[Line2D] = ())
 
 
 def _figure(n_panels: int, width: float = 4.6, height: float = 3.6, rows: int = 1) -> tuple[Figure, np.ndarray]:
+    n_panels, rows = max(1, n_panels), max(1, rows)  # a run without curves still gets a (blank) figure
     fig = Figure(figsize=(width * n_panels, height * rows + 0.9), dpi=100, layout="constrained")
     axes = np.atleast_2d(fig.subplots(rows, n_panels, squeeze=False))
     return fig, axes

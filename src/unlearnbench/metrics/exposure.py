@@ -25,6 +25,7 @@ __all__ = [
 ]
 
 EXPOSURE_KINDS = ("extrapolated", "rank")
+MAX_SHAPE = 50.0  # cap on |a| of the skew-normal fit (see fit_skewnorm)
 _LN2 = math.log(2.0)
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 # Below this CDF value Phi(z) - 2 T(z, a) may lose more than ~3 digits to cancellation (a > 0)
@@ -83,6 +84,11 @@ def fit_skewnorm(ref_losses) -> SkewNormFit:
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")
         a, loc, scale = stats.skewnorm.fit((r - mu) / sd)
+        if np.isfinite(a) and abs(a) > MAX_SHAPE:
+            # Half-normal-looking references let the MLE shape run off (a ~ 1e9): the fitted left tail then
+            # becomes a cliff and exposure explodes (1e17 bits a scale unit below the edge). Past |a| = 50 the
+            # density's shape barely changes in the bulk, so refit with the shape pinned at the cap.
+            a, loc, scale = stats.skewnorm.fit((r - mu) / sd, f0=float(np.sign(a) * MAX_SHAPE))
     if not (np.isfinite(a) and np.isfinite(loc) and np.isfinite(scale) and scale > 0):
         a, loc, scale = 0.0, 0.0, 1.0  # degenerate optimiser result: fall back to the normal fit
     return SkewNormFit(a=float(a), loc=float(mu + sd * loc), scale=float(sd * scale))
@@ -116,6 +122,11 @@ def _tail_logcdf(z: np.ndarray, a: float) -> np.ndarray:
     return log_f + log_i
 
 
+def _chunked(fn, z: np.ndarray, a: float, chunk: int = 8192) -> np.ndarray:
+    """Apply fn in chunks so the [n, nodes] quadrature matrix stays a few MB for any n."""
+    return np.concatenate([fn(z[i:i + chunk], a) for i in range(0, z.size, chunk)])
+
+
 def _std_logcdf(z: np.ndarray, a: float) -> np.ndarray:
     """log F(z) of the standard skew-normal with shape a, accurate in both tails."""
     out = np.full(z.shape, np.nan)
@@ -141,10 +152,10 @@ def _std_logcdf(z: np.ndarray, a: float) -> np.ndarray:
         direct_r = ~left & ~quad_r
         res[direct_r] = np.log1p(-sf[direct_r])
     if quad_l.any():
-        res[quad_l] = _tail_logcdf(zf[quad_l], a)
+        res[quad_l] = _chunked(_tail_logcdf, zf[quad_l], a)
     if quad_r.any():
         # log F = log(1 - S) with S = F(-z; -a) tiny: computing S in log space then log1p is exact.
-        res[quad_r] = np.log1p(-np.exp(_tail_logcdf(-zf[quad_r], -a)))
+        res[quad_r] = np.log1p(-np.exp(_chunked(_tail_logcdf, -zf[quad_r], -a)))
     out[fin] = res
     return out
 

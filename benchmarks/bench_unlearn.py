@@ -1,0 +1,297 @@
+#!/usr/bin/env python3
+"""Gradient-ascent throughput of the project's unlearning step against a `transformers.Trainer`, and eval share.
+
+1. Steps/s and tokens/s, same model (the `default` Llama, one random init), same forget pool (320 prepared
+   examples), batch 32, AdamW lr 3e-4, 60 steps (the first 5 are warm-up and not timed), 2 threads,
+   repetitions alternated A B A B ...:
+     project  the step of `unlearnbench.unlearn.loop.unlearn_request`, built from the project's own pieces:
+              `_optimizer`, `_lr_factor`, `Accelerator.prepare`, `shard_batch`, `_batch` (batching.collate),
+              `token_logprobs`, the `ga` method, `acc.backward`, `acc.reduce`, `_grad_norm`, LambdaLR
+     project_dict  the same step given the columns as plain lists (a dict) instead of the `datasets.Dataset` the
+              loop indexes row by row: isolates what those lookups cost per step
+     trainer  `transformers.Trainer` whose `compute_loss` returns `-model(**inputs).loss` (how TOFU and
+              open-unlearning run gradient ascent), the same collate, optim adamw_torch, constant lr
+   Target: project >= 1.0x trainer.
+2. In-loop evaluation share at the default log schedule (step 0, 1, 2, 3, 4, 6, 8, 10, 13, ... 100):
+     recorded   eval_seconds / wall_seconds of runs/default/unlearn/*/result.json, when a default run exists
+     measured   one `RequestEvaluator.evaluate` (the sharded pass over the request, its kind's references and the
+                utility sets, plus the metrics) timed here, projected with the measured step time over the
+                schedule: share = n_eval * t_eval / (n_eval * t_eval + steps * t_step), for the full 100 steps
+                and for a request that stops early.
+   Target: <= 20% of wall time.
+
+    python benchmarks/bench_unlearn.py           # full settings (about 2 minutes on 2 idle cores)
+    python benchmarks/bench_unlearn.py --quick   # tiny settings: checks the script works
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import _common as C  # noqa: E402
+
+
+def project_loop(acc, cfg, init_state, ds, forget_rows, steps, warmup) -> dict:
+    """The optimisation step of unlearn_request (no evaluation), timed from step `warmup` on."""
+    from unlearnbench.batching import shard_batch, token_logprobs
+    from unlearnbench.unlearn.loop import _batch, _forward_logp, _grad_norm, _lr_factor, _optimizer
+    from unlearnbench.unlearn.methods import LossInputs, MethodParams, get_method
+
+    u = cfg.unlearn
+    spec = get_method("ga")
+    params = MethodParams(beta=u.beta, gamma=u.gamma, retain_weight=u.retain_weight, nll_clamp=u.nll_clamp)
+    all_ids, starts, ends = ds["input_ids"], ds["score_start"], ds["score_end"]
+    lengths = np.array([len(x) for x in all_ids])
+    world = acc.num_processes
+    model = C.default_model(cfg.data.vocab_size)
+    model.load_state_dict(init_state)
+    opt = _optimizer(cfg, model)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg))
+    acc.gradient_accumulation_steps = 1
+    model, opt = acc.prepare(model, opt)
+    rng = np.random.default_rng([cfg.run.seed, 104729])
+    perm = rng.permutation(len(forget_rows))
+    tokens, step_s, t_begin = 0, [], None
+    for step in range(steps):
+        if step == warmup:
+            t_begin = time.perf_counter()
+        t0 = time.perf_counter()
+        bsz = min(u.batch_size, len(forget_rows))
+        start = (step * bsz) % len(forget_rows)
+        order = np.concatenate([perm, perm])[start:start + bsz]
+        global_rows = [forget_rows[i] for i in order]
+        mine = shard_batch(list(range(len(global_rows))), lengths[global_rows], acc.process_index, world, bsz)
+        mine_rows = [global_rows[i] for i in (mine[0] if mine else [])]
+        inputs = {"forget_tokens": int(sum(ends[r] - starts[r] for r in global_rows)),
+                  "forget_seqs": len(global_rows), "token_weight": float(world)}
+        model.train()
+        fb = _batch(all_ids, starts, ends, mine_rows, 0, acc.device)
+        f_logp, f_mask = token_logprobs(_forward_logp(model, fb), fb["labels"])
+        inputs.update({"forget_logp": f_logp, "forget_mask": f_mask})
+        loss, _ = spec.fn(LossInputs(**inputs), params)
+        acc.backward(loss)
+        total_loss = acc.reduce(loss.detach().float().reshape(1), reduction="sum").item() / world
+        grad_norm = _grad_norm(acc, model, u.grad_clip)
+        if not math.isfinite(total_loss) or not math.isfinite(grad_norm):
+            raise RuntimeError(f"diverged at step {step}")
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step >= warmup:
+            tokens += int(fb["attention_mask"].sum())
+            step_s.append(time.perf_counter() - t0)
+    sec = time.perf_counter() - t_begin
+    acc.free_memory()
+    return {"steps": steps - warmup, "seconds": sec, "tokens": tokens, "step_seconds_median": float(np.median(step_s)),
+            "final_loss": total_loss}
+
+
+def trainer_loop(cfg, init_state, ds, forget_rows, steps, warmup) -> dict:
+    """transformers.Trainer with compute_loss = -loss: TOFU / open-unlearning gradient ascent."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from unlearnbench.batching import collate
+
+    all_ids, starts, ends = ds["input_ids"], ds["score_start"], ds["score_end"]
+    model = C.default_model(cfg.data.vocab_size)
+    model.load_state_dict(init_state)
+    counted = {"tokens": 0}
+
+    class Forget(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(forget_rows)
+
+        def __getitem__(self, i):
+            return forget_rows[i]
+
+    def coll(rows):
+        return collate([all_ids[r] for r in rows], [starts[r] for r in rows], [ends[r] for r in rows], 0)
+
+    class GradientAscent(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = model(**inputs)
+            if self.state.global_step >= warmup:
+                counted["tokens"] += int(inputs["attention_mask"].sum())
+            return (-out.loss, out) if return_outputs else -out.loss
+
+    marks = {}
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == warmup and "t0" not in marks:
+                marks["t0"] = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == steps:
+                marks["t1"] = time.perf_counter()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        targs = TrainingArguments(output_dir=tmp, per_device_train_batch_size=cfg.unlearn.batch_size, max_steps=steps,
+                                  learning_rate=cfg.unlearn.lr, weight_decay=cfg.unlearn.weight_decay,
+                                  lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch",
+                                  logging_strategy="no", save_strategy="no", report_to=[], disable_tqdm=True,
+                                  remove_unused_columns=False, dataloader_num_workers=0, use_cpu=True,
+                                  seed=cfg.run.seed)
+        trainer = GradientAscent(model=model, args=targs, train_dataset=Forget(), data_collator=coll,
+                                 callbacks=[Clock()])
+        t_all = time.perf_counter()
+        trainer.train()
+        t_all = time.perf_counter() - t_all
+    return {"steps": steps - warmup, "seconds": marks["t1"] - marks["t0"], "tokens": counted["tokens"],
+            "train_call_seconds": t_all}
+
+
+def recorded_eval_share(run_dir: Path) -> list[dict]:
+    out = []
+    for p in sorted(run_dir.glob("unlearn/*/result.json")):
+        r = json.loads(p.read_text())
+        if "eval_seconds" in r and r.get("wall_seconds"):
+            out.append({"request": r["request"], "steps_run": r.get("steps_run"), "status": r.get("status"),
+                        "wall_seconds": r["wall_seconds"], "eval_seconds": r["eval_seconds"],
+                        "eval_share": r["eval_seconds"] / r["wall_seconds"]})
+    return out
+
+
+def measured_eval(acc, cfg, model, reps: int, quick: bool = False) -> dict:
+    """Time RequestEvaluator.evaluate on a canary request of the prepared default data."""
+    import pandas as pd
+
+    from unlearnbench.data.prepare import load_examples
+    from unlearnbench.runner import Context
+    from unlearnbench.stages import eval_subset
+    from unlearnbench.unlearn.loop import Request, RequestEvaluator
+
+    examples = load_examples(C.prepared_dir())
+    subset = eval_subset(examples)
+    meta = subset.select_columns(["example_id", "kind", "repetitions", "split"]).to_pandas()
+    forget = meta[(meta.split == "forget") & (meta.kind == "canary")]
+    reps_kind = sorted(forget.repetitions.unique())[-1]
+    req_ids = sorted(forget[forget.repetitions == reps_kind].example_id)
+    request = Request(f"canary_r{reps_kind}", req_ids, "canary", int(reps_kind))
+    oracle = pd.DataFrame({"example_id": req_ids, f"exposure_{cfg.metrics.exposure}_oracle": np.zeros(len(req_ids))})
+    ctx = Context(cfg=cfg, run_dir=Path(tempfile.gettempdir()), acc=acc)
+    ev = RequestEvaluator(ctx, request, subset, meta, oracle, 0)
+    if quick:  # a logic check: the request plus 40 examples of every other (split, kind) group
+        m = ev.meta
+        keep = [i for i in range(len(m)) if m.example_id[i] in set(req_ids)]
+        for _, g in m[~m.example_id.isin(req_ids)].groupby(["split", "kind"]):
+            keep += list(g.index[:40])
+        keep = sorted(keep)
+        ev.data, ev.meta = ev.data.select(keep), m.iloc[keep].reset_index(drop=True)
+    times, score_times = [], []
+    for step in range(reps):
+        before = ev.seconds
+        t0 = time.perf_counter()
+        ev.evaluate(model, step)
+        times.append(time.perf_counter() - t0)
+        score_times.append(ev.seconds - before)
+    return {"request": request.name, "examples_scored": len(ev.data),
+            "eval_seconds": C.summary(times), "score_pass_seconds": C.summary(score_times)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny settings: prove the script works")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--run-dir", default=str(C.ROOT / "runs" / "default"), help="a finished default run (read only)")
+    ap.add_argument("--no-trainer", action="store_true")
+    ap.add_argument("--out-dir", default=None)
+    args = ap.parse_args()
+    steps = args.steps or (6 if args.quick else 60)
+    warmup = 2 if args.quick else 5
+    reps = args.reps or (1 if args.quick else 3)
+    C.set_threads(args.threads)
+
+    from unlearnbench.distributed import make_accelerator
+    from unlearnbench.unlearn.loop import eval_steps
+
+    cfg = C.default_config()
+    acc = make_accelerator()
+    ds = C.scoring_data(2000)
+    forget_rows = list(range(min(320, len(ds))))
+    init_state = {k: v.clone() for k, v in C.default_model(cfg.data.vocab_size).state_dict().items()}
+
+    cols = ds.select_columns(["input_ids", "score_start", "score_end"]).to_dict()
+    runs = {"project": [], "project_dict": [], "trainer": []}
+    kinds = ["project", "project_dict"] + ([] if args.no_trainer else ["trainer"])
+    for rep in range(reps):
+        for kind in kinds:  # alternated: A B C A B C ...
+            r = (project_loop(acc, cfg, init_state, ds, forget_rows, steps, warmup) if kind == "project"
+                 else project_loop(acc, cfg, init_state, cols, forget_rows, steps, warmup) if kind == "project_dict"
+                 else trainer_loop(cfg, init_state, cols, forget_rows, steps, warmup))
+            runs[kind].append(r)
+            print(f"[bench_unlearn] rep {rep} {kind}: {r['steps'] / r['seconds']:.2f} steps/s "
+                  f"{r['tokens'] / r['seconds']:.0f} tok/s", flush=True)
+    ga = {}
+    for kind, rs in runs.items():
+        if rs:
+            ga[kind] = {"steps_per_s": C.summary([r["steps"] / r["seconds"] for r in rs]),
+                        "tokens_per_s": C.summary([r["tokens"] / r["seconds"] for r in rs]), "runs": rs}
+    ratios = {}
+    if "trainer" in ga:
+        ratios["project_vs_trainer_steps_per_s"] = ga["project"]["steps_per_s"]["median"] / ga["trainer"]["steps_per_s"]["median"]
+        ratios["project_vs_trainer_tokens_per_s"] = ga["project"]["tokens_per_s"]["median"] / ga["trainer"]["tokens_per_s"]["median"]
+        ratios["project_dict_vs_trainer_steps_per_s"] = (ga["project_dict"]["steps_per_s"]["median"]
+                                                         / ga["trainer"]["steps_per_s"]["median"])
+    ratios["project_dict_vs_project_steps_per_s"] = (ga["project_dict"]["steps_per_s"]["median"]
+                                                     / ga["project"]["steps_per_s"]["median"])
+
+    # in-loop evaluation share
+    model = C.default_model(cfg.data.vocab_size)
+    model.load_state_dict(init_state)
+    ev = measured_eval(acc, cfg, model, 1 if args.quick else 3, args.quick)
+    sched = eval_steps(cfg)
+    t_eval = ev["eval_seconds"]["median"]
+    t_step = 1.0 / ga["project"]["steps_per_s"]["median"]
+    max_steps = cfg.unlearn.max_steps
+
+    def share(stop: int) -> float:
+        n = sum(1 for s in sched if s <= stop)
+        return n * t_eval / (n * t_eval + stop * t_step)
+
+    projected = {"schedule": sched, "n_evals_full": len(sched), "t_eval_s": t_eval, "t_step_s": t_step,
+                 "share_full_100_steps": share(max_steps), "share_stop_at_8": share(8),
+                 "share_stop_at_30": share(30),
+                 "max_evals_for_20pct_over_100_steps": max_steps * t_step / (4 * t_eval)}
+    recorded = recorded_eval_share(Path(args.run_dir))
+    eval_share = {"measured": ev, "projected": projected, "recorded_runs_default": recorded}
+    targets = {}
+    if "project_vs_trainer_steps_per_s" in ratios:
+        targets["project_vs_trainer >= 1.0"] = ratios["project_vs_trainer_steps_per_s"] >= 1.0
+    targets["eval_share_full_schedule <= 0.2"] = projected["share_full_100_steps"] <= 0.2
+    if recorded:
+        targets["eval_share_recorded_max <= 0.2"] = max(r["eval_share"] for r in recorded) <= 0.2
+    body = {"settings": {"steps": steps, "warmup_steps_untimed": warmup, "reps": reps, "batch": cfg.unlearn.batch_size,
+                         "optimizer": f"{cfg.unlearn.optimizer} lr {cfg.unlearn.lr}", "forget_pool": len(forget_rows),
+                         "threads": torch.get_num_threads(), "model": "default llama, random init",
+                         "trainer_max_grad_norm": "1.0 (Trainer default); project: norm computed, no clip (default)"},
+            "gradient_ascent": ga, "ratios": ratios, "eval_share": eval_share, "targets_met": targets}
+    path = C.write_result("bench_unlearn", body, args.quick, args.out_dir)
+    rows = [[k, f"{v['steps_per_s']['median']:.2f}", f"{v['tokens_per_s']['median']:.0f}",
+             f"{v['steps_per_s']['spread_pct']:.0f}%"] for k, v in ga.items()]
+    print(C.fmt_table(rows, ["loop", "steps/s", "tok/s", "spread"]))
+    print("ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+    print(f"eval: {t_eval:.2f}s per evaluation ({ev['examples_scored']} examples), step {t_step * 1e3:.0f} ms; "
+          f"share over 100 steps {projected['share_full_100_steps']:.0%} ({len(sched)} evals), "
+          f"stop at 8: {projected['share_stop_at_8']:.0%}; recorded: "
+          + ", ".join(f"{r['request']} {r['eval_share']:.0%}" for r in recorded))
+    print("targets: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in targets.items()))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
