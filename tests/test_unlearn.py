@@ -37,10 +37,14 @@ def test_smoke_study_writes_every_output(smoke_study):
     assert len(examples) == 9 * cfg.data.group_size
     for name in REQUESTS:
         d = run / "unlearn" / name
+        result = json.loads((d / "result.json").read_text())
         curve = pd.read_parquet(d / "curve.parquet")
         traj = pd.read_parquet(d / "trajectory.parquet")
-        result = json.loads((d / "result.json").read_text())
-        assert curve.step.iloc[0] == 0 and curve.uq.iloc[0] == 0.0  # UQ is 0 at step 0 by definition
+        assert curve.step.iloc[0] == 0
+        if result["nothing_to_forget"]:  # the gap is below the floor: UQ_0 = 1 - |gap| / floor
+            assert curve.uq.iloc[0] == pytest.approx(1 - abs(result["exposure_gap_bits"]) / cfg.metrics.uq_min_gap_bits)
+        else:
+            assert curve.uq.iloc[0] == 0.0  # as exposed as before, by definition
         assert set(traj.step) == set(curve.step)
         assert len(traj) == len(curve) * cfg.data.group_size
         assert set(traj.columns) >= {"example_id", "step", "nll", "exposure", "forgotten"}
@@ -107,7 +111,8 @@ def test_bad_requests_fail_before_compute(smoke_study, tmp_path):
     cfg = smoke_config(run, "unlearn.requests=ids", "unlearn.example_ids=[nope-1]")
     with pytest.raises(UserError, match="nope-1"):
         run_study(cfg, "unlearn", force=True)
-    assert not (run / "unlearn").exists()
+    # refused before anything was computed or removed: the earlier results are all still there
+    assert len(list((run / "unlearn").glob("*/result.json"))) == 9 and (run / "summary.json").exists()
 
 
 def test_rerun_is_skipped_and_other_config_refused(smoke_study, tmp_path, capsys):

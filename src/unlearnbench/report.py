@@ -32,8 +32,8 @@ FIGURES = {  # name -> (heading, caption)
     "uq_vs_step": ("Unlearning quality vs step",
                    "UQ of each request with its 95% bootstrap band; dotted: the UQ target (vertical: reached)."),
     "utility_vs_step": ("Utility vs step",
-                        "ID-holdout perplexity relative to θ0 (utility drop = ratio − 1); star: the step the request "
-                        "became unlearned."),
+                        "ID-holdout perplexity relative to θ0 (utility drop = ratio − 1); star: the step the "
+                        "request became unlearned."),
     "uq_vs_utility": ("Trade-off: unlearning quality vs utility",
                       "UQ against the utility cost along each unlearning run; star: the step it became unlearned."),
     "steps_to_forget_vs_memorization": ("Steps to forget vs memorization",
@@ -180,12 +180,12 @@ def fig_exposure(summary: dict, curves: dict, path: Path) -> None:
             ax.axhline(float(c.exposure_oracle_mean.iloc[0]), color=kind_color(g["kind"]), ls="--", lw=1,
                        alpha=0.4 if many else 0.9)
         ax.set_title(_reps_title(r))
-        ax.set_ylabel(f"mean exposure of the forget request (bits, {summary.get('exposure', '')})")
+        ax.set_ylabel("mean exposure of the request (bits)")
         _step_axis(ax, summary.get("max_steps"))
         ax.grid(alpha=0.3)
     extra = [Line2D([], [], color="grey", ls="--", label="same request under oracle θr")]
     fig.legend(handles=_legend_handles(kinds, reps, extra), loc="outside lower center", ncol=4, fontsize=8)
-    fig.suptitle("Exposure trajectories during unlearning: ID vs OOD")
+    fig.suptitle(f"Exposure trajectories during unlearning: ID vs OOD ({summary.get('exposure', '')} exposure)")
     _save(fig, path)
 
 
@@ -501,18 +501,16 @@ def _seed_dirs(d: Path) -> list[Path]:
                   key=lambda p: (len(p.name), p.name))
     if subs:
         return subs
-    if (d / "summary.json").exists() and "groups" in read_json(d / "summary.json"):
+    if (d / "summary.json").exists() and "runs" not in read_json(d / "summary.json"):
         return [d]
     raise UserError(f"{d} has no summary.json (nor seed_*/summary.json); give run directories that finished the "
                     "unlearn stage.")
 
 
-def _settings(d: Path, summaries: list[dict]) -> dict:
+def _settings(first_seed_dir: Path, summaries: list[dict]) -> dict:
     """What distinguishes a run: seeds, method, model, backend (from summary.json and config.yaml)."""
     s0 = summaries[0]
-    cfg_path = d / "config.yaml"
-    if not cfg_path.exists() and (d.parent / "config.yaml").exists():
-        cfg_path = d.parent / "config.yaml"
+    cfg_path = first_seed_dir / "config.yaml"
     doc = {}
     if cfg_path.exists():
         import yaml
@@ -522,8 +520,10 @@ def _settings(d: Path, summaries: list[dict]) -> dict:
     m = c.get("model", {})
     model = (m.get("name_or_path") or f"{m.get('arch', '?')} {m.get('n_layers', '?')}×{m.get('hidden_size', '?')}"
              if m else "–")
-    backend = (f"{dist.get('distributed_type', '?')} ×{dist.get('num_processes', '?')} {dist.get('device', '')} "
-               f"{m.get('dtype', '')}" + (f" ZeRO-{dist['zero_stage']}" if dist.get("zero_stage") else "")) if dist else "–"
+    backend = "–"
+    if dist:
+        backend = (f"{dist.get('distributed_type', '?')} ×{dist.get('num_processes', '?')} {dist.get('device', '')} "
+                   f"{m.get('dtype', '')}" + (f" ZeRO-{dist['zero_stage']}" if dist.get("zero_stage") else ""))
     return {"seeds": ", ".join(str(s["seed"]) for s in summaries), "method": s0["method"], "lr": s0["lr"],
             "exposure": s0["exposure"], "max steps": s0["max_steps"], "model": model, "backend": backend.strip(),
             "git": (doc.get("git_revision") or "–")[:12]}
@@ -560,6 +560,8 @@ def compare_runs(dirs: list[Path], out_dir: Path) -> None:
 
     dirs = [Path(d) for d in dirs]
     out_dir = Path(out_dir)
+    if not dirs:
+        raise UserError("Give at least one run directory to compare: `unlearnbench report --compare DIR [DIR ...]`.")
     for d in dirs:
         if d.resolve() == out_dir.resolve() or out_dir.resolve() in d.resolve().parents:
             raise UserError(f"The comparison would be written over {d}; choose another run.dir for it.")
@@ -568,34 +570,38 @@ def compare_runs(dirs: list[Path], out_dir: Path) -> None:
         subs = _seed_dirs(d)
         summaries = [read_json(s / "summary.json") for s in subs]
         label = d.name if d.name not in [r["label"] for r in runs] else str(d)
-        runs.append({"label": label, "dir": d, "summaries": summaries, "settings": _settings(d, summaries)})
+        runs.append({"label": label, "dir": d, "summaries": summaries, "settings": _settings(subs[0], summaries)})
     cells = sorted({(g["kind"], int(g["repetitions"])) for r in runs for s in r["summaries"] for g in s["groups"]},
                    key=lambda c: (_kind_key(c[0]), c[1]))
     everything = [s for r in runs for s in r["summaries"]]
 
+    columns = list(runs[0]["settings"])
     lines = ["# unlearnbench comparison", "", "## Runs", "",
-             "| run | directory | " + " | ".join(runs[0]["settings"]) + " |", "|" + "---|" * (len(runs[0]["settings"]) + 2)]
+             "| run | directory | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 2)]
     for r in runs:
         lines.append(f"| {r['label']} | `{r['dir']}` | " + " | ".join(str(v) for v in r["settings"].values()) + " |")
-    lines += ["", "Each cell: mean ± half-width of the 95% t-interval across the run's seeds (n = seeds with a value); "
-              "the last column pools every seed of every run. Steps to unlearn and the utility drop there count only "
-              "seeds where the request became unlearned and had something to forget.", ""]
+    lines += ["", "Each cell: mean ± half-width of the 95% t-interval across the run's seeds (n = seeds with a "
+              "value); the last column pools every seed of every run. Steps to unlearn and the utility drop there "
+              "count only seeds where the request became unlearned and had something to forget.", ""]
     stats = {}
     for col, title, fmt in METRICS:
         lines += [f"### {title[0].upper() + title[1:]}", "",
-                  "| kind | reps | " + " | ".join(r["label"] for r in runs) + " | all runs |", "|" + "---|" * (len(runs) + 3)]
+                  "| kind | reps | " + " | ".join(r["label"] for r in runs) + " | all runs |",
+                  "|" + "---|" * (len(runs) + 3)]
         for kind, reps in cells:
             per = [mean_ci(_values(r["summaries"], kind, reps, col)) for r in runs]
             pooled = mean_ci(_values(everything, kind, reps, col))
             stats[(col, kind, reps)] = per
             lines.append(f"| {kind} | {reps} | " + " | ".join(_ci(p, fmt) for p in per) + f" | {_ci(pooled, fmt)} |")
         lines.append("")
-    lines += ["## Findings", "", "| finding | " + " | ".join(r["label"] for r in runs) + " |", "|" + "---|" * (len(runs) + 1)]
+    lines += ["## Findings", "", "| finding | " + " | ".join(r["label"] for r in runs) + " |",
+              "|" + "---|" * (len(runs) + 1)]
     for key in ("F1", "F2", "F3"):
         cols = []
         for r in runs:
             v = [s["findings"][key]["verdict"] for s in r["summaries"] if key in s.get("findings", {})]
-            cols.append(f"{sum(x == 'reproduced' for x in v)}/{len(v)} seeds reproduced ({', '.join(v)})" if v else "–")
+            n_rep = sum(x == "reproduced" for x in v)
+            cols.append(f"{n_rep}/{len(v)} seeds reproduced ({', '.join(v)})" if v else "–")
         lines.append(f"| {key} | " + " | ".join(cols) + " |")
     lines += ["", "## Figure", "", "![compare](compare.png)", ""]
 
@@ -627,7 +633,7 @@ def _fig_compare(runs: list[dict], cells: list[tuple[str, int]], stats: dict, pa
                 "uq_final": " (0 = as θ0, 1 = as θr)"}[col]
         ax.set_ylabel(title + unit, fontsize=8)
         ax.grid(alpha=0.3, axis="y")
-    axes[-1].set_xticks(range(len(cells)), [f"{k}\n{r} reps" for k, r in cells], fontsize=8)
+    axes[-1].set_xticks(range(len(cells)), [f"{k}\n{_reps_title(r)}" for k, r in cells], fontsize=8)
     axes[-1].set_xlabel("forget request (kind, repetitions)")
     kinds = sorted({k for k, _ in cells}, key=_kind_key)
     handles = [Line2D([], [], color=kind_color(k), lw=2.5, label=KIND_LABELS.get(k, k)) for k in kinds]
