@@ -4,7 +4,7 @@
 1 process: `python benchmarks/_scaling_worker.py` with OMP_NUM_THREADS=1. 2 processes: `accelerate launch
 --config_file accelerate_configs/cpu_ddp.yaml --num_processes 2` with ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 (gloo).
 Launches alternate 1, 2, 1, 2, ...; each launch times `score_pass` over 2,000 prepared examples (2 passes) and
-40 gradient-ascent steps of global batch 32 (after 5 untimed), inside the processes.
+20 gradient-ascent steps of global batch 32 (after 5 untimed), inside the processes.
 Efficiency = throughput(2) / (2 x throughput(1)). Target: >= 0.8 for scoring.
 
     python benchmarks/bench_scaling.py           # full settings (about 2.5 minutes on 2 idle cores)
@@ -64,7 +64,7 @@ def main() -> None:
     args = ap.parse_args()
     rounds = args.rounds or (1 if args.quick else 2)
     worker_args = (["--examples", "120", "--score-reps", "1", "--steps", "4", "--warmup", "1"] if args.quick
-                   else ["--examples", "2000", "--score-reps", "2", "--steps", "45", "--warmup", "5"])
+                   else ["--examples", "2000", "--score-reps", "2", "--steps", "25", "--warmup", "5"])
     C.prepared_dir()  # prepare once here, so the workers only read
     runs = {1: [], 2: []}
     with tempfile.TemporaryDirectory() as tmp:

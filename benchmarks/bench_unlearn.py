@@ -20,7 +20,7 @@
                 and for a request that stops early.
    Target: <= 20% of wall time.
 
-    python benchmarks/bench_unlearn.py           # full settings (about 2 minutes on 2 idle cores)
+    python benchmarks/bench_unlearn.py           # full settings (about 2.5 minutes on 2 idle cores)
     python benchmarks/bench_unlearn.py --quick   # tiny settings: checks the script works
 """
 
@@ -213,7 +213,7 @@ def main() -> None:
     args = ap.parse_args()
     steps = args.steps or (6 if args.quick else 60)
     warmup = 2 if args.quick else 5
-    reps = args.reps or (1 if args.quick else 3)
+    reps = args.reps or (1 if args.quick else 2)
     C.set_threads(args.threads)
 
     from unlearnbench.distributed import make_accelerator
@@ -253,7 +253,7 @@ def main() -> None:
     # in-loop evaluation share
     model = C.default_model(cfg.data.vocab_size)
     model.load_state_dict(init_state)
-    ev = measured_eval(acc, cfg, model, 1 if args.quick else 3, args.quick)
+    ev = measured_eval(acc, cfg, model, 1 if args.quick else 2, args.quick)
     sched = eval_steps(cfg)
     t_eval = ev["eval_seconds"]["median"]
     t_step = 1.0 / ga["project"]["steps_per_s"]["median"]

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import math
 import os
 import platform
 import statistics
@@ -390,10 +389,12 @@ def main() -> None:
         "packed": lambda: score_packed(model, data, s["pack_rows"], device),
         "per_example": lambda: score_per_example(model, data, n_pe, device),
     }
-    # warm-up (kernels, allocator), not timed
-    score_batched(model, (data[0][:s["big_batch"]], data[1], data[2]), s["big_batch"], device, True)
-    score_packed(model, (data[0][:s["pack_rows"] * 2],), s["pack_rows"], device)
-    score_per_example(model, data, 4, device)
+    # warm-up, not timed: one whole pass of each batched variant (every batch shape meets its kernels and the
+    # allocator once; the first H200 run, without it, had a cold first repetition) and a few per-example calls
+    for name, fn in variants.items():
+        if name != "per_example":
+            fn()
+    score_per_example(model, data, 16, device)
     sync(device)
     times = {k: [] for k in variants}
     mems = {}
@@ -456,6 +457,13 @@ def main() -> None:
     ga_mem = {}
     kinds = ["project_loop"] + ([] if args.no_trainer else ["trainer"])
     n_rep = 2 if not TINY else 1
+    for kind in kinds:  # warm-up run of each loop, not recorded
+        model.load_state_dict(init_state)
+        try:
+            (project_ga if kind == "project_loop" else trainer_ga)(model, data, s["ga_warmup"] + 3, s["ga_warmup"],
+                                                                    32, device)
+        except Exception as exc:
+            print(f"[gpu_bench] warm-up {kind} failed: {type(exc).__name__}: {exc}", flush=True)
     for rep in range(n_rep):
         for kind in kinds:
             model.load_state_dict(init_state)

@@ -50,7 +50,8 @@ def test_report_renders_every_figure_and_references_it(smoke_study, tmp_path):
         assert f"**{key}: {f['verdict']}** ({f['holds']} of {f['of']}" in md
         assert trk.summaries[f"findings/{key}/verdict"] == f["verdict"]
     for c in summary["findings"]["F3"]["correlations"]:
-        assert f"{c['kind']}, steps to forget vs {c['variable']}: ρ = {c['rho']:.2f} [{c['lo']:.2f}, {c['hi']:.2f}]" in md
+        rho = f"ρ = {c['rho']:.2f} [{c['lo']:.2f}, {c['hi']:.2f}]"
+        assert f"{c['kind']}, steps to forget vs {c['variable']}: {rho}" in md
 
 
 def _fake_seed(src, dest, seed, shift):

@@ -125,3 +125,17 @@ def peak_memory_mib() -> dict:
     if torch.cuda.is_available():
         out["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return out
+
+
+def inference_model(acc: Accelerator, model):
+    """A frozen model ready for forward passes on every rank: a DeepSpeed engine under ZeRO-3 (whose parameters are
+    already partitioned by from_pretrained), the model on this process's device otherwise."""
+    model.requires_grad_(False).eval()
+    if zero_stage(acc) == 3:
+        import deepspeed
+
+        conf = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+        engine, *_ = deepspeed.initialize(model=model, config=conf)
+        engine.eval()
+        return engine
+    return model.to(acc.device)

@@ -57,7 +57,7 @@ def load_pretrained(path: str, dtype: str = "float32", trust_remote_code: bool =
 
 def n_params(model) -> int:
     """Number of parameters (shared ones once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return sum(getattr(p, "ds_numel", p.numel()) for p in {id(p): p for p in model.parameters()}.values())
 
 
 def model_dir(run_dir: Path, name: str) -> Path:

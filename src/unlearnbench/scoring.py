@@ -81,7 +81,7 @@ def check_scorable(dataset, vocab_size: int | None = None) -> None:
                             "tokenized for another model. Rerun prepare with this model's tokenizer.")
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: ZeRO-3 gathers parameters here that a later training forward reuses
 def score_pass(acc, model, dataset, batch_size: int = 64, pad_id: int = 0,
                vocab_size: int | None = None, local: bool = False) -> tuple[pd.DataFrame, PassStats]:
     """Per-example scores of `model` on every example of `dataset`, sorted by example_id, on all processes.
@@ -91,8 +91,9 @@ def score_pass(acc, model, dataset, batch_size: int = 64, pad_id: int = 0,
     """
     check_scorable(dataset, vocab_size)
     t0 = time.perf_counter()
-    ids = dataset["input_ids"]
-    data = _Sorted(ids, dataset["score_start"], dataset["score_end"])
+    # Plain lists once: indexing a lazy `datasets` column row by row costs ~0.2 ms a lookup
+    ids = list(dataset["input_ids"])
+    data = _Sorted(ids, list(dataset["score_start"]), list(dataset["score_end"]))
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=lambda items: _collate(items, pad_id))
     if not local:
         loader = acc.prepare_data_loader(loader)

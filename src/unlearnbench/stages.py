@@ -11,7 +11,7 @@ import torch
 
 from unlearnbench import metrics
 from unlearnbench.data.prepare import load_examples, load_tokenizer, prepare
-from unlearnbench.distributed import peak_memory_mib
+from unlearnbench.distributed import inference_model, peak_memory_mib
 from unlearnbench.io import read_json, write_json, write_parquet
 from unlearnbench.models import load_trained
 from unlearnbench.runner import Context, clear_outputs, finish_stage, on_main_or_fail, require, should_run
@@ -125,9 +125,10 @@ def utility_table(scores: pd.DataFrame, meta: pd.DataFrame) -> dict:
 
 def score_model(ctx: Context, name: str, subset, tok) -> tuple[pd.DataFrame, dict]:
     """One sharded pass of a trained model over the evaluation examples."""
-    model = load_trained(ctx.run_dir, name, ctx.cfg.model.dtype).to(ctx.acc.device)
-    df, stats = score_pass(ctx.acc, model, subset, ctx.cfg.score.batch_size, tok.pad_token_id or 0,
-                           model.get_input_embeddings().num_embeddings)
+    raw = load_trained(ctx.run_dir, name, ctx.cfg.model.dtype)
+    vocab = raw.config.vocab_size
+    model = inference_model(ctx.acc, raw)
+    df, stats = score_pass(ctx.acc, model, subset, ctx.cfg.score.batch_size, tok.pad_token_id or 0, vocab)
     del model
     return df, {"examples": stats.examples, "seconds": stats.seconds, "padding_fraction": stats.padding_fraction,
                 "examples_per_s": stats.examples / max(stats.seconds, 1e-9)}

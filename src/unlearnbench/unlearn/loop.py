@@ -21,7 +21,7 @@ from unlearnbench import metrics
 from unlearnbench.batching import collate, shard_batch, token_logprobs
 from unlearnbench.config import Config
 from unlearnbench.data.prepare import load_examples, load_tokenizer
-from unlearnbench.distributed import peak_memory_mib, zero_stage
+from unlearnbench.distributed import inference_model, peak_memory_mib, zero_stage
 from unlearnbench.errors import UserError
 from unlearnbench.io import atomic_dir, read_json, write_json, write_parquet
 from unlearnbench.models import load_trained
@@ -192,9 +192,9 @@ def unlearn_request(ctx: Context, request: Request, examples, subset, meta, orac
     pad_id = tok.pad_token_id or 0
     evaluator = RequestEvaluator(ctx, request, subset, meta, oracle_table, pad_id, local)
     row_of = {e: i for i, e in enumerate(examples["example_id"])}
-    all_ids, starts, ends = examples["input_ids"], examples["score_start"], examples["score_end"]
+    all_ids, starts, ends = (list(examples[c]) for c in ("input_ids", "score_start", "score_end"))
     forget_rows = [row_of[e] for e in request.example_ids]
-    retain_rows = [i for i, s in enumerate(examples["split"]) if s == "retain"]
+    retain_rows = [i for i, s in enumerate(list(examples["split"])) if s == "retain"]
     lengths = np.array([len(x) for x in all_ids])
     world, rank = (1, 0) if local else (acc.num_processes, acc.process_index)
     writer = local or acc.is_main_process
@@ -207,7 +207,8 @@ def unlearn_request(ctx: Context, request: Request, examples, subset, meta, orac
         ds = acc.state.deepspeed_plugin.deepspeed_config
         ds.update({"train_micro_batch_size_per_gpu": per_rank, "gradient_accumulation_steps": 1,
                    "train_batch_size": per_rank * world})
-        ds.pop("gradient_clipping", None)
+        # DeepSpeed clips at 1.0 when the key is absent; 0 turns it off, as grad_clip=None does elsewhere
+        ds["gradient_clipping"] = float(u.grad_clip or 0.0)
     if local:
         model = model.to(acc.device)
     else:
@@ -352,18 +353,7 @@ def _grad_norm(acc, model, clip: float | None) -> float:
 
 def _reference_model(ctx: Context):
     """θ₀, frozen, for npo / ga_kl; a DeepSpeed inference engine under ZeRO-3 so its parameters are sharded."""
-    ref = load_trained(ctx.run_dir, "original", ctx.cfg.model.dtype)
-    ref.requires_grad_(False).eval()
-    if zero_stage(ctx.acc) == 3:
-        import deepspeed
-
-        plugin = ctx.acc.state.deepspeed_plugin
-        conf = {"train_micro_batch_size_per_gpu": plugin.deepspeed_config["train_micro_batch_size_per_gpu"],
-                "zero_optimization": {"stage": 3}}
-        engine, *_ = deepspeed.initialize(model=ref, config=conf)
-        engine.eval()
-        return engine
-    return ref.to(ctx.acc.device)
+    return inference_model(ctx.acc, load_trained(ctx.run_dir, "original", ctx.cfg.model.dtype))
 
 
 def summarize_request(cfg: Config, request: Request, curve: pd.DataFrame, traj: pd.DataFrame, oracle_table,
