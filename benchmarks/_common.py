@@ -54,18 +54,10 @@ def machine() -> dict:
 
 
 def versions() -> dict:
-    out = {}
-    for p in PACKAGES:
-        try:
-            out[p] = md.version(p)
-        except md.PackageNotFoundError:
-            out[p] = None
-    try:
-        out["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                    text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        out["git"] = None
-    return out
+    """Package versions and the git revision, as the project records them in a run's config.yaml."""
+    from unlearnbench.runner import git_revision, package_versions
+
+    return {**package_versions(), "git": git_revision()}
 
 
 def summary(xs: list[float]) -> dict:
