@@ -36,3 +36,30 @@ def test_local_pretrained_model_is_fine_tuned_with_its_own_tokenizer(prepared, t
     diffs = [float((before[k] - after[k]).abs().max()) for k in before]
     assert 0 < max(diffs) < 0.5
     shutil.rmtree(base)
+
+
+def test_pickle_weights_are_refused(prepared, tmp_path):
+    import pytest
+
+    from unlearnbench.errors import UserError
+    from unlearnbench.models import load_pretrained
+
+    cfg, _ = prepared
+    model = build_model(cfg, 2048, seed=1)
+    import torch
+
+    (tmp_path / "pickled").mkdir()
+    model.config.save_pretrained(str(tmp_path / "pickled"))
+    torch.save(model.state_dict(), tmp_path / "pickled" / "pytorch_model.bin")  # a pickle checkpoint only
+    with pytest.raises(UserError, match="safetensors"):
+        load_pretrained(str(tmp_path / "pickled"))
+
+
+def test_no_unsafe_loading_in_the_source():
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "src" / "unlearnbench"
+    text = "\n".join(p.read_text() for p in src.rglob("*.py"))
+    assert "torch.load(" not in text and "pickle.load" not in text
+    assert "trust_remote_code=True" not in text
+    assert "register_for_checkpointing" not in text  # accelerate reloads those with weights_only=False

@@ -100,13 +100,16 @@ def train_model(acc, cfg: Config, run_dir: Path, name: str, examples, tokenizer,
                              {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.warmup_steps, t.steps, t.min_lr_ratio))
     model, opt = acc.prepare(model, opt)
-    acc.register_for_checkpointing(sched)  # the scheduler is stepped by hand: accelerate's wrapper steps it N times
+    # The scheduler is stepped by hand (accelerate's wrapper steps it once per process) and is not registered for
+    # checkpointing: accelerate reloads custom objects unpickled (weights_only=False). Its state is the step.
     ckpt_root = Path(run_dir) / "checkpoints" / name
     start = 0
     latest = _latest_checkpoint(ckpt_root)
     if latest is not None:
         acc.load_state(str(latest[0]))
         start = latest[1]
+        for _ in range(start):
+            sched.step()
         acc.print(f"[train] {name}: resuming from step {start} ({latest[0]})")
     stream = training_schedule(lengths, t.batch_size, seed, t.length_grouping)
     for _ in range(start):
