@@ -41,55 +41,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = os.environ.get("GPU_SUITE_TINY", "") == "1"
-IGNORE = -100
 
 # --------------------------------------------------------------------------- the project's pure pieces
-try:
-    sys.path.insert(0, str(ROOT / "src"))
-    from unlearnbench.batching import collate, token_logprobs  # noqa: E402
-    from unlearnbench.unlearn.methods import LossInputs, MethodParams, get_method  # noqa: E402
+# batching and unlearn.methods import with torch alone (no omegaconf/datasets/pandas), so the GPU image runs them.
+sys.path.insert(0, str(ROOT / "src"))
+from unlearnbench.batching import IGNORE, collate, token_logprobs  # noqa: E402
+from unlearnbench.unlearn.methods import LossInputs, MethodParams, get_method  # noqa: E402
 
-    GA = get_method("ga").fn
-    PROJECT_MODULES = True
-except Exception as exc:  # pragma: no cover - only where src/ is missing or broken
-    print(f"[gpu_bench] project modules unavailable ({type(exc).__name__}: {exc}); using local copies")
-    PROJECT_MODULES = False
-
-    def collate(seqs, starts, ends, pad_id=0):
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-        attn = torch.zeros((len(seqs), width), dtype=torch.long)
-        labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
-        for i, (s, a, b) in enumerate(zip(seqs, starts, ends)):
-            ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-            attn[i, : len(s)] = 1
-            labels[i, a:b] = ids[i, a:b]
-        return {"input_ids": ids, "attention_mask": attn, "labels": labels}
-
-    def token_logprobs(logits, labels):
-        logits = logits[:, :-1].float()
-        targets = labels[:, 1:]
-        mask = targets != IGNORE
-        safe = targets.clamp(min=0)
-        logp = -torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), safe.reshape(-1),
-                                                  reduction="none").view_as(safe)
-        return torch.where(mask, logp, torch.zeros_like(logp)), mask.float()
-
-    class LossInputs:  # the subset of the project's dataclass that `ga` reads
-        def __init__(self, forget_logp, forget_mask, forget_tokens=None, forget_seqs=None, token_weight=None):
-            self.forget_logp, self.forget_mask = forget_logp, forget_mask
-            self.forget_tokens, self.token_weight = forget_tokens, token_weight
-
-    class MethodParams:
-        nll_clamp = None
-
-    def GA(inputs, params):
-        scored = inputs.forget_mask != 0
-        nll = -inputs.forget_logp.float()
-        tokens = inputs.forget_tokens or scored.sum().clamp_min(1)
-        loss = -torch.where(scored, nll, 0.0).sum() / tokens
-        return (loss if inputs.token_weight is None else loss * inputs.token_weight), {
-            "forget_nll": float(torch.where(scored, nll.detach(), 0.0).sum() / tokens)}
+GA = get_method("ga").fn
 
 
 # --------------------------------------------------------------------------- setup
@@ -345,7 +304,7 @@ def main() -> None:
                        "cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                         "cuda": torch.version.cuda, "numpy": np.__version__},
-           "project_modules": PROJECT_MODULES, "dtype": str(dtype).replace("torch.", ""), "settings": s}
+           "dtype": str(dtype).replace("torch.", ""), "settings": s}
     print(f"[gpu_bench] {res['machine']['device']} torch {torch.__version__} transformers {transformers.__version__}",
           flush=True)
 

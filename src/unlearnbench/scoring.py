@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from unlearnbench.batching import IGNORE
+from unlearnbench.batching import IGNORE, collate
 from unlearnbench.errors import UserError
 
 REQUIRED = ("example_id", "input_ids", "score_start", "score_end")
@@ -52,17 +52,9 @@ class _Sorted(Dataset):
 
 
 def _collate(items, pad_id: int) -> dict:
-    width = max(len(x[1]) for x in items)
-    n = len(items)
-    ids = torch.full((n, width), pad_id, dtype=torch.long)
-    attn = torch.zeros((n, width), dtype=torch.long)
-    labels = torch.full((n, width), IGNORE, dtype=torch.long)
-    for j, (_, seq, a, b) in enumerate(items):
-        ids[j, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
-        attn[j, : len(seq)] = 1
-        labels[j, a:b] = ids[j, a:b]
-    return {"row": torch.tensor([x[0] for x in items], dtype=torch.long), "input_ids": ids,
-            "attention_mask": attn, "labels": labels}
+    batch = collate([x[1] for x in items], [x[2] for x in items], [x[3] for x in items], pad_id)
+    batch["row"] = torch.tensor([x[0] for x in items], dtype=torch.long)
+    return batch
 
 
 def check_scorable(dataset, vocab_size: int | None = None) -> None:

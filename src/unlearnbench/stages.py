@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from unlearnbench import metrics
 from unlearnbench.data.prepare import load_examples, load_tokenizer, prepare
@@ -89,21 +88,24 @@ def loss_column(cfg) -> str:
     return cfg.metrics.loss
 
 
-def exposures(scores: pd.DataFrame, meta: pd.DataFrame, loss: str) -> pd.DataFrame:
-    """Rank and extrapolated exposure of every forget example against the references of its kind."""
-    df = meta.merge(scores, on="example_id")
+def exposures(scored: pd.DataFrame, loss: str, example_ids) -> pd.DataFrame:
+    """Rank and extrapolated exposure of `example_ids` against the references of their kind (one fit per kind).
+
+    `scored` is the example metadata merged with one model's scores; rows come back in `example_ids` order.
+    """
+    wanted = scored.example_id.isin(example_ids)
     out = []
-    for kind, group in df.groupby("kind"):
-        refs = group[group.split == "reference"][loss].to_numpy()
-        forget = group[group.split == "forget"]
-        if forget.empty or len(refs) == 0:
+    for _, group in scored.groupby("kind"):
+        targets = group[wanted.loc[group.index]]
+        if targets.empty:
             continue
+        refs = group[group.split == "reference"][loss].to_numpy()
         fit = metrics.fit_skewnorm(refs)
         out.append(pd.DataFrame({
-            "example_id": forget.example_id.to_numpy(),
-            "exposure_rank": metrics.rank_exposure(forget[loss].to_numpy(), refs),
-            "exposure_extrapolated": metrics.extrapolated_exposure(forget[loss].to_numpy(), refs, fit=fit)}))
-    return pd.concat(out, ignore_index=True)
+            "example_id": targets.example_id.to_numpy(), "nll": targets.nll.to_numpy(),
+            "exposure_rank": metrics.rank_exposure(targets[loss].to_numpy(), refs),
+            "exposure_extrapolated": metrics.extrapolated_exposure(targets[loss].to_numpy(), refs, fit=fit)}))
+    return pd.concat(out).set_index("example_id").loc[list(example_ids)].reset_index()
 
 
 def utility_table(scores: pd.DataFrame, meta: pd.DataFrame) -> dict:
@@ -183,7 +185,7 @@ def forget_table(cfg, meta: pd.DataFrame, scores: dict, run_dir: Path) -> pd.Dat
         table[f"nll_{name}"] = s.loc[table.example_id, "nll"].to_numpy()
         table[f"loss_{name}"] = s.loc[table.example_id, loss].to_numpy()
         table[f"acc_{name}"] = s.loc[table.example_id, "acc"].to_numpy()
-        exp = exposures(scores[name], meta, loss).set_index("example_id")
+        exp = exposures(meta.merge(scores[name], on="example_id"), loss, table.example_id).set_index("example_id")
         for form in ("rank", "extrapolated"):
             table[f"exposure_{form}_{name}"] = exp.loc[table.example_id, f"exposure_{form}"].to_numpy()
         table[f"exposure_{name}"] = table[f"exposure_{cfg.metrics.exposure}_{name}"]

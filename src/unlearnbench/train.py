@@ -18,7 +18,6 @@ from tqdm.auto import tqdm
 
 from unlearnbench.batching import collate, shard_batch, token_logprobs, training_schedule
 from unlearnbench.config import Config
-from unlearnbench.distributed import zero_stage
 from unlearnbench.errors import UserError
 from unlearnbench.io import atomic_dir, read_json, write_json
 from unlearnbench.models import build_model, model_dir, n_params
@@ -85,7 +84,7 @@ def train_model(acc, cfg: Config, run_dir: Path, name: str, examples, tokenizer,
                         f"(train.batch_size={t.batch_size}). Lower the batch size or add data.")
     micro, accum = batch_geometry(t.batch_size, t.micro_batch_size, acc.num_processes)
     acc.gradient_accumulation_steps = accum
-    if zero_stage(acc) or acc.state.deepspeed_plugin is not None:
+    if acc.state.deepspeed_plugin is not None:
         ds = acc.state.deepspeed_plugin.deepspeed_config
         ds["train_micro_batch_size_per_gpu"] = micro
         ds["gradient_accumulation_steps"] = accum

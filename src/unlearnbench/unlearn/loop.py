@@ -27,7 +27,7 @@ from unlearnbench.io import atomic_dir, read_json, write_json, write_parquet
 from unlearnbench.models import load_trained
 from unlearnbench.runner import Context, clear_outputs, finish_stage, require, should_run
 from unlearnbench.scoring import score_pass
-from unlearnbench.stages import eval_subset, tracker, utility_table
+from unlearnbench.stages import eval_subset, exposures, tracker, utility_table
 from unlearnbench.tracking import Tracker
 from unlearnbench.unlearn.methods import LossInputs, MethodParams, get_method
 
@@ -133,20 +133,7 @@ class RequestEvaluator:
         t0 = time.perf_counter()
         scores, _ = score_pass(self.ctx.acc, model, self.data, cfg.score.batch_size, self.pad_id, local=self.local)
         self.seconds += time.perf_counter() - t0
-        df = self.meta.merge(scores, on="example_id")
-        loss = cfg.metrics.loss
-        parts = []
-        for kind, g in df.groupby("kind"):
-            mine = g[g.example_id.isin(self.request.example_ids)]
-            if mine.empty:
-                continue
-            refs = g[g.split == "reference"][loss].to_numpy()
-            fit = metrics.fit_skewnorm(refs)
-            parts.append(pd.DataFrame({"example_id": mine.example_id.to_numpy(), "nll": mine.nll.to_numpy(),
-                                       "exposure_rank": metrics.rank_exposure(mine[loss].to_numpy(), refs),
-                                       "exposure_extrapolated": metrics.extrapolated_exposure(
-                                           mine[loss].to_numpy(), refs, fit=fit)}))
-        traj = pd.concat(parts).set_index("example_id").loc[self.request.example_ids].reset_index()
+        traj = exposures(self.meta.merge(scores, on="example_id"), cfg.metrics.loss, self.request.example_ids)
         traj["exposure"] = traj[f"exposure_{cfg.metrics.exposure}"]
         e_t = traj.exposure.to_numpy()
         e_r = self.e_r.to_numpy()
@@ -166,9 +153,8 @@ class RequestEvaluator:
         return row, traj
 
 
-def _forward_logp(model, batch):
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return out.logits
+def _logits(model, batch):
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
 def _batch(all_ids, starts, ends, rows, pad_id, device):
@@ -273,25 +259,23 @@ def unlearn_request(ctx: Context, request: Request, examples, subset, meta, orac
                            "retain_seqs": len(r_global)})
         if mine_rows:
             fb = _batch(all_ids, starts, ends, mine_rows, pad_id, acc.device)
-            logits = _forward_logp(model, fb)
+            logits = _logits(model, fb)
             f_logp, f_mask = token_logprobs(logits, fb["labels"])
             inputs.update({"forget_logp": f_logp, "forget_mask": f_mask})
             if spec.needs_reference:
                 with torch.no_grad():
-                    ref_logp, _ = token_logprobs(_forward_logp(reference, fb), fb["labels"])
+                    ref_logp, _ = token_logprobs(_logits(reference, fb), fb["labels"])
                 inputs["forget_ref_logp"] = ref_logp
             if spec.needs_retain and r_mine:
                 rb = _batch(all_ids, starts, ends, r_mine, pad_id, acc.device)
-                r_logits = _forward_logp(model, rb)
+                r_logits = _logits(model, rb)
                 r_logp, r_mask = token_logprobs(r_logits, rb["labels"])
                 inputs.update({"retain_logp": r_logp, "retain_mask": r_mask})
                 if spec.needs_full_retain_dist:
-                    valid = rb["labels"][:, 1:] != -100
                     inputs["retain_logprobs"] = torch.log_softmax(r_logits[:, :-1].float(), -1)
                     with torch.no_grad():
                         inputs["retain_ref_logprobs"] = torch.log_softmax(
-                            _forward_logp(reference, rb)[:, :-1].float(), -1)
-                    del valid
+                            _logits(reference, rb)[:, :-1].float(), -1)
             loss, _ = spec.fn(LossInputs(**inputs), params)
             tokens += int(fb["attention_mask"].sum())
         else:  # this process has no example this step; it still joins the gradient all-reduce
