@@ -103,3 +103,35 @@ def test_bad_inputs(scoring_setup):
     big = subset.select([0]).map(lambda r: {"input_ids": r["input_ids"] + [5000]})
     with pytest.raises(UserError, match="vocabulary"):
         score_pass(acc, model, big, vocab_size=2048)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_output_layer_on_scored_positions_only_matches_full_logits(scoring_setup, arch, monkeypatch):
+    """The fast path (body, then lm_head on the scored positions) gives the full forward's numbers."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import unlearnbench.scoring as scoring
+
+    llama, subset, _ = scoring_setup
+    model = llama if arch == "llama" else GPT2LMHeadModel(GPT2Config(
+        vocab_size=2048, n_embd=64, n_layer=2, n_head=2, n_positions=256, bos_token_id=0, eos_token_id=0)).eval()
+    acc = make_accelerator()
+    assert scoring._split_head(acc, model, local=False) is not None
+    fast, _ = score_pass(acc, model, subset, batch_size=8)
+    monkeypatch.setattr(scoring, "_split_head", lambda *a, **k: None)
+    full, _ = score_pass(acc, model, subset, batch_size=8)
+    np.testing.assert_allclose(fast.nll_sum.to_numpy(), full.nll_sum.to_numpy(), rtol=1e-5)
+    assert (fast.n_tokens.to_numpy() == full.n_tokens.to_numpy()).all()
+    assert np.abs(fast.n_correct.to_numpy() - full.n_correct.to_numpy()).max() <= 1  # argmax ties at 1e-7
+
+
+def test_wrapped_or_scaled_models_take_the_full_forward():
+    import unlearnbench.scoring as scoring
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    acc = make_accelerator()
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2))
+    assert scoring._split_head(acc, torch.nn.Sequential(model), local=False) is None  # a wrapper
+    model.config.final_logit_softcapping = 30.0
+    assert scoring._split_head(acc, model, local=False) is None

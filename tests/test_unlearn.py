@@ -159,3 +159,54 @@ def test_two_process_unlearn_matches_one(smoke_study, tmp_path):
         np.testing.assert_allclose(a.id_holdout_ppl, b.id_holdout_ppl, rtol=1e-3)
         np.testing.assert_allclose(a.uq, b.uq, atol=1e-2)
         np.testing.assert_allclose(a.train_loss.dropna(), b.train_loss.dropna(), rtol=1e-4)
+
+
+def test_in_loop_reference_sample_is_consistent(smoke_study, tmp_path):
+    """A sampled evaluation: θᵣ's exposure recomputed on the same references; the full final check agrees with
+    the score stage; the sample is the same for every evaluator; result.json carries both."""
+    from unlearnbench import metrics
+    from unlearnbench.data.prepare import load_examples
+    from unlearnbench.distributed import make_accelerator
+    from unlearnbench.models import load_trained
+    from unlearnbench.runner import Context
+    from unlearnbench.stages import eval_subset
+    from unlearnbench.unlearn.loop import Request, RequestEvaluator
+
+    _, run = smoke_study
+    cfg = smoke_config(run, "unlearn.eval_references=64", "unlearn.eval_utility=40")
+    subset = eval_subset(load_examples(run / "data"))
+    meta = subset.select_columns(["example_id", "kind", "repetitions", "split"]).to_pandas()
+    table = pd.read_parquet(run / "scores/examples.parquet")
+    osc = pd.read_parquet(run / "scores/oracle.parquet")
+    ids = sorted(table[(table.kind == "canary") & (table.repetitions == 16)].example_id)
+    ctx = Context(cfg=cfg, run_dir=run, acc=make_accelerator())
+
+    def evaluator():
+        return RequestEvaluator(ctx, Request("c16", ids, "canary", 16), subset, meta, table, 0, True, osc)
+
+    ev = evaluator()
+    m = ev.meta
+    assert ev.sampled and (m.split == "reference").sum() == 64 and (m.kind == "canary").sum() == 64 + len(ids)
+    assert m[m.split == "holdout"].groupby("kind").size().to_dict() == {"domain": 40, "id": 40}
+    assert (m.split == "retain").sum() == 40
+    assert list(evaluator().meta.example_id) == list(m.example_id)  # seeded: the same sample every time
+    by_id = osc.set_index("example_id")
+    refs = by_id.loc[m[m.split == "reference"].example_id, "nll"].to_numpy()
+    np.testing.assert_allclose(ev.e_r, metrics.extrapolated_exposure(by_id.loc[ids, "nll"].to_numpy(), refs),
+                               rtol=1e-9)
+    model = load_trained(run, "original", "float32")
+    full = ev.evaluate_full(model)  # θ₀ against every reference: the score stage's numbers, UQ 0
+    assert abs(full["uq_final_all"]) < 1e-6
+    assert full["exposure_final_all_mean"] == pytest.approx(
+        table.set_index("example_id").loc[ids, "exposure_extrapolated_original"].mean(), rel=1e-6)
+    utility = json.loads((run / "scores/utility.json").read_text())["original"]
+    assert full["id_holdout_ppl_final_all"] == pytest.approx(utility["id_holdout_ppl"], rel=1e-6)
+
+    run2 = _copy(smoke_study, tmp_path / "sampled")
+    run_study(smoke_config(run2, "unlearn.eval_references=64", "unlearn.eval_utility=40",
+                           "unlearn.request_kinds=[canary]", "unlearn.max_steps=4"), "unlearn", force=True)
+    res = json.loads((run2 / "unlearn/canary_r16/result.json").read_text())
+    assert res["in_loop_sample"] == {"examples": len(m), "all": len(ev.full_meta)}
+    assert 0.0 <= res["forgotten_fraction_final_all"] <= 1.0 and np.isfinite(res["uq_final_all"])
+    plain = json.loads((smoke_study[1] / "unlearn/canary_r16/result.json").read_text())
+    assert "uq_final_all" not in plain  # every reference was scored in the loop: no separate check

@@ -126,6 +126,8 @@ class UnlearnConfig:
     nll_clamp: Optional[float] = None
     eval_schedule: str = "log"  # log | every
     eval_every: int = 10  # for eval_schedule=every
+    eval_references: int = 1000  # references per kind scored at in-loop evaluations (0 = all; README)
+    eval_utility: int = 0  # examples per utility set scored at in-loop evaluations (0 = all)
     patience: int = 1  # stop after the UQ target held for this many evaluations
     stop_on_target: bool = True
     max_grad_norm: float = 1.0e6  # a larger (or non-finite) gradient norm counts as divergence
@@ -198,7 +200,7 @@ NON_NEGATIVE = (
     "train.warmup_steps", "train.weight_decay", "train.grad_clip", "train.min_lr_ratio",
     "unlearn.warmup_steps", "unlearn.weight_decay", "unlearn.retain_weight", "data.min_chars",
     "score.shadow_models", "metrics.tolerance_bits", "metrics.uq_min_gap_bits",
-    "unlearn.max_per_example_requests",
+    "unlearn.max_per_example_requests", "unlearn.eval_references", "unlearn.eval_utility",
 )
 
 
@@ -343,6 +345,10 @@ def validate(cfg: Config) -> None:
     m = cfg.model
     if m.name_or_path is None and m.hidden_size % m.n_heads:
         raise UserError(f"model.hidden_size={m.hidden_size} is not divisible by model.n_heads={m.n_heads}.")
+    for key in ("eval_references", "eval_utility"):
+        if 0 < getattr(cfg.unlearn, key) < 32:
+            raise UserError(f"unlearn.{key}={getattr(cfg.unlearn, key)} is too small a sample for stable exposure and "
+                            f"utility estimates at each evaluation. Use at least 32, or 0 for every example.")
     if cfg.unlearn.eval_schedule == "every" and cfg.unlearn.eval_every > cfg.unlearn.max_steps:
         raise UserError(f"unlearn.eval_every={cfg.unlearn.eval_every} exceeds unlearn.max_steps="
                         f"{cfg.unlearn.max_steps}: no evaluation would happen after step 0. Lower eval_every.")

@@ -73,6 +73,55 @@ def check_scorable(dataset, vocab_size: int | None = None) -> None:
                             "tokenized for another model. Rerun prepare with this model's tokenizer.")
 
 
+# Causal LMs whose logits are exactly `lm_head(last_hidden_state)`: no logit scaling or soft-capping
+_PLAIN_HEAD = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GPT2LMHeadModel",
+               "GPTNeoXForCausalLM"}
+
+
+def _split_head(acc, model, local: bool):
+    """(body, lm_head) when the output layer can be applied to the scored positions alone, else None.
+
+    The output layer dominates a small model's cost (vocabulary x hidden per position), and most positions of a
+    batch are not scored (padding; a canary's prefix). Only for a plain, unwrapped model on one device or under
+    DDP: a DeepSpeed engine or an FSDP-sharded model must run its own forward, which gathers the parameters.
+    """
+    from accelerate.utils import DistributedType
+
+    if type(model).__name__ not in _PLAIN_HEAD:
+        return None
+    if not local and acc.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU,
+                                                  DistributedType.MULTI_GPU):
+        return None
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or getattr(model.config, "final_logit_softcapping", None):
+        return None
+    return getattr(model, model.base_model_prefix), head
+
+
+def _per_example(model, batch: dict, head) -> torch.Tensor:
+    """(row, nll_sum, n_tokens, n_correct) per example of a batch, reduced on the device."""
+    targets = batch["labels"][:, 1:]
+    mask = targets != IGNORE
+    if head is None:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(),
+                                                targets.clamp(min=0).reshape(-1), reduction="none")
+        nll = torch.where(mask, nll.view_as(targets), torch.zeros((), device=nll.device)).double().sum(1)
+        correct = ((logits.argmax(-1) == targets) & mask).sum(1)
+    else:
+        body, lm_head = head
+        hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        rows = mask.nonzero()[:, 0]
+        logits = lm_head(hidden[:, :-1][mask]).float()
+        wanted = targets[mask]
+        tok_nll = torch.nn.functional.cross_entropy(logits, wanted, reduction="none")
+        n = mask.size(0)
+        nll = torch.zeros(n, dtype=torch.float64, device=logits.device).index_add_(0, rows, tok_nll.double())
+        correct = torch.zeros(n, dtype=torch.long, device=logits.device).index_add_(
+            0, rows, (logits.argmax(-1) == wanted).long())
+    return torch.stack([batch["row"].double(), nll, mask.sum(1).double(), correct.double()], dim=1)
+
+
 @torch.no_grad()  # not inference_mode: ZeRO-3 gathers parameters here that a later training forward reuses
 def score_pass(acc, model, dataset, batch_size: int = 64, pad_id: int = 0,
                vocab_size: int | None = None, local: bool = False) -> tuple[pd.DataFrame, PassStats]:
@@ -84,7 +133,8 @@ def score_pass(acc, model, dataset, batch_size: int = 64, pad_id: int = 0,
     check_scorable(dataset, vocab_size)
     t0 = time.perf_counter()
     # Plain lists once: indexing a lazy `datasets` column row by row costs ~0.2 ms a lookup
-    ids = list(dataset["input_ids"])
+    ids = dataset["input_ids"]
+    ids = ids if isinstance(ids, list) else list(ids)
     data = _Sorted(ids, list(dataset["score_start"]), list(dataset["score_end"]))
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=lambda items: _collate(items, pad_id))
     if not local:
@@ -92,19 +142,11 @@ def score_pass(acc, model, dataset, batch_size: int = 64, pad_id: int = 0,
     was_training = model.training
     model.eval()
     gathered, slots = [], 0
+    head = _split_head(acc, model, local)
     for batch in loader:
         if local:
             batch = {k: v.to(acc.device) for k, v in batch.items()}
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        logits = out.logits[:, :-1]
-        targets = batch["labels"][:, 1:]
-        mask = targets != IGNORE
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(),
-                                                targets.clamp(min=0).reshape(-1), reduction="none")
-        nll = torch.where(mask, nll.view_as(targets), torch.zeros((), device=nll.device))
-        correct = (logits.argmax(-1) == targets) & mask
-        per_example = torch.stack([batch["row"].double(), nll.sum(1).double(), mask.sum(1).double(),
-                                   correct.sum(1).double()], dim=1)
+        per_example = _per_example(model, batch, head)
         gathered.append((per_example if local else acc.gather_for_metrics(per_example)).cpu())
         slots += batch["input_ids"].numel()
     if was_training:

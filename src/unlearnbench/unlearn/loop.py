@@ -108,21 +108,48 @@ def _lr_factor(cfg: Config):
 
 
 class RequestEvaluator:
-    """Scores a model on a request's examples, their references and the utility sets; turns that into metrics."""
+    """Scores a model on a request's examples, their references and the utility sets; turns that into metrics.
+
+    In-loop evaluations score a fixed, seeded sample of at most `unlearn.eval_references` references per kind and
+    `unlearn.eval_utility` examples per utility set (0: all), the same sample at every step, step 0 included; the
+    oracle's exposure is recomputed against the same references from θᵣ's stored scores, so UQ compares like with
+    like. `evaluate_full` scores every reference and utility example once, for the final state.
+    """
 
     def __init__(self, ctx: Context, request: Request, subset, meta: pd.DataFrame, oracle: pd.DataFrame, pad_id: int,
-                 local: bool = False):
+                 local: bool = False, oracle_scores: pd.DataFrame | None = None):
         cfg = ctx.cfg
         self.local = local
         self.ctx, self.request, self.cfg = ctx, request, cfg
         kinds = set(meta.set_index("example_id").loc[request.example_ids, "kind"])
-        keep = meta.example_id.isin(request.example_ids) | ((meta.split == "reference") & meta.kind.isin(kinds)) | \
-            meta.split.isin(["holdout", "retain"])
-        idx = np.nonzero(keep.to_numpy())[0]
-        self.data = subset.select(idx)
+        target = meta.example_id.isin(request.example_ids).to_numpy()
+        refs = ((meta.split == "reference") & meta.kind.isin(kinds)).to_numpy()
+        util = meta.split.isin(["holdout", "retain"]).to_numpy()
+        full = np.nonzero(target | refs | util)[0]
+        rng = np.random.default_rng([cfg.run.seed, 7919])
+        sample = [np.nonzero(target)[0]]
+        for mask, cap in ((refs, cfg.unlearn.eval_references), (util, cfg.unlearn.eval_utility)):
+            for _, group in meta[mask].groupby(["split", "kind"], sort=True):
+                rows = group.index.to_numpy()
+                sample.append(np.sort(rng.choice(rows, size=cap, replace=False)) if 0 < cap < len(rows) else rows)
+        idx = np.sort(np.concatenate(sample))
+        self.sampled = len(idx) < len(full)
+        # plain lists once: a lazy `datasets` column costs ~0.2 ms per row lookup, at every evaluation
+        cols = ("example_id", "input_ids", "score_start", "score_end")
+        self.data = subset.select(idx).select_columns(list(cols)).to_dict()
         self.meta = meta.iloc[idx].reset_index(drop=True)
+        self.full_data = subset.select(full).select_columns(list(cols)).to_dict() if self.sampled else self.data
+        self.full_meta = meta.iloc[full].reset_index(drop=True)
         self.pad_id = pad_id
-        self.e_r = oracle.set_index("example_id").loc[request.example_ids, f"exposure_{cfg.metrics.exposure}_oracle"]
+        col = f"exposure_{cfg.metrics.exposure}"
+        table = oracle.set_index("example_id").loc[request.example_ids]
+        self.e_r_full = table[f"{col}_oracle"].to_numpy()
+        self.e_0_full = table[f"{col}_original"].to_numpy() if f"{col}_original" in table else None
+        if self.sampled and oracle_scores is not None:
+            scored = self.meta.merge(oracle_scores[["example_id", "nll", "nll_sum"]], on="example_id")
+            self.e_r = exposures(scored, cfg.metrics.loss, request.example_ids)[col].to_numpy()
+        else:
+            self.e_r = self.e_r_full
         self.e_0: np.ndarray | None = None
         self.ppl_0: float | None = None
         self.seconds = 0.0
@@ -136,7 +163,7 @@ class RequestEvaluator:
         traj = exposures(self.meta.merge(scores, on="example_id"), cfg.metrics.loss, self.request.example_ids)
         traj["exposure"] = traj[f"exposure_{cfg.metrics.exposure}"]
         e_t = traj.exposure.to_numpy()
-        e_r = self.e_r.to_numpy()
+        e_r = self.e_r
         if self.e_0 is None:
             self.e_0 = e_t.copy()
         traj["forgotten"] = metrics.forgotten(e_t, e_r, cfg.metrics.tolerance_bits)
@@ -152,6 +179,24 @@ class RequestEvaluator:
                "utility_drop": float(metrics.utility_drop(util["id_holdout_ppl"], self.ppl_0))}
         return row, traj
 
+    def evaluate_full(self, model) -> dict:
+        """The final state against every reference and utility example, relative to the score stage's θ₀ and θᵣ
+        exposures (which used every reference too): a check on the in-loop sample."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        scores, _ = score_pass(self.ctx.acc, model, self.full_data, cfg.score.batch_size, self.pad_id,
+                               local=self.local)
+        self.seconds += time.perf_counter() - t0
+        traj = exposures(self.full_meta.merge(scores, on="example_id"), cfg.metrics.loss, self.request.example_ids)
+        e_t = traj[f"exposure_{cfg.metrics.exposure}"].to_numpy()
+        e_0 = self.e_0_full if self.e_0_full is not None else self.e_0
+        uq = metrics.unlearning_quality(e_t, e_0, self.e_r_full, cfg.metrics.uq_min_gap_bits).uq
+        util = utility_table(scores, self.full_meta)
+        return {"uq_final_all": float(uq), "exposure_final_all_mean": float(e_t.mean()),
+                "forgotten_fraction_final_all": float(metrics.forgotten(e_t, self.e_r_full,
+                                                                        cfg.metrics.tolerance_bits).mean()),
+                "id_holdout_ppl_final_all": float(util["id_holdout_ppl"])}
+
 
 def _logits(model, batch):
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -163,7 +208,7 @@ def _batch(all_ids, starts, ends, rows, pad_id, device):
 
 
 def unlearn_request(ctx: Context, request: Request, examples, subset, meta, oracle_table, tok, trk,
-                    local: bool = False) -> dict:
+                    local: bool = False, oracle_scores: pd.DataFrame | None = None) -> dict:
     """Run the configured method on one request from θ₀; write its trajectory, curve and result.
 
     `local=True` (request-parallel mode): this process runs the whole request on its own model copy with no
@@ -176,7 +221,7 @@ def unlearn_request(ctx: Context, request: Request, examples, subset, meta, orac
                           retain_weight=u.retain_weight, nll_clamp=u.nll_clamp)
     out_dir = ctx.run_dir / "unlearn" / request.name
     pad_id = tok.pad_token_id or 0
-    evaluator = RequestEvaluator(ctx, request, subset, meta, oracle_table, pad_id, local)
+    evaluator = RequestEvaluator(ctx, request, subset, meta, oracle_table, pad_id, local, oracle_scores)
     row_of = {e: i for i, e in enumerate(examples["example_id"])}
     all_ids, starts, ends = (list(examples[c]) for c in ("input_ids", "score_start", "score_end"))
     forget_rows = [row_of[e] for e in request.example_ids]
@@ -300,10 +345,12 @@ def unlearn_request(ctx: Context, request: Request, examples, subset, meta, orac
         loss_window.append(total_loss)
         train_time += time.perf_counter() - t0
         step += 1
+    final_all = evaluator.evaluate_full(eval_model) if evaluator.sampled else {}
     wall = time.perf_counter() - t_start
     curve_df = pd.DataFrame(curve)
     traj_df = pd.concat(trajs, ignore_index=True)
     result = summarize_request(cfg, request, curve_df, traj_df, oracle_table, status, reason, step, wall, evaluator)
+    result.update(final_all, in_loop_sample={"examples": len(evaluator.meta), "all": len(evaluator.full_meta)})
     per_example = result.pop("_per_example")
     if writer:
         write_parquet(out_dir / "trajectory.parquet", traj_df)
@@ -354,7 +401,7 @@ def summarize_request(cfg: Config, request: Request, curve: pd.DataFrame, traj: 
                                 "censored": censored, "memorization": info.memorization.to_numpy(),
                                 "exposure_memorization": info.exposure_memorization.to_numpy(),
                                 "difficulty": info.difficulty.to_numpy(),
-                                "exposure_original": evaluator.e_0, "exposure_oracle": evaluator.e_r.to_numpy(),
+                                "exposure_original": evaluator.e_0, "exposure_oracle": evaluator.e_r,
                                 "exposure_final": traj[traj.step == steps[-1]].exposure.to_numpy()})
     for col in ("cf_memorization", "cf_difficulty"):
         if col in info:
@@ -378,7 +425,7 @@ def summarize_request(cfg: Config, request: Request, curve: pd.DataFrame, traj: 
         "uq_final": float(uq[-1]), "uq_max": float(np.nanmax(uq)),
         "uq_example_final": float(curve.uq_example.iloc[-1]), "forget_quality_final": float(curve.forget_quality.iloc[-1]),
         "utility_drop_final": float(curve.utility_drop.iloc[-1]),
-        "exposure_original_mean": float(np.mean(evaluator.e_0)), "exposure_oracle_mean": float(evaluator.e_r.mean()),
+        "exposure_original_mean": float(np.mean(evaluator.e_0)), "exposure_oracle_mean": float(np.mean(evaluator.e_r)),
         "exposure_gap_bits": float(first.gap), "nothing_to_forget": nothing,
         "forgotten_fraction_final": float(curve.forgotten_fraction.iloc[-1]),
         "steps_to_forget_mean": float(per_steps.mean()), "censored_fraction": float(censored.mean()),
@@ -403,6 +450,7 @@ def run_unlearn(ctx: Context) -> None:
     subset = eval_subset(examples)
     meta = subset.select_columns(["example_id", "kind", "repetitions", "split"]).to_pandas()
     oracle_table = pd.read_parquet(ctx.run_dir / "scores" / "examples.parquet")
+    oracle_scores = pd.read_parquet(ctx.run_dir / "scores" / "oracle.parquet")
     requests = build_requests(cfg, oracle_table)
     if not requests or any(not r.example_ids for r in requests):
         raise UserError("The forget request is empty: no forget example matches unlearn.requests / request_kinds. "
@@ -425,7 +473,8 @@ def run_unlearn(ctx: Context) -> None:
         if done.exists():
             acc.print(f"[unlearn] {req.name}: already done, skipping")
             continue
-        res = unlearn_request(ctx, req, examples, subset, meta, oracle_table, tok, trk, local=mode == "requests")
+        res = unlearn_request(ctx, req, examples, subset, meta, oracle_table, tok, trk, local=mode == "requests",
+                              oracle_scores=oracle_scores)
         msg = (f"[unlearn] {req.name}: {res['status']} after {res['steps_run']} steps; steps to unlearn "
                f"{res['steps_to_unlearn']}, utility drop there {_fmt(res['utility_drop_at_unlearned'])}, "
                f"final UQ {res['uq_final']:.2f} (gap {res['exposure_gap_bits']:.1f} bits)")
