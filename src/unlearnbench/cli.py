@@ -61,6 +61,9 @@ def _main(args: argparse.Namespace) -> None:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return
     if args.stage == "report" and args.compare:
+        from unlearnbench.runner import contain_writes
+
+        contain_writes(Path(cfg.run.dir))
         from unlearnbench.report import compare_runs
 
         compare_runs([Path(d) for d in args.compare], Path(cfg.run.dir) / "compare")

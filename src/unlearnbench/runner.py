@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata as md
+import os
 import shutil
 import subprocess
 import time
@@ -39,6 +40,29 @@ class Context:
     def is_main(self) -> bool:
         """Only the main process writes files."""
         return self.acc.is_main_process
+
+
+# Libraries that write caches and logs under $HOME unless told otherwise; a run keeps them in <run.dir>/.cache.
+# Only set when the user has not: an exported variable (e.g. a shared TORCH_EXTENSIONS_DIR) wins.
+_CACHE_ENV = {
+    "WANDB_DIR": "", "WANDB_CACHE_DIR": ".cache/wandb", "WANDB_DATA_DIR": ".cache/wandb-data",
+    "WANDB_CONFIG_DIR": ".cache/wandb-config", "MPLCONFIGDIR": ".cache/matplotlib",
+    "TORCH_EXTENSIONS_DIR": ".cache/torch_extensions", "TRITON_CACHE_DIR": ".cache/triton",
+    "TORCHINDUCTOR_CACHE_DIR": ".cache/torchinductor",
+}
+
+
+_OURS: dict[str, str] = {}
+
+
+def contain_writes(run_dir: Path) -> dict:
+    """Point library caches (W&B, matplotlib, DeepSpeed's compiled ops, Triton) into the run directory, so a run
+    writes nothing outside it. Model and dataset downloads keep the user's HF cache: they are inputs."""
+    run_dir = Path(run_dir).resolve()
+    for var, sub in _CACHE_ENV.items():
+        if var not in os.environ or _OURS.get(var) == os.environ[var]:  # unset, or set by an earlier run here
+            os.environ[var] = _OURS[var] = str(run_dir / sub) if sub else str(run_dir)
+    return {v: os.environ[v] for v in _CACHE_ENV}
 
 
 def resolve_run(cfg: Config) -> Config:

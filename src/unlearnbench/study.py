@@ -9,7 +9,7 @@ from pathlib import Path
 from unlearnbench.config import Config
 from unlearnbench.distributed import describe, make_accelerator
 from unlearnbench.io import write_json
-from unlearnbench.runner import Context, save_resolved_config
+from unlearnbench.runner import Context, contain_writes, save_resolved_config
 
 
 def _stage_fns():
@@ -32,6 +32,7 @@ def seed_configs(cfg: Config) -> list[Config]:
 
 def run_study(cfg: Config, stage: str, force: bool = False, acc=None) -> list[Path]:
     """Run `stage` (or every stage for `run`) for each seed of the config; returns the run directories."""
+    contain_writes(Path(cfg.run.dir))
     acc = acc or make_accelerator(cfg.run.num_processes)
     setup = describe(acc)
     acc.print(f"[setup] processes={setup['num_processes']} type={setup['distributed_type']} "

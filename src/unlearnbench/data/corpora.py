@@ -59,8 +59,13 @@ def _check_jsonl(path: Path, field: str) -> None:
         raise UserError(f"{path} is empty: it holds no JSON lines. Point data.corpus at a file with text.")
 
 
-def load_texts(source: str, text_field: str = "text", split: str = "train", config: str | None = None) -> list[str]:
-    """Texts of a corpus: a built-in name, a local file, or a `datasets` hub name."""
+def load_texts(source: str, text_field: str = "text", split: str = "train", config: str | None = None,
+               cache_dir: str | None = None) -> list[str]:
+    """Texts of a corpus: a built-in name, a local file, or a `datasets` hub name.
+
+    `cache_dir` receives what `datasets` writes while reading a local file (the run's own cache); hub corpora go
+    to the user's HF cache, which is where downloaded inputs belong.
+    """
     if source == "kjv":
         return kjv_passages()
     if source == "pydoc":
@@ -78,7 +83,8 @@ def load_texts(source: str, text_field: str = "text", split: str = "train", conf
             raise UserError(f"Corpus file '{source}' is empty. Point data.corpus at a file with text.")
         if suffix == ".jsonl":
             _check_jsonl(path, text_field)
-        return _load_with_datasets(LOCAL_FORMATS[suffix], {"data_files": str(path)}, text_field, "train", source)
+        kwargs = {"data_files": str(path), **({"cache_dir": cache_dir} if cache_dir else {})}
+        return _load_with_datasets(LOCAL_FORMATS[suffix], kwargs, text_field, "train", source)
     if "/" not in source and not source.replace("-", "").replace("_", "").isalnum():
         raise UserError(f"Unknown corpus '{source}'. Use kjv, pydoc, a local file, or a `datasets` hub name.")
     return _load_with_datasets(source, {"name": config} if config else {}, text_field, split, source)

@@ -37,13 +37,15 @@ def build_texts(cfg: Config) -> list[dict]:
         rows.append({"example_id": eid, "kind": kind, "repetitions": reps, "split": split, "text": text,
                      "secret": secret, "in_original": trained[0], "in_oracle": trained[1]})
 
-    id_texts = clean_unique(load_texts(d.corpus, d.text_field, d.corpus_split, d.corpus_config), d.min_chars)
+    cache = str(Path(cfg.run.dir) / ".cache" / "datasets") if cfg.run.dir else None
+    id_texts = clean_unique(load_texts(d.corpus, d.text_field, d.corpus_split, d.corpus_config, cache), d.min_chars)
     if not id_texts:
         raise UserError(f"Corpus '{d.corpus}' has no passage of at least data.min_chars={d.min_chars} characters.")
     domain_texts: list[str] = []
     if "domain" in d.kinds:
         id_set = set(id_texts)
-        domain_texts = [t for t in clean_unique(load_texts(d.domain_corpus, d.text_field), d.min_chars)
+        domain_texts = [t for t in clean_unique(load_texts(d.domain_corpus, d.text_field, cache_dir=cache),
+                                                   d.min_chars)
                         if t not in id_set]
     id_pool = [id_texts[i] for i in rng.permutation(len(id_texts))]
     msg = f"of {len(id_texts)} usable passages in '{d.corpus}'"
