@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from conftest import launch, smoke_config
 from unlearnbench.errors import UserError
@@ -210,3 +211,59 @@ def test_in_loop_reference_sample_is_consistent(smoke_study, tmp_path):
     assert 0.0 <= res["forgotten_fraction_final_all"] <= 1.0 and np.isfinite(res["uq_final_all"])
     plain = json.loads((smoke_study[1] / "unlearn/canary_r16/result.json").read_text())
     assert "uq_final_all" not in plain  # every reference was scored in the loop: no separate check
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_exploding_gradient_stops_the_request_and_keeps_the_last_good_state(smoke_study, tmp_path):
+    """A gradient norm over unlearn.max_grad_norm at the first step: diverged, the reason names the limit, and the
+    saved model is θ₀ untouched (the offending update is never applied)."""
+    run = _copy(smoke_study, tmp_path / "explode")
+    run_study(smoke_config(run, "unlearn.max_grad_norm=1e-6", "unlearn.request_kinds=[canary]",
+                           "unlearn.save_model=true"), "unlearn", force=True)
+    for r in (1, 4, 16):
+        res = json.loads((run / f"unlearn/canary_r{r}/result.json").read_text())
+        assert res["status"] == "diverged" and res["steps_run"] == 0
+        assert "gradient norm" in res["stop_reason"] and "max_grad_norm=1e-06" in res["stop_reason"]
+        assert list(pd.read_parquet(run / f"unlearn/canary_r{r}/curve.parquet").step) == [0]
+    saved, original = _weights(run / "unlearn/canary_r16/model"), _weights(run / "models/original")
+    assert saved.keys() == original.keys()
+    assert all((saved[k] == original[k]).all() for k in saved)
+    assert (run / "summary.json").exists()  # the study went on to its summary
+
+
+def test_non_finite_loss_keeps_the_state_before_that_step(smoke_study, tmp_path, monkeypatch):
+    """A NaN loss at step 3: the request stops there, and its saved model is bit-identical to a run that simply
+    stopped after 3 steps."""
+    import dataclasses
+
+    import unlearnbench.unlearn.loop as loop
+
+    base = ["unlearn.request_kinds=[canary]", "unlearn.save_model=true", "unlearn.stop_on_target=false"]
+    clean = _copy(smoke_study, tmp_path / "clean")
+    run_study(smoke_config(clean, *base, "unlearn.max_steps=3"), "unlearn", force=True)
+
+    real = loop.get_method
+
+    def poisoned(name):
+        spec, calls = real(name), {"n": 0}
+
+        def fn(inputs, params):
+            loss, stats = spec.fn(inputs, params)
+            calls["n"] += 1
+            return (loss * float("nan") if calls["n"] == 4 else loss), stats  # the 4th call is step 3
+        return dataclasses.replace(spec, fn=fn)
+
+    monkeypatch.setattr(loop, "get_method", poisoned)
+    nan = _copy(smoke_study, tmp_path / "nan")
+    run_study(smoke_config(nan, *base, "unlearn.max_steps=10"), "unlearn", force=True)
+    for r in (1, 4, 16):
+        res = json.loads((nan / f"unlearn/canary_r{r}/result.json").read_text())
+        assert res["status"] == "diverged" and res["steps_run"] == 3 and "non-finite loss" in res["stop_reason"]
+        a, b = _weights(nan / f"unlearn/canary_r{r}/model"), _weights(clean / f"unlearn/canary_r{r}/model")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert not all(torch.equal(a[k], w) for k, w in _weights(nan / "models/original").items())  # it did move
