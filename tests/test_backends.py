@@ -219,6 +219,23 @@ def test_cpu_flag_with_two_processes_fails(tmp_path):
     assert not run.exists()
 
 
+@pytest.mark.parametrize("env, words", [
+    ({"ACCELERATE_USE_CPU": "1", "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"},
+     ["asks for DeepSpeed", "drops DeepSpeed", "env -u ACCELERATE_USE_CPU"]),
+    ({"ACCELERATE_USE_CPU": "1", "ACCELERATE_USE_FSDP": "true"}, ["asks for FSDP", "drops FSDP", "cpu_deepspeed_zero3"]),
+    ({"ACCELERATE_USE_FSDP": "true"}, ["asks for FSDP", "no CUDA device", "cpu_deepspeed_zero3"]),
+], ids=["use_cpu_drops_deepspeed", "use_cpu_drops_fsdp", "fsdp_without_cuda"])
+def test_backend_silently_dropped_is_refused(tmp_path, env, words):
+    """What a DeepSpeed / FSDP config hands each process when the launch cannot honour it."""
+    _no_cuda()
+    run = tmp_path / "run"
+    res = subprocess.run([PY, "-m", "unlearnbench", "prepare", "--preset", "smoke", f"run.dir={run}"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT, env=_plain_env(**env))
+    assert res.returncode == 2, res.stderr
+    assert all(w in res.stderr for w in words), res.stderr
+    assert "Traceback" not in res.stderr and not run.exists()
+
+
 @pytest.mark.slow
 def test_multi_gpu_launch_without_cuda_or_use_cpu_fails(tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` on a CPU machine would start 2 independent runs."""

@@ -23,8 +23,23 @@ def make_accelerator(expected_processes: int | None = None, **kwargs: Any) -> Ac
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
     check_launch_env()
     acc = Accelerator(kwargs_handlers=handlers, **kwargs)
+    check_backend_kept(acc)
     check_world_size(acc, expected_processes)
     return acc
+
+
+def check_backend_kept(acc: Accelerator) -> None:
+    """Fail when the launch asked for DeepSpeed or FSDP and Accelerate quietly set up something else."""
+    from accelerate.utils import DistributedType
+
+    for env, want, name in (("ACCELERATE_USE_DEEPSPEED", DistributedType.DEEPSPEED, "DeepSpeed"),
+                            ("ACCELERATE_USE_FSDP", DistributedType.FSDP, "FSDP")):
+        if not _env_true(env) or acc.distributed_type == want:
+            continue
+        why = (f"Accelerate did not enable {name} on this machine. Check the accelerate config and that "
+               f"{'deepspeed is installed' if name == 'DeepSpeed' else 'CUDA devices are visible'}.")
+        raise UserError(f"The accelerate config asks for {name}, but this launch runs as "
+                        f"{acc.distributed_type.value}: {why}")
 
 
 def _env_true(name: str) -> bool:
@@ -32,10 +47,28 @@ def _env_true(name: str) -> bool:
 
 
 def check_launch_env() -> None:
-    """Fail loudly on `--multi_gpu` without CUDA and without ACCELERATE_USE_CPU (N independent runs)."""
+    """Fail loudly on launches Accelerate would quietly change: `--multi_gpu` without CUDA and without
+    ACCELERATE_USE_CPU (N independent runs), ACCELERATE_USE_CPU with a DeepSpeed or FSDP config (dropped), FSDP
+    without CUDA (not sharded)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     use_cpu = _env_true("ACCELERATE_USE_CPU")
     is_deepspeed = _env_true("ACCELERATE_USE_DEEPSPEED")
+    for env, name in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP")):
+        if use_cpu and _env_true(env):
+            raise UserError(
+                f"The accelerate config asks for {name}, but ACCELERATE_USE_CPU=1 is set, and with it Accelerate "
+                f"drops {name} without a word. "
+                + ("Unset it for a DeepSpeed config (`env -u ACCELERATE_USE_CPU accelerate launch ...`): DeepSpeed "
+                   "runs on CPU through accelerate_configs/cpu_deepspeed_zero2.yaml / cpu_deepspeed_zero3.yaml."
+                   if name == "DeepSpeed" else
+                   "FSDP needs GPUs; for sharding on CPU launch accelerate_configs/cpu_deepspeed_zero3.yaml "
+                   "without ACCELERATE_USE_CPU."))
+    if _env_true("ACCELERATE_USE_FSDP") and not torch.cuda.is_available():
+        raise UserError(
+            "The accelerate config asks for FSDP, but there is no CUDA device: FSDP in Accelerate needs GPUs (on "
+            "CPU it would not shard). For sharding on CPU launch with accelerate_configs/cpu_deepspeed_zero3.yaml; "
+            "for plain data parallelism `ACCELERATE_USE_CPU=1 accelerate launch --config_file "
+            "accelerate_configs/cpu_ddp.yaml ...`.")
     if world > 1 and not torch.cuda.is_available() and not use_cpu and not is_deepspeed:
         raise UserError(
             f"This launch started {world} processes for multi-GPU training, but there is no CUDA device, so each "
