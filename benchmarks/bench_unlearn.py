@@ -6,9 +6,8 @@
    repetitions alternated A B A B ...:
      project  the step of `unlearnbench.unlearn.loop.unlearn_request`, built from the project's own pieces:
               `_optimizer`, `_lr_factor`, `Accelerator.prepare`, `shard_batch`, `_batch` (batching.collate),
-              `token_logprobs`, the `ga` method, `acc.backward`, `acc.reduce`, `_grad_norm`, LambdaLR
-     project_dict  the same step given the columns as plain lists (a dict) instead of the `datasets.Dataset` the
-              loop indexes row by row: isolates what those lookups cost per step
+              `scored_logprobs` (output layer on the scored positions), the `ga` method, `acc.backward`,
+              `acc.reduce`, `_grad_norm`, LambdaLR; the columns as plain lists, as the loop holds them
      trainer  `transformers.Trainer` whose `compute_loss` returns `-model(**inputs).loss` (how TOFU and
               open-unlearning run gradient ascent), the same collate, optim adamw_torch, constant lr
    Target: project >= 1.0x trainer.
@@ -45,14 +44,15 @@ import _common as C  # noqa: E402
 
 def project_loop(acc, cfg, init_state, ds, forget_rows, steps, warmup) -> dict:
     """The optimisation step of unlearn_request (no evaluation), timed from step `warmup` on."""
-    from unlearnbench.batching import shard_batch, token_logprobs
-    from unlearnbench.unlearn.loop import _batch, _forward_logp, _grad_norm, _lr_factor, _optimizer
+    from unlearnbench.batching import shard_batch
+    from unlearnbench.scoring import scored_logprobs, split_head
+    from unlearnbench.unlearn.loop import _batch, _grad_norm, _lr_factor, _optimizer
     from unlearnbench.unlearn.methods import LossInputs, MethodParams, get_method
 
     u = cfg.unlearn
     spec = get_method("ga")
     params = MethodParams(beta=u.beta, gamma=u.gamma, retain_weight=u.retain_weight, nll_clamp=u.nll_clamp)
-    all_ids, starts, ends = ds["input_ids"], ds["score_start"], ds["score_end"]
+    all_ids, starts, ends = (list(ds[c]) for c in ("input_ids", "score_start", "score_end"))  # as unlearn_request
     lengths = np.array([len(x) for x in all_ids])
     world = acc.num_processes
     model = C.default_model(cfg.data.vocab_size)
@@ -61,6 +61,7 @@ def project_loop(acc, cfg, init_state, ds, forget_rows, steps, warmup) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg))
     acc.gradient_accumulation_steps = 1
     model, opt = acc.prepare(model, opt)
+    head = split_head(acc, model, False)  # as unlearn_request: output layer on the scored positions when unwrapped
     rng = np.random.default_rng([cfg.run.seed, 104729])
     perm = rng.permutation(len(forget_rows))
     tokens, step_s, t_begin = 0, [], None
@@ -78,7 +79,7 @@ def project_loop(acc, cfg, init_state, ds, forget_rows, steps, warmup) -> dict:
                   "forget_seqs": len(global_rows), "token_weight": float(world)}
         model.train()
         fb = _batch(all_ids, starts, ends, mine_rows, 0, acc.device)
-        f_logp, f_mask = token_logprobs(_forward_logp(model, fb), fb["labels"])
+        f_logp, f_mask = scored_logprobs(model, fb, head)
         inputs.update({"forget_logp": f_logp, "forget_mask": f_mask})
         loss, _ = spec.fn(LossInputs(**inputs), params)
         acc.backward(loss)
@@ -189,7 +190,8 @@ def measured_eval(acc, cfg, model, reps: int, quick: bool = False) -> dict:
         for _, g in m[~m.example_id.isin(req_ids)].groupby(["split", "kind"]):
             keep += list(g.index[:40])
         keep = sorted(keep)
-        ev.data, ev.meta = ev.data.select(keep), m.iloc[keep].reset_index(drop=True)
+        ev.data = {c: [v[i] for i in keep] for c, v in ev.data.items()}
+        ev.meta = m.iloc[keep].reset_index(drop=True)
     times, score_times = [], []
     for step in range(reps):
         before = ev.seconds
@@ -197,7 +199,7 @@ def measured_eval(acc, cfg, model, reps: int, quick: bool = False) -> dict:
         ev.evaluate(model, step)
         times.append(time.perf_counter() - t0)
         score_times.append(ev.seconds - before)
-    return {"request": request.name, "examples_scored": len(ev.data),
+    return {"request": request.name, "examples_scored": len(ev.meta),
             "eval_seconds": C.summary(times), "score_pass_seconds": C.summary(score_times)}
 
 
@@ -226,12 +228,11 @@ def main() -> None:
     init_state = {k: v.clone() for k, v in C.default_model(cfg.data.vocab_size).state_dict().items()}
 
     cols = ds.select_columns(["input_ids", "score_start", "score_end"]).to_dict()
-    runs = {"project": [], "project_dict": [], "trainer": []}
-    kinds = ["project", "project_dict"] + ([] if args.no_trainer else ["trainer"])
+    runs = {"project": [], "trainer": []}
+    kinds = ["project"] + ([] if args.no_trainer else ["trainer"])
     for rep in range(reps):
-        for kind in kinds:  # alternated: A B C A B C ...
+        for kind in kinds:  # alternated: A B A B ...
             r = (project_loop(acc, cfg, init_state, ds, forget_rows, steps, warmup) if kind == "project"
-                 else project_loop(acc, cfg, init_state, cols, forget_rows, steps, warmup) if kind == "project_dict"
                  else trainer_loop(cfg, init_state, cols, forget_rows, steps, warmup))
             runs[kind].append(r)
             print(f"[bench_unlearn] rep {rep} {kind}: {r['steps'] / r['seconds']:.2f} steps/s "
@@ -245,10 +246,6 @@ def main() -> None:
     if "trainer" in ga:
         ratios["project_vs_trainer_steps_per_s"] = ga["project"]["steps_per_s"]["median"] / ga["trainer"]["steps_per_s"]["median"]
         ratios["project_vs_trainer_tokens_per_s"] = ga["project"]["tokens_per_s"]["median"] / ga["trainer"]["tokens_per_s"]["median"]
-        ratios["project_dict_vs_trainer_steps_per_s"] = (ga["project_dict"]["steps_per_s"]["median"]
-                                                         / ga["trainer"]["steps_per_s"]["median"])
-    ratios["project_dict_vs_project_steps_per_s"] = (ga["project_dict"]["steps_per_s"]["median"]
-                                                     / ga["project"]["steps_per_s"]["median"])
 
     # in-loop evaluation share
     model = C.default_model(cfg.data.vocab_size)
@@ -267,8 +264,31 @@ def main() -> None:
                  "share_full_100_steps": share(max_steps), "share_stop_at_8": share(8),
                  "share_stop_at_30": share(30),
                  "max_evals_for_20pct_over_100_steps": max_steps * t_step / (4 * t_eval)}
+    # the same projection for the cheaper settings a user can choose (README: In-loop evaluation)
+    import dataclasses
+
+    sampled_cfg = dataclasses.replace(cfg, unlearn=dataclasses.replace(cfg.unlearn, eval_references=256,
+                                                                       eval_utility=128))
+    ev_sampled = measured_eval(acc, sampled_cfg, model, 1 if args.quick else 2, args.quick)
+    every10 = dataclasses.replace(cfg, unlearn=dataclasses.replace(cfg.unlearn, eval_schedule="every", eval_every=10))
+
+    def share_with(t_ev: float, schedule: list[int], stop: int) -> float:
+        n = sum(1 for s in schedule if s <= stop)
+        return n * t_ev / (n * t_ev + stop * t_step)
+
+    alternatives = {
+        "eval_references=256 eval_utility=128, log schedule": {
+            "t_eval_s": ev_sampled["eval_seconds"]["median"], "examples_scored": ev_sampled["examples_scored"],
+            "share_full_100_steps": share_with(ev_sampled["eval_seconds"]["median"], sched, max_steps)},
+        "all references, eval_schedule=every eval_every=10": {
+            "t_eval_s": t_eval, "share_full_100_steps": share_with(t_eval, eval_steps(every10), max_steps)},
+        "eval_references=256 eval_utility=128, every 10": {
+            "share_full_100_steps": share_with(ev_sampled["eval_seconds"]["median"], eval_steps(every10),
+                                               max_steps)},
+    }
     recorded = recorded_eval_share(Path(args.run_dir))
-    eval_share = {"measured": ev, "projected": projected, "recorded_runs_default": recorded}
+    eval_share = {"measured": ev, "projected": projected, "alternatives": alternatives,
+                  "recorded_runs_default": recorded}
     targets = {}
     if "project_vs_trainer_steps_per_s" in ratios:
         targets["project_vs_trainer >= 1.0"] = ratios["project_vs_trainer_steps_per_s"] >= 1.0
@@ -289,6 +309,8 @@ def main() -> None:
           f"share over 100 steps {projected['share_full_100_steps']:.0%} ({len(sched)} evals), "
           f"stop at 8: {projected['share_stop_at_8']:.0%}; recorded: "
           + ", ".join(f"{r['request']} {r['eval_share']:.0%}" for r in recorded))
+    print("alternatives (share over 100 steps): "
+          + ", ".join(f"{k}: {v['share_full_100_steps']:.0%}" for k, v in alternatives.items()))
     print("targets: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in targets.items()))
     print(f"wrote {path}")
 

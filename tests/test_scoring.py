@@ -116,9 +116,9 @@ def test_output_layer_on_scored_positions_only_matches_full_logits(scoring_setup
     model = llama if arch == "llama" else GPT2LMHeadModel(GPT2Config(
         vocab_size=2048, n_embd=64, n_layer=2, n_head=2, n_positions=256, bos_token_id=0, eos_token_id=0)).eval()
     acc = make_accelerator()
-    assert scoring._split_head(acc, model, local=False) is not None
+    assert scoring.split_head(acc, model, local=False) is not None
     fast, _ = score_pass(acc, model, subset, batch_size=8)
-    monkeypatch.setattr(scoring, "_split_head", lambda *a, **k: None)
+    monkeypatch.setattr(scoring, "split_head", lambda *a, **k: None)
     full, _ = score_pass(acc, model, subset, batch_size=8)
     np.testing.assert_allclose(fast.nll_sum.to_numpy(), full.nll_sum.to_numpy(), rtol=1e-5)
     assert (fast.n_tokens.to_numpy() == full.n_tokens.to_numpy()).all()
@@ -132,6 +132,31 @@ def test_wrapped_or_scaled_models_take_the_full_forward():
     acc = make_accelerator()
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2))
-    assert scoring._split_head(acc, torch.nn.Sequential(model), local=False) is None  # a wrapper
+    assert scoring.split_head(acc, torch.nn.Sequential(model), local=False) is None  # a wrapper
     model.config.final_logit_softcapping = 30.0
-    assert scoring._split_head(acc, model, local=False) is None
+    assert scoring.split_head(acc, model, local=False) is None
+
+
+def test_scored_logprobs_match_full_logits_in_value_and_gradient(scoring_setup):
+    """The unlearning step's forget log-probs through the fast path: the values and parameter gradients of
+    `token_logprobs` over the full logits."""
+    import copy
+
+    from unlearnbench.batching import collate, token_logprobs
+    from unlearnbench.scoring import scored_logprobs, split_head
+
+    model, subset, _ = scoring_setup
+    rows = subset.select(range(12))  # canaries (secret only) and passages of mixed lengths: padding and prefixes
+    batch = collate(rows["input_ids"], rows["score_start"], rows["score_end"], 0)
+    fast_model, full_model = copy.deepcopy(model).train(), copy.deepcopy(model).train()
+    head = split_head(make_accelerator(), fast_model, False)
+    assert head is not None
+    logp, mask = scored_logprobs(fast_model, batch, head)
+    ref, ref_mask = token_logprobs(full_model(input_ids=batch["input_ids"],
+                                              attention_mask=batch["attention_mask"]).logits, batch["labels"])
+    torch.testing.assert_close(logp, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(mask, ref_mask) and int(mask.sum()) < mask.numel()  # some positions were skipped
+    (logp * mask).sum().backward()
+    (ref * ref_mask).sum().backward()
+    for (name, a), (_, b) in zip(fast_model.named_parameters(), full_model.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)

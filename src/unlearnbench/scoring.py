@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from unlearnbench.batching import IGNORE, collate
+from unlearnbench.batching import IGNORE, collate, token_logprobs
 from unlearnbench.errors import UserError
 
 REQUIRED = ("example_id", "input_ids", "score_start", "score_end")
@@ -78,7 +78,7 @@ _PLAIN_HEAD = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qw
                "GPTNeoXForCausalLM"}
 
 
-def _split_head(acc, model, local: bool):
+def split_head(acc, model, local: bool):
     """(body, lm_head) when the output layer can be applied to the scored positions alone, else None.
 
     The output layer dominates a small model's cost (vocabulary x hidden per position), and most positions of a
@@ -96,6 +96,22 @@ def _split_head(acc, model, local: bool):
     if not isinstance(head, torch.nn.Linear) or getattr(model.config, "final_logit_softcapping", None):
         return None
     return getattr(model, model.base_model_prefix), head
+
+
+def scored_logprobs(model, batch: dict, head) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of each scored label token and the float mask, as `batching.token_logprobs(model(...).logits)`,
+    with the output layer applied to the scored positions only when `head` (from `_split_head`) allows it.
+    Differentiable: the unlearning step uses it for the forget batch."""
+    if head is None:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return token_logprobs(logits, batch["labels"])
+    body, lm_head = head
+    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    mask = targets != IGNORE
+    tok = -torch.nn.functional.cross_entropy(lm_head(hidden[:, :-1][mask]).float(), targets[mask], reduction="none")
+    logp = torch.zeros(targets.shape, dtype=tok.dtype, device=tok.device).masked_scatter(mask, tok)
+    return logp, mask.float()
 
 
 def _per_example(model, batch: dict, head) -> torch.Tensor:
@@ -142,7 +158,7 @@ def score_pass(acc, model, dataset, batch_size: int = 64, pad_id: int = 0,
     was_training = model.training
     model.eval()
     gathered, slots = [], 0
-    head = _split_head(acc, model, local)
+    head = split_head(acc, model, local)
     for batch in loader:
         if local:
             batch = {k: v.to(acc.device) for k, v in batch.items()}

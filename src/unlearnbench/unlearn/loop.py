@@ -26,7 +26,7 @@ from unlearnbench.errors import UserError
 from unlearnbench.io import atomic_dir, read_json, write_json, write_parquet
 from unlearnbench.models import load_trained
 from unlearnbench.runner import Context, clear_outputs, finish_stage, require, should_run
-from unlearnbench.scoring import score_pass
+from unlearnbench.scoring import score_pass, scored_logprobs, split_head
 from unlearnbench.stages import eval_subset, exposures, tracker, utility_table
 from unlearnbench.tracking import Tracker
 from unlearnbench.unlearn.methods import LossInputs, MethodParams, get_method
@@ -248,6 +248,9 @@ def unlearn_request(ctx: Context, request: Request, examples, subset, meta, orac
     reference = None
     if spec.needs_reference:
         reference = _reference_model(ctx)
+    # output layer on the scored positions only, where the model is not wrapped (one process, request-parallel)
+    head = split_head(acc, model, local)
+    ref_head = split_head(acc, reference, local) if reference is not None else None
     eval_model = model if local or zero_stage(acc) == 3 else acc.unwrap_model(model)
     schedule = set(eval_steps(cfg))
     curve, trajs = [], []
@@ -304,17 +307,19 @@ def unlearn_request(ctx: Context, request: Request, examples, subset, meta, orac
                            "retain_seqs": len(r_global)})
         if mine_rows:
             fb = _batch(all_ids, starts, ends, mine_rows, pad_id, acc.device)
-            logits = _logits(model, fb)
-            f_logp, f_mask = token_logprobs(logits, fb["labels"])
+            f_logp, f_mask = scored_logprobs(model, fb, head)
             inputs.update({"forget_logp": f_logp, "forget_mask": f_mask})
             if spec.needs_reference:
                 with torch.no_grad():
-                    ref_logp, _ = token_logprobs(_logits(reference, fb), fb["labels"])
+                    ref_logp, _ = scored_logprobs(reference, fb, ref_head)
                 inputs["forget_ref_logp"] = ref_logp
             if spec.needs_retain and r_mine:
                 rb = _batch(all_ids, starts, ends, r_mine, pad_id, acc.device)
-                r_logits = _logits(model, rb)
-                r_logp, r_mask = token_logprobs(r_logits, rb["labels"])
+                if spec.needs_full_retain_dist:
+                    r_logits = _logits(model, rb)
+                    r_logp, r_mask = token_logprobs(r_logits, rb["labels"])
+                else:
+                    r_logp, r_mask = scored_logprobs(model, rb, head)
                 inputs.update({"retain_logp": r_logp, "retain_mask": r_mask})
                 if spec.needs_full_retain_dist:
                     inputs["retain_logprobs"] = torch.log_softmax(r_logits[:, :-1].float(), -1)
