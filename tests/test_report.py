@@ -3,6 +3,8 @@
 import json
 import shutil
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from conftest import cli, smoke_config
@@ -113,3 +115,29 @@ def test_render_markdown_of_a_seed_aggregate():
     md = render_markdown(agg)
     assert "| id | 16 | 2 | 2 | 10 ± 4 (n=2) | +50.0% (n=2) | – |" in md
     assert "**F1: partly reproduced**, reproduced in 1 of 2 seeds" in md
+
+
+@pytest.mark.slow
+def test_multi_seed_study_aggregates_and_reports(tmp_path):
+    """run.seeds=[0,1]: one sub-run per seed with different data, an aggregated summary and the parent's report."""
+    from conftest import smoke_config
+    from unlearnbench.study import run_study
+
+    parent = tmp_path / "seeds"
+    cfg = smoke_config(parent, "run.seeds=[0,1]", "train.steps=20", "unlearn.max_steps=2",
+                       "unlearn.request_kinds=[canary]")
+    dirs = run_study(cfg, "run")
+    assert dirs == [parent / "seed_0", parent / "seed_1"]
+    ids = [pd.read_parquet(d / "scores/examples.parquet").example_id.tolist() for d in dirs]
+    secrets = [pd.read_parquet(d / "scores/original.parquet").nll.sum() for d in dirs]
+    assert ids[0] == ids[1] and secrets[0] != secrets[1]  # same layout, different seeds
+    agg = json.loads((parent / "summary.json").read_text())
+    assert agg["seeds"] == [0, 1]
+    runs = [json.loads((d / "summary.json").read_text()) for d in dirs]
+    for g in agg["groups"]:
+        per_seed = [next(x for x in r["groups"] if x["kind"] == g["kind"] and x["repetitions"] == g["repetitions"])
+                    for r in runs]
+        assert g["seeds"] == 2
+        assert g["uq_final"]["mean"] == pytest.approx(np.mean([x["uq_final"] for x in per_seed]))
+    md = (parent / "report" / "compare.md").read_text()
+    assert "0, 1" in md and "canary" in md

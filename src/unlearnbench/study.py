@@ -57,5 +57,10 @@ def run_study(cfg: Config, stage: str, force: bool = False, acc=None) -> list[Pa
         from unlearnbench.summary import aggregate_seeds
 
         write_json(Path(cfg.run.dir) / "summary.json", aggregate_seeds(dirs))
+        if stage in ("run", "report"):  # the parent's own report: every group as mean ± interval over the seeds
+            from unlearnbench.report import compare_runs
+
+            compare_runs([Path(cfg.run.dir)], Path(cfg.run.dir) / "report")
+            acc.print(f"[report] wrote {Path(cfg.run.dir) / 'report' / 'compare.md'} ({len(dirs)} seeds)")
     acc.wait_for_everyone()
     return dirs
