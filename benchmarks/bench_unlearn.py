@@ -26,6 +26,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -52,7 +53,7 @@ def project_loop(acc, cfg, init_state, ds, forget_rows, steps, warmup) -> dict:
     u = cfg.unlearn
     spec = get_method("ga")
     params = MethodParams(beta=u.beta, gamma=u.gamma, retain_weight=u.retain_weight, nll_clamp=u.nll_clamp)
-    all_ids, starts, ends = (list(ds[c]) for c in ("input_ids", "score_start", "score_end"))  # as unlearn_request
+    all_ids, starts, ends = (list(ds[c]) for c in ("input_ids", "score_start", "score_end"))  # lists, as the loop
     lengths = np.array([len(x) for x in all_ids])
     world = acc.num_processes
     model = C.default_model(cfg.data.vocab_size)
@@ -256,35 +257,29 @@ def main() -> None:
     t_step = 1.0 / ga["project"]["steps_per_s"]["median"]
     max_steps = cfg.unlearn.max_steps
 
-    def share(stop: int) -> float:
-        n = sum(1 for s in sched if s <= stop)
-        return n * t_eval / (n * t_eval + stop * t_step)
+    def share(t_ev: float, schedule: list[int], stop: int) -> float:
+        """Evaluation share of a request that runs `stop` steps and evaluates at the schedule's steps <= stop."""
+        n = sum(1 for s in schedule if s <= stop)
+        return n * t_ev / (n * t_ev + stop * t_step)
 
     projected = {"schedule": sched, "n_evals_full": len(sched), "t_eval_s": t_eval, "t_step_s": t_step,
-                 "share_full_100_steps": share(max_steps), "share_stop_at_8": share(8),
-                 "share_stop_at_30": share(30),
+                 "share_full_100_steps": share(t_eval, sched, max_steps),
+                 "share_stop_at_8": share(t_eval, sched, 8), "share_stop_at_30": share(t_eval, sched, 30),
                  "max_evals_for_20pct_over_100_steps": max_steps * t_step / (4 * t_eval)}
     # the same projection for the cheaper settings a user can choose (README: In-loop evaluation)
-    import dataclasses
-
     sampled_cfg = dataclasses.replace(cfg, unlearn=dataclasses.replace(cfg.unlearn, eval_references=256,
                                                                        eval_utility=128))
     ev_sampled = measured_eval(acc, sampled_cfg, model, 1 if args.quick else 2, args.quick)
     every10 = dataclasses.replace(cfg, unlearn=dataclasses.replace(cfg.unlearn, eval_schedule="every", eval_every=10))
 
-    def share_with(t_ev: float, schedule: list[int], stop: int) -> float:
-        n = sum(1 for s in schedule if s <= stop)
-        return n * t_ev / (n * t_ev + stop * t_step)
-
     alternatives = {
         "eval_references=256 eval_utility=128, log schedule": {
             "t_eval_s": ev_sampled["eval_seconds"]["median"], "examples_scored": ev_sampled["examples_scored"],
-            "share_full_100_steps": share_with(ev_sampled["eval_seconds"]["median"], sched, max_steps)},
+            "share_full_100_steps": share(ev_sampled["eval_seconds"]["median"], sched, max_steps)},
         "all references, eval_schedule=every eval_every=10": {
-            "t_eval_s": t_eval, "share_full_100_steps": share_with(t_eval, eval_steps(every10), max_steps)},
+            "t_eval_s": t_eval, "share_full_100_steps": share(t_eval, eval_steps(every10), max_steps)},
         "eval_references=256 eval_utility=128, every 10": {
-            "share_full_100_steps": share_with(ev_sampled["eval_seconds"]["median"], eval_steps(every10),
-                                               max_steps)},
+            "share_full_100_steps": share(ev_sampled["eval_seconds"]["median"], eval_steps(every10), max_steps)},
     }
     recorded = recorded_eval_share(Path(args.run_dir))
     eval_share = {"measured": ev, "projected": projected, "alternatives": alternatives,

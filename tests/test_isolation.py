@@ -34,8 +34,12 @@ def test_study_writes_only_inside_its_run_directory(tmp_path):
 
 
 def test_user_set_cache_variables_win(tmp_path, monkeypatch):
+    from unlearnbench import runner
+
+    monkeypatch.setattr(runner, "_OURS", {})
+    for var in runner._CACHE_ENV:  # restored after the test, whatever contain_writes sets
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/shared/ext")
-    monkeypatch.delenv("MPLCONFIGDIR", raising=False)
     got = contain_writes(tmp_path / "a")
     assert got["TORCH_EXTENSIONS_DIR"] == "/shared/ext"
     assert got["MPLCONFIGDIR"] == str((tmp_path / "a" / ".cache" / "matplotlib").resolve())

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from unlearnbench.batching import IGNORE, collate, token_logprobs
+from unlearnbench.batching import IGNORE, collate
 from unlearnbench.errors import UserError
 
 REQUIRED = ("example_id", "input_ids", "score_start", "score_end")
@@ -98,43 +98,38 @@ def split_head(acc, model, local: bool):
     return getattr(model, model.base_model_prefix), head
 
 
-def scored_logprobs(model, batch: dict, head) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-prob of each scored label token and the float mask, as `batching.token_logprobs(model(...).logits)`,
-    with the output layer applied to the scored positions only when `head` (from `_split_head`) allows it.
-    Differentiable: the unlearning step uses it for the forget batch."""
-    if head is None:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return token_logprobs(logits, batch["labels"])
-    body, lm_head = head
-    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+def _scored_logits(model, batch: dict, head) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float logits at the scored positions only ([n_scored, vocab]), their target tokens and the [batch, len - 1]
+    mask of those positions. With `head` (from `split_head`) the output layer itself runs on those positions only."""
     targets = batch["labels"][:, 1:]
     mask = targets != IGNORE
-    tok = -torch.nn.functional.cross_entropy(lm_head(hidden[:, :-1][mask]).float(), targets[mask], reduction="none")
-    logp = torch.zeros(targets.shape, dtype=tok.dtype, device=tok.device).masked_scatter(mask, tok)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if head is None:
+        logits = model(**inputs).logits[:, :-1][mask]
+    else:
+        body, lm_head = head
+        logits = lm_head(body(**inputs).last_hidden_state[:, :-1][mask])
+    return logits.float(), targets[mask], mask
+
+
+def scored_logprobs(model, batch: dict, head) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of each scored label token ([batch, len - 1], 0 elsewhere) and the float mask: the values of
+    `batching.token_logprobs(model(...).logits, labels)`. Differentiable: the unlearning step's forget batch."""
+    logits, wanted, mask = _scored_logits(model, batch, head)
+    tok = -torch.nn.functional.cross_entropy(logits, wanted, reduction="none")
+    logp = torch.zeros(mask.shape, dtype=tok.dtype, device=tok.device).masked_scatter(mask, tok)
     return logp, mask.float()
 
 
 def _per_example(model, batch: dict, head) -> torch.Tensor:
     """(row, nll_sum, n_tokens, n_correct) per example of a batch, reduced on the device."""
-    targets = batch["labels"][:, 1:]
-    mask = targets != IGNORE
-    if head is None:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(),
-                                                targets.clamp(min=0).reshape(-1), reduction="none")
-        nll = torch.where(mask, nll.view_as(targets), torch.zeros((), device=nll.device)).double().sum(1)
-        correct = ((logits.argmax(-1) == targets) & mask).sum(1)
-    else:
-        body, lm_head = head
-        hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        rows = mask.nonzero()[:, 0]
-        logits = lm_head(hidden[:, :-1][mask]).float()
-        wanted = targets[mask]
-        tok_nll = torch.nn.functional.cross_entropy(logits, wanted, reduction="none")
-        n = mask.size(0)
-        nll = torch.zeros(n, dtype=torch.float64, device=logits.device).index_add_(0, rows, tok_nll.double())
-        correct = torch.zeros(n, dtype=torch.long, device=logits.device).index_add_(
-            0, rows, (logits.argmax(-1) == wanted).long())
+    logits, wanted, mask = _scored_logits(model, batch, head)
+    owner = mask.nonzero()[:, 0]  # the example each scored position belongs to
+    n = mask.size(0)
+    tok_nll = torch.nn.functional.cross_entropy(logits, wanted, reduction="none")
+    nll = torch.zeros(n, dtype=torch.float64, device=logits.device).index_add_(0, owner, tok_nll.double())
+    correct = torch.zeros(n, dtype=torch.long, device=logits.device).index_add_(
+        0, owner, (logits.argmax(-1) == wanted).long())
     return torch.stack([batch["row"].double(), nll, mask.sum(1).double(), correct.double()], dim=1)
 
 
