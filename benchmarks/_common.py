@@ -10,13 +10,11 @@ whether each target was met.
 from __future__ import annotations
 
 import datetime as dt
-import importlib.metadata as md
 import json
 import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -25,6 +23,17 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = Path(os.environ.get("UNLEARNBENCH_BENCH_CACHE", Path(tempfile.gettempdir()) / "unlearnbench_bench"))
 PACKAGES = ("unlearnbench", "torch", "transformers", "accelerate", "datasets", "numpy", "pandas", "psutil")
+
+
+def portable_path(path) -> str:
+    """A path as result files record it: relative to the repository when inside it, else `<tmp>/name` or the
+    bare name (results carry no absolute path of the machine they ran on)."""
+    path = Path(path).resolve()
+    if ROOT in path.parents:
+        return str(path.relative_to(ROOT))
+    if CACHE.resolve() in path.parents:
+        return f"<bench cache>/{path.relative_to(CACHE.resolve())}"
+    return f"<elsewhere>/{path.name}"
 
 
 def set_threads(n: int) -> None:
@@ -55,7 +64,7 @@ def machine() -> dict:
 
 def versions() -> dict:
     """Package versions and the git revision, as the project records them in a run's config.yaml."""
-    from unlearnbench.runner import git_revision, package_versions
+    from unlearnbench.rundir import git_revision, package_versions
 
     return {**package_versions(), "git": git_revision()}
 
@@ -74,7 +83,8 @@ def write_result(name: str, body: dict, quick: bool, out_dir: Path | None = None
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}{'.quick' if quick else ''}.json"
     doc = {"benchmark": name, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-           "command": shlex.join([Path(sys.executable).name] + [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
+           "command": shlex.join([Path(sys.executable).name] + [os.path.relpath(sys.argv[0], ROOT)]
+                                 + [a.replace(str(ROOT) + os.sep, "") for a in sys.argv[1:]]),
            "settings_kind": "quick (tiny settings, a logic check, not a measurement)" if quick else "full",
            "machine": machine(), "versions": versions(), **body}
     tmp = path.with_suffix(".json.tmp")
@@ -98,12 +108,12 @@ def default_config():
 
 def prepared_dir() -> Path:
     """The default preset's data, prepared once under CACHE (a few seconds); reused afterwards."""
-    from unlearnbench.data.prepare import prepare
+    from unlearnbench.data.build import build_data
 
     data_dir = CACHE / "data_default"
     if not (data_dir / "examples").exists():
         CACHE.mkdir(parents=True, exist_ok=True)
-        prepare(default_config(), data_dir)
+        build_data(default_config(), data_dir)
     return data_dir
 
 
@@ -114,7 +124,7 @@ def scoring_data(n: int = 2000, seed: int = 0):
 
     import datasets
 
-    from unlearnbench.data.prepare import load_examples
+    from unlearnbench.data.build import load_examples
 
     datasets.disable_progress_bars()
     ds = load_examples(prepared_dir())

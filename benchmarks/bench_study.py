@@ -36,7 +36,7 @@ import psutil
 
 import _common as C
 
-STAGES = ("prepare", "train", "score", "unlearn", "report")
+from unlearnbench.stages import STAGES  # noqa: E402  (the project's one table of stages, in order)
 
 
 def _num(x) -> float:
@@ -143,7 +143,7 @@ def from_records(run_dir: Path) -> dict:
     for p in sorted(run_dir.glob("unlearn/*/result.json")):
         r = json.loads(p.read_text())
         unlearn.append({k: r.get(k) for k in ("request", "steps_run", "status", "wall_seconds", "eval_seconds")})
-    return {"run_dir": str(run_dir), "stages_finished": done, "stages": stages, "total_wall_seconds": total,
+    return {"run_dir": C.portable_path(run_dir), "stages_finished": done, "stages": stages, "total_wall_seconds": total,
             "unlearn_requests": unlearn}
 
 
@@ -163,8 +163,8 @@ def live(preset: str, nproc: int, extra: list[str], keep: bool) -> dict:
     finally:
         if not keep:
             shutil.rmtree(run_dir, ignore_errors=True)
-    return {"preset": preset, "num_processes": nproc, "overrides": extra, "run_dir": str(run_dir) if keep else None,
-            "log": str(log_path), "stages": stages, "total_wall_seconds": time.perf_counter() - t0,
+    return {"preset": preset, "num_processes": nproc, "overrides": extra,
+            "run_dir": C.portable_path(run_dir) if keep else None, "log": C.portable_path(log_path), "stages": stages, "total_wall_seconds": time.perf_counter() - t0,
             "peak_rss_tree_mib": max(s["peak_rss_tree_mib"] for s in stages.values())}
 
 

@@ -4,10 +4,9 @@
 1. Steps/s and tokens/s, same model (the `default` Llama, one random init), same forget pool (320 prepared
    examples), batch 32, AdamW lr 3e-4, 60 steps (the first 5 are warm-up and not timed), 2 threads,
    repetitions alternated A B A B ...:
-     project  the step of `unlearnbench.unlearn.loop.unlearn_request`, built from the project's own pieces:
-              `_optimizer`, `_lr_factor`, `Accelerator.prepare`, `shard_batch`, `_batch` (batching.collate),
-              `scored_logprobs` (output layer on the scored positions), the `ga` method, `acc.backward`,
-              `acc.reduce`, `_grad_norm`, LambdaLR; the columns as plain lists, as the loop holds them
+     project  the project's own `unlearnbench.unlearn.request.step` after `setup` (data-parallel worker:
+              `Accelerator.prepare`, output layer on the scored positions, the `ga` method, gradient norm);
+              the columns as plain lists, as the loop holds them
      trainer  `transformers.Trainer` whose `compute_loss` returns `-model(**inputs).loss` (how TOFU and
               open-unlearning run gradient ascent), the same collate, optim adamw_torch, constant lr
    Target: project >= 1.0x trainer.
@@ -28,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import tempfile
 import time
@@ -44,55 +42,27 @@ import _common as C  # noqa: E402
 
 
 def project_loop(acc, cfg, init_state, ds, forget_rows, steps, warmup) -> dict:
-    """The optimisation step of unlearn_request (no evaluation), timed from step `warmup` on."""
-    from unlearnbench.batching import shard_batch
-    from unlearnbench.scoring import scored_logprobs, split_head
-    from unlearnbench.unlearn.loop import _batch, _grad_norm, _lr_factor, _optimizer
-    from unlearnbench.unlearn.methods import LossInputs, MethodParams, get_method
+    """The project's unlearning step (`unlearn.request.step`, set up by `unlearn.request.setup`), no evaluation,
+    timed from step `warmup` on."""
+    from unlearnbench.unlearn.request import RequestData, Worker, setup, step
 
-    u = cfg.unlearn
-    spec = get_method("ga")
-    params = MethodParams(beta=u.beta, gamma=u.gamma, retain_weight=u.retain_weight, nll_clamp=u.nll_clamp)
     all_ids, starts, ends = (list(ds[c]) for c in ("input_ids", "score_start", "score_end"))  # lists, as the loop
-    lengths = np.array([len(x) for x in all_ids])
-    world = acc.num_processes
+    order = np.random.default_rng([cfg.run.seed, 104729]).permutation(len(forget_rows))
+    data = RequestData(all_ids, starts, ends, np.array([len(x) for x in all_ids]), list(forget_rows), [], order, 0)
     model = C.default_model(cfg.data.vocab_size)
     model.load_state_dict(init_state)
-    opt = _optimizer(cfg, model)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg))
-    acc.gradient_accumulation_steps = 1
-    model, opt = acc.prepare(model, opt)
-    head = split_head(acc, model, False)  # as unlearn_request: output layer on the scored positions when unwrapped
-    rng = np.random.default_rng([cfg.run.seed, 104729])
-    perm = rng.permutation(len(forget_rows))
-    tokens, step_s, t_begin = 0, [], None
-    for step in range(steps):
-        if step == warmup:
+    u = setup(cfg, Worker(acc, local=False), model, data)
+    tokens, step_s, t_begin, total_loss = 0, [], None, float("nan")
+    for i in range(steps):
+        if i == warmup:
             t_begin = time.perf_counter()
         t0 = time.perf_counter()
-        bsz = min(u.batch_size, len(forget_rows))
-        start = (step * bsz) % len(forget_rows)
-        order = np.concatenate([perm, perm])[start:start + bsz]
-        global_rows = [forget_rows[i] for i in order]
-        mine = shard_batch(list(range(len(global_rows))), lengths[global_rows], acc.process_index, world, bsz)
-        mine_rows = [global_rows[i] for i in (mine[0] if mine else [])]
-        inputs = {"forget_tokens": int(sum(ends[r] - starts[r] for r in global_rows)),
-                  "forget_seqs": len(global_rows), "token_weight": float(world)}
-        model.train()
-        fb = _batch(all_ids, starts, ends, mine_rows, 0, acc.device)
-        f_logp, f_mask = scored_logprobs(model, fb, head)
-        inputs.update({"forget_logp": f_logp, "forget_mask": f_mask})
-        loss, _ = spec.fn(LossInputs(**inputs), params)
-        acc.backward(loss)
-        total_loss = acc.reduce(loss.detach().float().reshape(1), reduction="sum").item() / world
-        grad_norm = _grad_norm(acc, model, u.grad_clip)
-        if not math.isfinite(total_loss) or not math.isfinite(grad_norm):
-            raise RuntimeError(f"diverged at step {step}")
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if step >= warmup:
-            tokens += int(fb["attention_mask"].sum())
+        res = step(u, i)
+        if res.diverged:
+            raise RuntimeError(f"diverged at step {i}: {res.diverged}")
+        total_loss = res.loss
+        if i >= warmup:
+            tokens += res.tokens
             step_s.append(time.perf_counter() - t0)
     sec = time.perf_counter() - t_begin
     acc.free_memory()
@@ -170,10 +140,8 @@ def measured_eval(acc, cfg, model, reps: int, quick: bool = False) -> dict:
     """Time RequestEvaluator.evaluate on a canary request of the prepared default data."""
     import pandas as pd
 
-    from unlearnbench.data.prepare import load_examples
-    from unlearnbench.runner import Context
-    from unlearnbench.stages import eval_subset
-    from unlearnbench.unlearn.loop import Request, RequestEvaluator
+    from unlearnbench.data.build import load_examples
+    from unlearnbench.evaluation import RequestEvaluator, eval_subset
 
     examples = load_examples(C.prepared_dir())
     subset = eval_subset(examples)
@@ -181,10 +149,8 @@ def measured_eval(acc, cfg, model, reps: int, quick: bool = False) -> dict:
     forget = meta[(meta.split == "forget") & (meta.kind == "canary")]
     reps_kind = sorted(forget.repetitions.unique())[-1]
     req_ids = sorted(forget[forget.repetitions == reps_kind].example_id)
-    request = Request(f"canary_r{reps_kind}", req_ids, "canary", int(reps_kind))
     oracle = pd.DataFrame({"example_id": req_ids, f"exposure_{cfg.metrics.exposure}_oracle": np.zeros(len(req_ids))})
-    ctx = Context(cfg=cfg, run_dir=Path(tempfile.gettempdir()), acc=acc)
-    ev = RequestEvaluator(ctx, request, subset, meta, oracle, 0)
+    ev = RequestEvaluator(acc, cfg, req_ids, subset, meta, oracle, 0)
     if quick:  # a logic check: the request plus 40 examples of every other (split, kind) group
         m = ev.meta
         keep = [i for i in range(len(m)) if m.example_id[i] in set(req_ids)]
@@ -200,7 +166,7 @@ def measured_eval(acc, cfg, model, reps: int, quick: bool = False) -> dict:
         ev.evaluate(model, step)
         times.append(time.perf_counter() - t0)
         score_times.append(ev.seconds - before)
-    return {"request": request.name, "examples_scored": len(ev.meta),
+    return {"request": f"canary_r{reps_kind}", "examples_scored": len(ev.meta),
             "eval_seconds": C.summary(times), "score_pass_seconds": C.summary(score_times)}
 
 
@@ -220,7 +186,7 @@ def main() -> None:
     C.set_threads(args.threads)
 
     from unlearnbench.distributed import make_accelerator
-    from unlearnbench.unlearn.loop import eval_steps
+    from unlearnbench.unlearn.request import eval_steps
 
     cfg = C.default_config()
     acc = make_accelerator()

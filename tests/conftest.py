@@ -17,7 +17,7 @@ PY = sys.executable
 def smoke_config(run_dir: Path, *overrides: str):
     """The smoke preset pointed at `run_dir`, with overrides."""
     from unlearnbench.config import load_config
-    from unlearnbench.runner import resolve_run
+    from unlearnbench.rundir import resolve_run
 
     return resolve_run(load_config("smoke", None, [f"run.dir={run_dir}", *overrides]))
 

@@ -6,7 +6,7 @@ prepared data, the same trained models, the same scores), so a difference belong
 of compounding through the pipeline.
 
 Cheap tests: the accelerate configs load, the launchers build the right commands, and the guards of
-DESIGN §5 stop `--cpu --num_processes 2` and multi-process launches without CUDA or ACCELERATE_USE_CPU.
+the design stops `--cpu --num_processes 2` and multi-process launches without CUDA or ACCELERATE_USE_CPU.
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def test_unlearn_matches_one_process(backend, one_process, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# guards against silent misconfiguration (DESIGN §5)
+# guards against silent misconfiguration (docs/definitions.md, distributed execution)
 
 
 def _plain_env(**extra) -> dict:

@@ -2,14 +2,12 @@
 
 import filecmp
 import json
-from pathlib import Path
 
-import numpy as np
 import pytest
 
 from conftest import cli, smoke_config
 from unlearnbench.data.corpora import kjv_passages, load_texts, pydoc_paragraphs
-from unlearnbench.data.prepare import load_examples, load_tokenizer, prepare
+from unlearnbench.data.build import build_data, load_examples, load_tokenizer
 from unlearnbench.errors import UserError
 
 
@@ -73,9 +71,9 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     small = ["data.n_train=200", "data.n_retain=20", "data.n_holdout=20", "data.n_id_references=30",
              "data.n_references=30", "data.n_domain_references=20", "data.n_domain_holdout=10", "data.group_size=4"]
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    prepare(smoke_config(a, *small), a / "data")
-    prepare(smoke_config(b, *small), b / "data")
-    prepare(smoke_config(c, *small, "run.seed=1"), c / "data")
+    build_data(smoke_config(a, *small), a / "data")
+    build_data(smoke_config(b, *small), b / "data")
+    build_data(smoke_config(c, *small, "run.seed=1"), c / "data")
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     assert files and all(filecmp.cmp(a / f, b / f, shallow=False) for f in files)
     assert not filecmp.cmp(a / "data/examples/data-00000-of-00001.arrow", c / "data/examples/data-00000-of-00001.arrow",
@@ -118,7 +116,7 @@ def test_corpus_too_small_is_refused_and_nothing_written(tmp_path):
     small.write_text("\n".join(json.dumps({"text": f"a short passage of text, number {i}, long enough to keep"}) for i in range(40)))
     run_dir = tmp_path / "run"
     with pytest.raises(UserError, match="too small"):
-        prepare(smoke_config(run_dir, f"data.corpus={small}"), run_dir / "data")
+        build_data(smoke_config(run_dir, f"data.corpus={small}"), run_dir / "data")
     assert not (run_dir / "data").exists()
 
 

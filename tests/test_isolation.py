@@ -7,7 +7,7 @@ import subprocess
 
 from conftest import PY, ROOT
 from unlearnbench.data.corpora import kjv_passages
-from unlearnbench.runner import contain_writes
+from unlearnbench.rundir import contain_writes
 
 
 def _files(root):
@@ -34,7 +34,7 @@ def test_study_writes_only_inside_its_run_directory(tmp_path):
 
 
 def test_user_set_cache_variables_win(tmp_path, monkeypatch):
-    from unlearnbench import runner
+    from unlearnbench import rundir as runner
 
     monkeypatch.setattr(runner, "_OURS", {})
     for var in runner._CACHE_ENV:  # restored after the test, whatever contain_writes sets

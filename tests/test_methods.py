@@ -1,4 +1,4 @@
-"""Unlearning losses against hand-computed values and autograd gradient signs (DESIGN.md §4)."""
+"""Unlearning losses against hand-computed values and autograd gradient signs (docs/methods.md)."""
 
 import math
 

@@ -6,7 +6,7 @@ import shutil
 from safetensors.torch import load_file
 
 from conftest import smoke_config
-from unlearnbench.data.prepare import load_examples, load_tokenizer
+from unlearnbench.data.build import load_examples, load_tokenizer
 from unlearnbench.models import build_model
 from unlearnbench.study import run_study
 

@@ -10,8 +10,9 @@ import pytest
 from conftest import cli, smoke_config
 from unlearnbench.distributed import make_accelerator
 from unlearnbench.errors import UserError
-from unlearnbench.report import FIGURES, compare_runs, render_markdown, run_report
-from unlearnbench.runner import Context
+from unlearnbench.rundir import Context
+from unlearnbench.stages import report as report_stage
+from unlearnbench.stages.report import FIGURES, compare_runs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -28,13 +29,17 @@ class RecordingTracker:
     def summary(self, values):
         self.summaries.update(values)
 
+    def finish(self):
+        pass
 
-def test_report_renders_every_figure_and_references_it(smoke_study, tmp_path):
+
+def test_report_renders_every_figure_and_references_it(smoke_study, tmp_path, monkeypatch):
     run = tmp_path / "run"
     shutil.copytree(smoke_study[1], run)
     shutil.rmtree(run / "report")
     trk = RecordingTracker()
-    run_report(Context(cfg=smoke_config(run), run_dir=run, acc=make_accelerator(None)), trk=trk)
+    monkeypatch.setattr(report_stage, "open_tracker", lambda ctx, job_type: trk)
+    report_stage.run(Context(cfg=smoke_config(run), run_dir=run, acc=make_accelerator(None)))
 
     md = (run / "report" / "report.md").read_text()
     for name in FIGURES:
@@ -103,18 +108,35 @@ def test_compare_and_report_refuse_a_directory_without_summary(tmp_path):
     assert "no summary.json" in res.stderr and "Traceback" not in res.stderr
 
 
-def test_render_markdown_of_a_seed_aggregate():
-    agg = {"seeds": [0, 1], "runs": ["a", "b"], "groups": [
-        {"kind": "id", "repetitions": 16, "seeds": 2, "unlearned_seeds": 2,
-         "steps_to_unlearn": {"mean": 10.0, "lo": 6.0, "hi": 14.0, "n": 2},
-         "utility_drop_at_unlearned": {"mean": 0.5, "lo": 0.5, "hi": 0.5, "n": 2},
-         **{k: {"mean": None, "lo": None, "hi": None, "n": 0} for k in
-            ("uq_final", "steps_to_forget_mean", "memorization_mean", "difficulty_mean")}}],
-        "findings": {"F1": {"verdicts": ["reproduced", "not reproduced"], "reproduced_in": 1, "of": 2,
-                            "verdict": "partly reproduced"}}}
-    md = render_markdown(agg)
-    assert "| id | 16 | 2 | 2 | 10 ± 4 (n=2) | +50.0% (n=2) | – |" in md
-    assert "**F1: partly reproduced**, reproduced in 1 of 2 seeds" in md
+def test_seed_aggregate_and_compare_show_the_same_numbers(tmp_path):
+    """summary.json of a multi-seed parent and its compare.md come from one implementation: a group with nothing to
+    forget in one seed is left out of steps to unlearn in both, and both give the same mean and interval."""
+    from unlearnbench.findings import aggregate_seeds
+
+    def group(steps, drop, nothing):
+        return {"request": "id_r4", "kind": "id", "repetitions": 4, "n_examples": 8, "steps_to_unlearn": steps,
+                "utility_drop_at_unlearned": drop, "uq_final": 0.9, "steps_to_forget_mean": 5.0,
+                "memorization_mean": 1.0, "difficulty_mean": 4.0, "exposure_gap_bits": 3.0,
+                "nothing_to_forget": nothing}
+    parent = tmp_path / "seeds"
+    for seed, steps, drop, nothing in ((0, 8, 0.2, False), (1, 13, 0.4, False), (2, 2, 0.0, True), (3, 10, 0.3, False)):
+        d = parent / f"seed_{seed}"
+        d.mkdir(parents=True)
+        (d / "summary.json").write_text(json.dumps({"run": "x", "seed": seed, "method": "ga", "lr": 3e-4,
+                                                    "exposure": "extrapolated", "max_steps": 100, "uq_target": 0.9,
+                                                    "groups": [group(steps, drop, nothing)], "findings": {}}))
+    dirs = sorted(parent.glob("seed_*"))
+    agg = aggregate_seeds(dirs)
+    (parent / "summary.json").write_text(json.dumps(agg))
+    steps = agg["groups"][0]["steps_to_unlearn"]
+    # seeds 0, 1, 3 (seed 2 had nothing to forget): mean 31/3, t-interval by hand
+    assert steps["n"] == 3 and steps["mean"] == pytest.approx(31 / 3)
+    half = 4.302652729911275 * np.std([8, 13, 10], ddof=1) / np.sqrt(3)  # t(0.975, 2)
+    assert steps["hi"] - steps["mean"] == pytest.approx(half)
+    compare_runs([parent], tmp_path / "cmp")
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    row = next(line for line in md.split("### Steps to unlearn")[1].splitlines() if line.startswith("| id | 4 |"))
+    assert f"{31 / 3:.3g} ± {half:.3g} (n=3)" in row
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import PY, ROOT, free_port, smoke_config
-from unlearnbench.data.prepare import load_examples
+from unlearnbench.data.build import load_examples
 from unlearnbench.distributed import make_accelerator
 from unlearnbench.errors import UserError
 from unlearnbench.models import build_model

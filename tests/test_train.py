@@ -6,8 +6,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
-import pytest
 from safetensors.torch import load_file
 
 from conftest import ROOT, launch, smoke_config

@@ -11,7 +11,7 @@ import torch
 from conftest import launch, smoke_config
 from unlearnbench.errors import UserError
 from unlearnbench.study import run_study
-from unlearnbench.unlearn.loop import eval_steps
+from unlearnbench.unlearn.request import eval_steps
 
 REQUESTS = [f"{k}_r{r}" for k in ("canary", "domain", "id") for r in (1, 4, 16)]
 
@@ -166,13 +166,12 @@ def test_in_loop_reference_sample_is_consistent(smoke_study, tmp_path):
     """A sampled evaluation: θᵣ's exposure recomputed on the same references; the full final check agrees with
     the score stage; the sample is the same for every evaluator; result.json carries both."""
     from unlearnbench import metrics
-    from unlearnbench.data.prepare import load_examples
+    from unlearnbench.data.build import load_examples
     from unlearnbench.distributed import make_accelerator
     from unlearnbench.models import load_pretrained, load_trained
-    from unlearnbench.runner import Context
+    from unlearnbench.evaluation import RequestEvaluator, eval_subset
+    from unlearnbench.rundir import Context
     from unlearnbench.scoring import score_pass
-    from unlearnbench.stages import eval_subset
-    from unlearnbench.unlearn.loop import Request, RequestEvaluator
 
     _, run = smoke_study
     cfg = smoke_config(run, "unlearn.eval_references=64", "unlearn.eval_utility=40")
@@ -184,7 +183,7 @@ def test_in_loop_reference_sample_is_consistent(smoke_study, tmp_path):
     ctx = Context(cfg=cfg, run_dir=run, acc=make_accelerator())
 
     def evaluator():
-        return RequestEvaluator(ctx, Request("c16", ids, "canary", 16), subset, meta, table, 0, True, osc)
+        return RequestEvaluator(ctx.acc, cfg, ids, subset, meta, table, 0, True, osc)
 
     ev = evaluator()
     m = ev.meta
@@ -254,7 +253,7 @@ def test_non_finite_loss_keeps_the_state_before_that_step(smoke_study, tmp_path,
     stopped after 3 steps."""
     import dataclasses
 
-    import unlearnbench.unlearn.loop as loop
+    import unlearnbench.unlearn.request as loop
 
     base = ["unlearn.request_kinds=[canary]", "unlearn.save_model=true", "unlearn.stop_on_target=false"]
     clean = _copy(smoke_study, tmp_path / "clean")

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from pathlib import Path
 
 from unlearnbench.errors import UserError
 
-COMMANDS = ("prepare", "train", "score", "unlearn", "report", "run", "config")
+
+def commands() -> tuple[str, ...]:
+    """Every stage of the STAGES table, `run` (all of them in order) and `config` (print the resolved config)."""
+    from unlearnbench.stages import STAGES
+
+    return (*STAGES, "run", "config")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -19,7 +23,7 @@ def parser() -> argparse.ArgumentParser:
         prog="unlearnbench",
         description="Machine unlearning of in- vs out-of-distribution data in causal LMs. Stages: prepare -> train -> "
                     "score -> unlearn -> report; `run` chains them; `config` prints the resolved config.")
-    p.add_argument("stage", choices=COMMANDS, help="the stage to run")
+    p.add_argument("stage", choices=commands(), help="the stage to run")
     p.add_argument("overrides", nargs="*", help="config overrides as key=value, e.g. train.steps=200")
     p.add_argument("--preset", default="default", help="smoke | default | paper (default: default)")
     p.add_argument("--config", default=None, help="a YAML file merged over the preset")
@@ -50,9 +54,11 @@ def main(argv: list[str] | None = None) -> None:
 
 def _main(args: argparse.Namespace) -> None:
     from unlearnbench.config import load_config
-    from unlearnbench.runner import resolve_run
+    from unlearnbench.rundir import resolve_run
+    from unlearnbench.study import check_config
 
     cfg = resolve_run(load_config(args.preset, args.config, args.overrides))
+    check_config(cfg)
     if args.stage == "config":
         import yaml
 
@@ -61,10 +67,10 @@ def _main(args: argparse.Namespace) -> None:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return
     if args.stage == "report" and args.compare:
-        from unlearnbench.runner import contain_writes
+        from unlearnbench.rundir import contain_writes
+        from unlearnbench.stages.report import compare_runs
 
         contain_writes(Path(cfg.run.dir))
-        from unlearnbench.report import compare_runs
 
         compare_runs([Path(d) for d in args.compare], Path(cfg.run.dir) / "compare")
         return
@@ -72,8 +78,3 @@ def _main(args: argparse.Namespace) -> None:
     from unlearnbench.study import run_study
 
     run_study(cfg, args.stage, force=args.force)
-
-
-def with_seed(cfg, seed: int, run_dir: Path):
-    """The config of one seed's sub-run."""
-    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, seed=seed, seeds=[], dir=str(run_dir)))

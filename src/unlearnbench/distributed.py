@@ -172,3 +172,15 @@ def inference_model(acc: Accelerator, model):
         engine.eval()
         return engine
     return model.to(acc.device)
+
+
+def configure_deepspeed_batch(acc: Accelerator, micro: int, accum: int, grad_clip: float | None) -> None:
+    """Tell DeepSpeed the batch geometry and clipping of this loop (its config holds "auto" placeholders, and it
+    clips at 1.0 when the key is absent: 0 turns clipping off, as grad_clip=None does elsewhere)."""
+    plugin = acc.state.deepspeed_plugin
+    if plugin is None:
+        return
+    ds = plugin.deepspeed_config
+    ds.update({"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
+               "train_batch_size": micro * accum * acc.num_processes, "gradient_clipping": float(grad_clip or 0.0)})
+    plugin.gradient_accumulation_steps = accum

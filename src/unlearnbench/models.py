@@ -8,6 +8,7 @@ import torch
 
 from unlearnbench.config import Config
 from unlearnbench.errors import UserError
+from unlearnbench.io import atomic_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -71,3 +72,23 @@ def load_trained(run_dir: Path, name: str, dtype: str = "float32"):
     if not (path / "config.json").exists():
         raise UserError(f"No trained model '{name}' at {path}. Run `unlearnbench train` (or `run`) first.")
     return load_pretrained(str(path), dtype)
+
+
+def save_model(acc, model, tokenizer, path: Path) -> None:
+    """Save a (possibly wrapped or sharded) model with its tokenizer as safetensors, atomically; every rank calls it
+    (ZeRO-3 and FSDP gather the shards), the main process writes."""
+    acc.wait_for_everyone()
+    state = acc.get_state_dict(model)
+    if acc.is_main_process:
+        unwrapped = acc.unwrap_model(model)
+        with atomic_dir(path) as tmp:
+            unwrapped.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(str(tmp))
+    acc.wait_for_everyone()
+
+
+def save_local_model(model, tokenizer, path: Path) -> None:
+    """Save a model this process owns alone (request-parallel unlearning) with its tokenizer, atomically."""
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))

@@ -1,7 +1,7 @@
 """The sharded scoring pass: per-example losses for every example, identical for any number of processes.
 
 It knows nothing of exposure or unlearning: it turns (model, examples with scored spans) into per-example
-`nll_sum`, `n_tokens`, `nll` and `acc`. Examples are sorted by length (little padding), dealt to processes
+`nll_sum`, `n_tokens`, `nll` and `accuracy` (token accuracy). Examples are sorted by length (little padding), dealt to processes
 in batches by Accelerate's sharded data loader, reduced per example on the device, and gathered with
 `gather_for_metrics`, which drops the duplicates that pad the last round of batches.
 """
@@ -171,7 +171,7 @@ def score_pass(acc, model, dataset, batch_size: int = 64, pad_id: int = 0,
     df = pd.DataFrame({"example_id": np.asarray(dataset["example_id"])[rows], "nll_sum": table[:, 1],
                        "n_tokens": table[:, 2].astype(np.int64), "n_correct": table[:, 3].astype(np.int64)})
     df["nll"] = df["nll_sum"] / df["n_tokens"].clip(lower=1)
-    df["acc"] = df["n_correct"] / df["n_tokens"].clip(lower=1)
+    df["accuracy"] = df["n_correct"] / df["n_tokens"].clip(lower=1)
     df = df.sort_values("example_id", kind="stable").reset_index(drop=True)
     total_slots = slots if local else int(acc.reduce(torch.tensor(slots, device=acc.device), reduction="sum").item())
     stats = PassStats(len(df), int(sum(len(s) for s in ids)), total_slots, time.perf_counter() - t0)

@@ -38,10 +38,19 @@ def wandb_mode(cfg: Config) -> str | None:
     return None if mode == "disabled" else mode
 
 
+def open_tracker(ctx, job_type: str, writer: bool | None = None) -> "Tracker":
+    """The tracking session of one stage invocation. `writer` (default: the main process) writes metrics.jsonl;
+    W&B runs only on the main process, so a request-parallel worker that writes its own records stays local."""
+    if writer is None or ctx.is_main:
+        return Tracker(ctx.cfg, ctx.run_dir, job_type, ctx.is_main if writer is None else writer)
+    return Tracker(ctx.cfg, ctx.run_dir, job_type, writer, use_wandb=False)
+
+
 class Tracker:
     """One tracking session per stage invocation: W&B run (if enabled) + local jsonl."""
 
-    def __init__(self, cfg: Config, run_dir: Path, job_type: str, is_main: bool, extra_config: dict | None = None):
+    def __init__(self, cfg: Config, run_dir: Path, job_type: str, is_main: bool, extra_config: dict | None = None,
+                 use_wandb: bool = True):
         self.is_main = is_main
         self.job_type = job_type
         self.jsonl = Path(run_dir) / "metrics.jsonl"
@@ -51,7 +60,7 @@ class Tracker:
         if not is_main:
             return
         self.jsonl.parent.mkdir(parents=True, exist_ok=True)
-        mode = wandb_mode(cfg)
+        mode = wandb_mode(cfg) if use_wandb else None
         if mode is None:
             return
         self._setup = (mode, os.environ.get("WANDB_BASE_URL"), hash(os.environ.get("WANDB_API_KEY")))

@@ -1,7 +1,7 @@
 """Pure numpy metrics for unlearnbench: exposure, unlearning quality, utility, memorization.
 
 Every function takes arrays of per-example numbers already computed by the scoring code; none
-touches torch, files or processes. Definitions follow DESIGN.md section 3.
+touches torch, files or processes. The definitions are in docs/definitions.md.
 """
 from .exposure import (
     EXPOSURE_KINDS,
@@ -30,7 +30,7 @@ from .quality import (
     uq_example,
     uq_with_ci,
 )
-from .stats import spearman_with_ci
+from .stats import mean_ci, spearman_with_ci
 from .utility import mean_nll, perplexity, token_accuracy, utility_drop
 
 __all__ = [
@@ -40,6 +40,6 @@ __all__ = [
     "exposure_memorization", "memorization",
     "UQResult", "bootstrap_ci", "first_crossing", "forget_quality_ks", "forgotten",
     "steps_to_forget", "unlearning_quality", "uq_example", "uq_with_ci",
-    "spearman_with_ci",
+    "mean_ci", "spearman_with_ci",
     "mean_nll", "perplexity", "token_accuracy", "utility_drop",
 ]

@@ -1,4 +1,4 @@
-"""Generalized exposure of an example against its reference set (DESIGN.md section 3).
+"""Generalized exposure of an example against its reference set (docs/definitions.md).
 
 Two variants: the rank exposure, which saturates at log2(|R|+1), and the extrapolated exposure
 -log2 F(loss) under a skew-normal F fitted to the reference losses, which keeps measuring depth

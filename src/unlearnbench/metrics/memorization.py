@@ -1,4 +1,4 @@
-"""Per-example memorization and difficulty (DESIGN.md section 3)."""
+"""Per-example memorization and difficulty (docs/definitions.md)."""
 from __future__ import annotations
 
 import numpy as np

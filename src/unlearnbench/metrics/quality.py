@@ -1,4 +1,4 @@
-"""Unlearning quality, forgetting and steps-to-forget (DESIGN.md section 3).
+"""Unlearning quality, forgetting and steps-to-forget (docs/definitions.md).
 
 All functions take per-example exposures (bits) of one request's forget set F under the model
 after t steps (e_t), the original model (e_0) and the oracle (e_r), as paired 1-D arrays.
@@ -105,13 +105,14 @@ def bootstrap_ci(stat_fn: Callable[..., float], *arrays, n_boot: int = 1000, alp
     return float(lo), float(hi)
 
 
-def uq_with_ci(e_t, e_0, e_r, min_gap_bits: float = 1.0, n_boot: int = 1000, seed: int = 0) -> dict:
-    """UQ, per-example UQ (each with a 95% bootstrap interval over F) and KS forget quality."""
+def uq_with_ci(e_t, e_0, e_r, min_gap_bits: float = 1.0, n_boot: int = 1000, seed: int = 0,
+               alpha: float = 0.05) -> dict:
+    """UQ, per-example UQ (each with a 1 - alpha bootstrap interval over F) and KS forget quality."""
     t, o, r = _paired(e_t, e_0, e_r)
     res = unlearning_quality(t, o, r, min_gap_bits)
     uq_lo, uq_hi = bootstrap_ci(lambda a, b, c: unlearning_quality(a, b, c, min_gap_bits).uq,
-                                t, o, r, n_boot=n_boot, seed=seed)
-    ex_lo, ex_hi = bootstrap_ci(uq_example, t, o, r, n_boot=n_boot, seed=seed)
+                                t, o, r, n_boot=n_boot, alpha=alpha, seed=seed)
+    ex_lo, ex_hi = bootstrap_ci(uq_example, t, o, r, n_boot=n_boot, alpha=alpha, seed=seed)
     return {
         "uq": res.uq, "uq_lo": uq_lo, "uq_hi": uq_hi,
         "uq_example": uq_example(t, o, r), "uq_example_lo": ex_lo, "uq_example_hi": ex_hi,

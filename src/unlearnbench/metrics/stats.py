@@ -1,10 +1,10 @@
-"""Rank correlation with a bootstrap interval, for the steps-to-forget findings (F3)."""
+"""Intervals for the findings: Spearman with a bootstrap interval, and the Student-t interval of a mean."""
 from __future__ import annotations
 
 import numpy as np
 from scipy import stats
 
-__all__ = ["spearman_with_ci"]
+__all__ = ["mean_ci", "spearman_with_ci"]
 
 
 def _row_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -44,3 +44,18 @@ def spearman_with_ci(x, y, n_boot: int = 1000, alpha: float = 0.05, seed: int = 
             lo, hi = np.percentile(reps, [100 * alpha / 2, 100 * (1 - alpha / 2)])
             out["lo"], out["hi"] = float(lo), float(hi)
     return out
+
+
+def mean_ci(values, alpha: float = 0.05) -> dict:
+    """Mean and Student-t (1 - alpha) interval of a sample: {mean, lo, hi, n}; n = 0 gives Nones.
+
+    One value, or identical values, give lo = hi = mean: nothing to estimate a spread from.
+    """
+    vals = np.asarray(values, dtype=float).ravel()
+    if vals.size == 0:
+        return {"mean": None, "lo": None, "hi": None, "n": 0}
+    mean = float(vals.mean())
+    if vals.size < 2 or np.all(vals == vals[0]):
+        return {"mean": mean, "lo": mean, "hi": mean, "n": int(vals.size)}
+    half = float(stats.t.ppf(1 - alpha / 2, vals.size - 1) * vals.std(ddof=1) / np.sqrt(vals.size))
+    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": int(vals.size)}

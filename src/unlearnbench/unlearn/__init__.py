@@ -1,1 +1,1 @@
-"""Unlearning stage: the method registry and the loop that runs a forget request (DESIGN.md §2.4, §4)."""
+"""Below the unlearn stage: the method registry (`methods`) and one forget request's named parts (`request`)."""

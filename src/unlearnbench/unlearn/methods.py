@@ -1,4 +1,4 @@
-"""Unlearning losses as pure functions of per-token log-probabilities and masks (DESIGN.md §4).
+"""Unlearning losses as pure functions of per-token log-probabilities and masks (docs/methods.md).
 
 Each method maps ``(LossInputs, MethodParams)`` to ``(loss, stats)``: a scalar tensor to
 *minimise* and a dict of detached floats for logging. Nothing here calls a model or talks to other

@@ -17,8 +17,15 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullLocator
 
 from unlearnbench.errors import UserError
+from unlearnbench.findings import flatten_findings, group_values
 from unlearnbench.io import atomic_dir, read_json
-from unlearnbench.runner import Context, finish_stage, require
+from unlearnbench.metrics import mean_ci
+from unlearnbench.rundir import Context, finish_stage, require
+from unlearnbench.tracking import open_tracker
+
+NAME = "report"
+OUTPUTS = ("report",)
+SECTIONS = ("data", "model", "train", "score", "metrics", "unlearn", "run.seed")  # everything unlearn depends on
 
 KIND_ORDER = ("id", "canary", "domain")
 KIND_COLORS = {"id": "#0072B2", "canary": "#D55E00", "domain": "#009E73"}  # Okabe-Ito: colour-blind safe
@@ -399,8 +406,6 @@ def finding_lines(findings: dict) -> list[str]:
 
 def render_markdown(summary: dict, figures: dict[str, str] | None = None) -> str:
     """Markdown of a run's summary: per (kind, repetitions) table, F1-F3 with their numbers, then the figures."""
-    if "runs" in summary and "seeds" in summary:
-        return _render_aggregate(summary)
     lines = [f"# unlearnbench report: {summary['run']} (seed {summary['seed']})", "",
              f"Method `{summary['method']}`, lr {summary['lr']}, exposure `{summary['exposure']}`, "
              f"UQ target {summary['uq_target']}, max steps {summary['max_steps']}.", "",
@@ -426,71 +431,26 @@ def _ci(d: dict | None, fmt: str = "{:.2f}") -> str:
     return f"{fmt.format(d['mean'])} ± {fmt.format((d['hi'] - d['lo']) / 2)} (n={d['n']})"
 
 
-def _render_aggregate(summary: dict) -> str:
-    lines = [f"# unlearnbench report: seeds {summary['seeds']}", "",
-             "Mean ± half-width of the 95% t-interval across seeds.", "",
-             "| kind | reps | seeds | unlearned seeds | steps to unlearn | utility drop there | final UQ | steps to "
-             "forget | memorization | difficulty |", "|" + "---|" * 10]
-    for g in sorted(summary["groups"], key=lambda g: (_kind_key(g["kind"]), g["repetitions"])):
-        lines.append(f"| {g['kind']} | {g['repetitions']} | {g['seeds']} | {g['unlearned_seeds']} | "
-                     f"{_ci(g['steps_to_unlearn'], '{:.3g}')} | {_ci(g['utility_drop_at_unlearned'], '{:+.1%}')} | "
-                     f"{_ci(g['uq_final'])} | {_ci(g['steps_to_forget_mean'], '{:.1f}')} | "
-                     f"{_ci(g['memorization_mean'], '{:.3f}')} | {_ci(g['difficulty_mean'], '{:.3f}')} |")
-    lines += ["", "## Findings", ""]
-    for key, f in summary.get("findings", {}).items():
-        lines.append(f"- **{key}: {f['verdict']}**, reproduced in {f['reproduced_in']} of {f['of']} seeds "
-                     f"({', '.join(f['verdicts'])})")
-    return "\n".join(lines) + "\n"
-
-
-def flat_findings(summary: dict) -> dict:
-    """F1-F3 numbers and verdicts as flat summary keys for the tracker."""
-    out = {}
-    for key, f in summary.get("findings", {}).items():
-        out.update({f"findings/{key}/verdict": f["verdict"], f"findings/{key}/holds": f["holds"],
-                    f"findings/{key}/of": f["of"]})
-        for c in f.get("comparisons", []):
-            base = f"findings/{key}/r{c['repetitions']}_{c['ood_kind']}"
-            for k in ("id_steps", "ood_steps", "id_utility_drop", "ood_utility_drop"):
-                if k in c:
-                    out[f"{base}/{k}"] = c[k]
-        for c in f.get("correlations", []):
-            for k in ("rho", "lo", "hi", "p", "n"):
-                out[f"findings/{key}/{c['kind']}/{c['variable']}/{k}"] = c[k]
-    return out
-
-
 # ----------------------------------------------------------------------------------------------- stage
 
-def run_report(ctx: Context, trk=None) -> None:
-    """Write report/report.md and its PNG figures from summary.json and the unlearning curves.
-
-    The figures and the F1-F3 numbers also go to `trk` (a tracking.Tracker); without one, the stage opens
-    its own tracking session (job_type `report`).
-    """
+def run(ctx: Context) -> None:
+    """Write report/report.md and its PNG figures from summary.json and the unlearning curves; the figures and
+    the findings' numbers also go to the tracker."""
     require(ctx, "unlearn")
     if not (ctx.run_dir / "summary.json").exists():
         raise UserError(f"No summary.json in {ctx.run_dir}: run the unlearn stage first.")
     out = ctx.run_dir / "report"
-    own = trk is None
-    if own:
-        if ctx.tracker_factory is not None:
-            trk = ctx.tracker_factory(ctx, "report")
-        else:
-            from unlearnbench.tracking import Tracker
-
-            trk = Tracker(ctx.cfg, ctx.run_dir, "report", ctx.is_main)
+    trk = open_tracker(ctx, NAME)
     if ctx.is_main:
         summary = read_json(ctx.run_dir / "summary.json")
         with atomic_dir(out) as tmp:  # the report appears whole: markdown and figures of the same summary
             paths = make_figures(ctx.run_dir, tmp)
             (tmp / "report.md").write_text(render_markdown(summary, {n: p.name for n, p in paths.items()}))
         trk.log_images({f"report/{name}": out / p.name for name, p in paths.items()})
-        trk.summary(flat_findings(summary))
-    if own:
-        trk.finish()
+        trk.summary(flatten_findings(summary))
+    trk.finish()
     ctx.acc.print(f"[report] wrote {out / 'report.md'} and {len(FIGURES)} figures")
-    finish_stage(ctx, "report", {"figures": sorted(f"{n}.png" for n in FIGURES)})
+    finish_stage(ctx, NAME, {"figures": sorted(f"{n}.png" for n in FIGURES)})
 
 
 # ----------------------------------------------------------------------------------------------- compare
@@ -537,27 +497,12 @@ METRICS = (("steps_to_unlearn", "steps to unlearn", "{:.3g}"),
            ("difficulty_mean", "difficulty (nats/token)", "{:.3f}"))
 
 
-def _values(summaries: list[dict], kind: str, reps: int, col: str) -> np.ndarray:
-    vals = []
-    for s in summaries:
-        for g in s["groups"]:
-            if g["kind"] == kind and int(g["repetitions"]) == reps:
-                v = g.get(col)
-                if col in ("steps_to_unlearn", "utility_drop_at_unlearned") and g.get("nothing_to_forget"):
-                    v = None
-                if v is not None and math.isfinite(float(v)):
-                    vals.append(float(v))
-    return np.asarray(vals, float)
-
-
 def compare_runs(dirs: list[Path], out_dir: Path) -> None:
     """`<out_dir>/compare.md` and `compare.png`: runs side by side with mean ± 95% interval per (kind, repetitions).
 
     A run directory may be a multi-seed parent: its seed_*/ sub-runs are the seeds of that column.
     `out_dir` is replaced as a whole.
     """
-    from unlearnbench.summary import _mean_ci as mean_ci
-
     dirs = [Path(d) for d in dirs]
     out_dir = Path(out_dir)
     if not dirs:
@@ -589,8 +534,8 @@ def compare_runs(dirs: list[Path], out_dir: Path) -> None:
                   "| kind | reps | " + " | ".join(r["label"] for r in runs) + " | all runs |",
                   "|" + "---|" * (len(runs) + 3)]
         for kind, reps in cells:
-            per = [mean_ci(_values(r["summaries"], kind, reps, col)) for r in runs]
-            pooled = mean_ci(_values(everything, kind, reps, col))
+            per = [mean_ci(group_values(r["summaries"], kind, reps, col)) for r in runs]
+            pooled = mean_ci(group_values(everything, kind, reps, col))
             stats[(col, kind, reps)] = per
             lines.append(f"| {kind} | {reps} | " + " | ".join(_ci(p, fmt) for p in per) + f" | {_ci(pooled, fmt)} |")
         lines.append("")

@@ -1,4 +1,4 @@
-"""The prepare stage: every data set of the study, tokenized, with stable ids and scored spans."""
+"""Every data set of the study, tokenized, with stable ids and scored spans (the prepare stage writes them)."""
 
 from __future__ import annotations
 
@@ -173,7 +173,7 @@ def manifest(rows: list[dict], tok, cfg: Config) -> dict:
             "training_mixture": {"original": mixture("in_original"), "oracle": mixture("in_oracle")}}
 
 
-def prepare(cfg: Config, data_dir: Path) -> dict:
+def build_data(cfg: Config, data_dir: Path) -> dict:
     """Build, tokenize and write every data set to `data_dir` (atomically). Returns the manifest."""
     import datasets
 

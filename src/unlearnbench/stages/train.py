@@ -1,4 +1,5 @@
-"""The train stage: `original` (train pool + forget sets with repetitions) and `oracle` (train pool only).
+"""The train stage: `original` (train pool + forget sets with repetitions), `oracle` (train pool only) and
+optional shadow models (train pool + a random half of the forget examples), each saved under `models/<name>`.
 
 A plain Accelerate loop: the same code runs on one process, DDP, DeepSpeed and FSDP. The global batch is fixed
 by config; each step's examples are a function of (seed, step) only, so runs with different process counts
@@ -18,9 +19,55 @@ from tqdm.auto import tqdm
 
 from unlearnbench.batching import collate, shard_batch, token_logprobs, training_schedule
 from unlearnbench.config import Config
+from unlearnbench.data.build import load_examples, load_tokenizer
+from unlearnbench.distributed import configure_deepspeed_batch, peak_memory_mib
 from unlearnbench.errors import UserError
-from unlearnbench.io import atomic_dir, read_json, write_json
-from unlearnbench.models import build_model, model_dir, n_params
+from unlearnbench.io import read_json, write_json
+from unlearnbench.models import build_model, model_dir, n_params, save_model
+from unlearnbench.rundir import Context, clear_outputs, finish_stage, require, should_run
+from unlearnbench.tracking import open_tracker
+
+NAME = "train"
+OUTPUTS = ("models", "checkpoints")
+SECTIONS = ("data", "model", "train", "run.seed", "score.shadow_models")
+
+
+def shadow_masks(examples, k: int, seed: int) -> list[dict]:
+    """For each forget example, a random half of the K shadow models train on it."""
+    rng = np.random.default_rng([seed, 7919])
+    ids = [e for e, s in zip(examples["example_id"], examples["split"]) if s == "forget"]
+    masks = [dict() for _ in range(k)]
+    for eid in ids:
+        chosen = set(rng.permutation(k)[: k // 2].tolist()) if k > 1 else {int(rng.integers(0, 2)) - 1}
+        for j in range(k):
+            masks[j][eid] = j in chosen
+    return masks
+
+
+def run(ctx: Context) -> None:
+    """Train original and oracle (and K shadow models), resuming from checkpoints."""
+    require(ctx, "prepare")
+    if not should_run(ctx, NAME):
+        return
+    if ctx.force:
+        clear_outputs(ctx, NAME)
+    examples = load_examples(ctx.run_dir / "data")
+    tok = load_tokenizer(ctx.run_dir / "data")
+    trk = open_tracker(ctx, NAME)
+    infos = {}
+    names = ["original", "oracle"]
+    masks = shadow_masks(examples, ctx.cfg.score.shadow_models, ctx.cfg.run.seed) if ctx.cfg.score.shadow_models else []
+    if masks and ctx.is_main:
+        write_json(ctx.run_dir / "models" / "shadow_masks.json", masks)
+    for name in names + [f"shadow_{j}" for j in range(len(masks))]:
+        if (ctx.run_dir / "models" / name / "config.json").exists():
+            ctx.acc.print(f"[train] {name}: already trained, skipping")
+            continue
+        mask = masks[int(name.split("_")[1])] if name.startswith("shadow_") else None
+        offset = 1000 + int(name.split("_")[1]) if mask is not None else 0
+        infos[name] = train_model(ctx.acc, ctx.cfg, ctx.run_dir, name, examples, tok, trk, mask, offset)
+    trk.finish()
+    finish_stage(ctx, NAME, {"models": infos, **peak_memory_mib()})
 
 
 def mixture(examples, model_name: str, shadow_mask: dict | None = None) -> list[int]:
@@ -84,13 +131,7 @@ def train_model(acc, cfg: Config, run_dir: Path, name: str, examples, tokenizer,
                         f"(train.batch_size={t.batch_size}). Lower the batch size or add data.")
     micro, accum = batch_geometry(t.batch_size, t.micro_batch_size, acc.num_processes)
     acc.gradient_accumulation_steps = accum
-    if acc.state.deepspeed_plugin is not None:
-        ds = acc.state.deepspeed_plugin.deepspeed_config
-        ds["train_micro_batch_size_per_gpu"] = micro
-        ds["gradient_accumulation_steps"] = accum
-        ds["train_batch_size"] = micro * accum * acc.num_processes
-        ds["gradient_clipping"] = t.grad_clip
-        acc.state.deepspeed_plugin.gradient_accumulation_steps = accum
+    configure_deepspeed_batch(acc, micro, accum, t.grad_clip)
     model = build_model(cfg, len(tokenizer), seed)
     model.config.use_cache = False
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -161,7 +202,7 @@ def train_model(acc, cfg: Config, run_dir: Path, name: str, examples, tokenizer,
             _checkpoint(acc, ckpt_root, step + 1)
     bar.close()
     info["train_seconds"] = time.perf_counter() - t0
-    _save_model(acc, model, tokenizer, model_dir(run_dir, name))
+    save_model(acc, model, tokenizer, model_dir(run_dir, name))
     acc.wait_for_everyone()
     if acc.is_main_process and ckpt_root.exists():
         shutil.rmtree(ckpt_root)
@@ -178,15 +219,4 @@ def _checkpoint(acc, ckpt_root: Path, step: int) -> None:
         for old in ckpt_root.glob("step_*"):
             if old != path:
                 shutil.rmtree(old, ignore_errors=True)
-    acc.wait_for_everyone()
-
-
-def _save_model(acc, model, tokenizer, path: Path) -> None:
-    acc.wait_for_everyone()
-    state = acc.get_state_dict(model)  # gathers ZeRO-3 / FSDP shards; every rank must call it
-    if acc.is_main_process:
-        unwrapped = acc.unwrap_model(model)
-        with atomic_dir(path) as tmp:
-            unwrapped.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
-            tokenizer.save_pretrained(str(tmp))
     acc.wait_for_everyone()

