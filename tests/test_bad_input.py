@@ -31,6 +31,9 @@ def corpora(tmp_path):
     (tmp_path / "bad.yaml").write_text("train: [1,\n")
     (tmp_path / "unknown.yaml").write_text("train:\n  stepz: 3\n")
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    (tmp_path / "through_list.yaml").write_text("data:\n  kinds:\n    x: 1\n")
+    (tmp_path / "latin1.jsonl").write_bytes("\n".join(json.dumps({"text": f"passage {i} \u00e9"}, ensure_ascii=False)
+                                                      for i in range(30)).encode("latin-1"))
     return tmp_path
 
 
@@ -66,6 +69,12 @@ CASES = [
     ("unsupported-extension", ["data.corpus={tmp}/corpus.xml"], [".xml", "Supported"]),
     ("corpus-too-small", ["data.corpus={tmp}/small.jsonl", "data.min_chars=10"], ["too small", "Lower"]),
     ("missing-model-path", ["model.name_or_path={tmp}/no_model"], ["model.name_or_path", "no_model"]),
+    ("key-through-a-list", ["data.kinds.x=3"], ["data.kinds.x=3", "structure"]),
+    ("unresolved-interpolation", ["train.steps=${nope}"], ["cannot be resolved", "nope"]),
+    ("self-interpolation", ["run.name=${run.name}"], ["cannot be resolved"]),
+    ("multi-line-library-message", ["unlearn.max_grad_norm=[[],[1]]"], ["unlearn.max_grad_norm"]),
+    ("corpus-not-utf8", ["data.corpus={tmp}/latin1.jsonl"], ["not UTF-8", "latin1.jsonl"]),
+    ("option-like-override", ["-x=1"], ["unrecognized arguments", "--help"]),
 ]
 
 
@@ -88,10 +97,13 @@ def test_prepare_rejects(capsys, corpora, argv, words):
     (["--config", "{tmp}/bad.yaml"], ["not valid YAML"]),
     (["--config", "{tmp}/unknown.yaml"], ["train.stepz"]),
     (["--config", "{tmp}/list.yaml"], ["mapping"]),
-], ids=["preset", "config-missing", "config-yaml", "config-key", "config-list"])
+    (["--config", "{tmp}/through_list.yaml"], ["through_list.yaml", "structure"]),
+    (["--bogus"], ["unrecognized arguments: --bogus"]),
+], ids=["preset", "config-missing", "config-yaml", "config-key", "config-list", "config-through-list", "bad-option"])
 def test_config_sources_rejected(capsys, corpora, argv, words):
     code, err = run_cli(capsys, "config", *[a.replace("{tmp}", str(corpora)) for a in argv])
-    assert code == 2 and "Traceback" not in err
+    assert code == 2 and "Traceback" not in err and err.startswith("unlearnbench: error: ")
+    assert err.count("\n") == 1, "one paragraph"
     for w in words:
         assert w in err
 
