@@ -3,6 +3,9 @@
 Times `score_pass` over the scoring examples and the project's gradient-ascent step (bench_unlearn.project_loop,
 global batch 32 sharded over the processes, DDP all-reduce over gloo), inside the processes, after a warm-up; the
 main process writes the numbers to --out.
+
+With --train-run DIR: times the train stage itself (`STAGES["train"].run`, between two barriers) on a prepared
+run directory, with the given config overrides (`train.parallel=...`, `score.shadow_models=...`), instead.
 """
 
 from __future__ import annotations
@@ -27,8 +30,13 @@ def main() -> None:
     ap.add_argument("--score-reps", type=int, default=2)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--train-run", default=None, help="a prepared run directory: time the train stage there")
+    ap.add_argument("--preset", default="default")
+    ap.add_argument("overrides", nargs="*", help="config overrides for --train-run (key=value)")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.train_run:
+        return train_stage(args)
 
     from bench_unlearn import project_loop
     from unlearnbench.distributed import make_accelerator
@@ -56,6 +64,39 @@ def main() -> None:
             json.dump({"num_processes": acc.num_processes, "threads_per_process": torch.get_num_threads(),
                        "examples": stats.examples, "tokens": stats.tokens, "score_seconds": score_s,
                        "ga_steps": ga["steps"], "ga_seconds": ga["seconds"], "ga_tokens": tokens}, fh)
+
+
+def train_stage(args) -> None:
+    """Wall time of the train stage on all processes (barrier, stage, barrier), as `unlearnbench train` runs it."""
+    from pathlib import Path
+
+    from unlearnbench.config import load_config
+    from unlearnbench.distributed import make_accelerator
+    from unlearnbench.io import read_json
+    from unlearnbench.rundir import Context, contain_writes, resolve_run
+    from unlearnbench.stages import STAGES
+    from unlearnbench.study import check_config
+
+    run_dir = Path(args.train_run)
+    cfg = resolve_run(load_config(args.preset, None, [f"run.dir={run_dir}", "tracking.backend=none", *args.overrides]))
+    check_config(cfg)
+    contain_writes(run_dir)
+    acc = make_accelerator()
+    ctx = Context(cfg=cfg, run_dir=run_dir, acc=acc)
+    acc.wait_for_everyone()
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    STAGES["train"].run(ctx)
+    cpu = time.process_time() - cpu0  # this process's CPU seconds (all its threads) in the stage
+    acc.wait_for_everyone()
+    seconds = time.perf_counter() - t0
+    cpu_all = acc.gather(torch.tensor([cpu], dtype=torch.float64)).tolist()
+    if acc.is_main_process:
+        info = read_json(run_dir / "stages" / "train.json")["info"]
+        with open(args.out, "w") as fh:
+            json.dump({"num_processes": acc.num_processes, "threads_per_process": torch.get_num_threads(),
+                       "train_seconds": seconds, "cpu_seconds_per_process": cpu_all, "parallel": info["parallel"],
+                       "models": {k: {"process_index": v.get("process_index"), "train_seconds": v["train_seconds"],
+                                      "steps": v["steps"]} for k, v in info["models"].items()}}, fh)
 
 
 if __name__ == "__main__":

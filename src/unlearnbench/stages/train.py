@@ -4,6 +4,10 @@ optional shadow models (train pool + a random half of the forget examples), each
 A plain Accelerate loop: the same code runs on one process, DDP, DeepSpeed and FSDP. The global batch is fixed
 by config; each step's examples are a function of (seed, step) only, so runs with different process counts
 see the same batches and a resumed run continues exactly where it stopped.
+
+How several processes share the models is decided here, once (`parallel_mode`): job-parallel (`models`: each
+process trains whole models on its own device, no collective inside a model's loop, bit-identical to training
+that model in a 1-process run) or data-parallel (`data`: every model on all processes, gradients all-reduced).
 """
 
 from __future__ import annotations
@@ -18,12 +22,13 @@ import torch
 from tqdm.auto import tqdm
 
 from unlearnbench.batching import collate, shard_batch, token_logprobs, training_schedule
+from unlearnbench import integrity
 from unlearnbench.config import Config
 from unlearnbench.data.build import load_examples, load_tokenizer
-from unlearnbench.distributed import configure_deepspeed_batch, peak_memory_mib
+from unlearnbench.distributed import configure_deepspeed_batch, peak_memory_mib, zero_stage
 from unlearnbench.errors import UserError
-from unlearnbench.io import read_json, write_json
-from unlearnbench.models import build_model, model_dir, n_params, save_model
+from unlearnbench.io import write_json
+from unlearnbench.models import build_model, model_dir, n_params, save_local_model, save_model
 from unlearnbench.rundir import Context, clear_outputs, finish_stage, require, should_run
 from unlearnbench.tracking import open_tracker
 
@@ -44,6 +49,34 @@ def shadow_masks(examples, k: int, seed: int) -> list[dict]:
     return masks
 
 
+def parallel_rule(choice: str, processes: int, untrained: int, sharded: bool) -> str:
+    """`models` (each process trains whole models alone) or `data` (every model on all processes).
+
+    Auto rule: job-parallel when there are several processes, at least as many untrained models as processes, and
+    the launch does not shard the model (no DeepSpeed ZeRO, no FSDP); data-parallel otherwise. A forced `models`
+    with a sharded launch is refused; with one process both modes are the same loop, reported as `data`.
+    """
+    if choice == "models" and sharded:
+        raise UserError("train.parallel=models trains each model whole on one device, but this launch shards the "
+                        "model (DeepSpeed ZeRO or FSDP). Use train.parallel=data (or auto), or launch with a DDP "
+                        "accelerate config (accelerate_configs/cpu_ddp.yaml, multi_gpu.yaml).")
+    if choice != "auto":
+        return choice if processes > 1 else "data"
+    return "models" if processes > 1 and untrained >= processes and not sharded else "data"
+
+
+def parallel_mode(acc, choice: str, untrained: int) -> str:
+    """`parallel_rule` for this launch. fp16 needs accelerate's gradient scaler, which only the data path has:
+    auto picks `data` there and a forced `models` is refused."""
+    sharded = zero_stage(acc) > 0 or "FSDP" in str(acc.distributed_type)
+    if getattr(acc, "mixed_precision", "no") == "fp16":
+        if choice == "models" and acc.num_processes > 1:
+            raise UserError("train.parallel=models does not support mixed_precision fp16 (it needs accelerate's "
+                            "gradient scaler). Use bf16 or no mixed precision, or train.parallel=data.")
+        sharded = True  # not sharded, but the same answer: every model data-parallel
+    return parallel_rule(choice, acc.num_processes, untrained, sharded)
+
+
 def run(ctx: Context) -> None:
     """Train original and oracle (and K shadow models), resuming from checkpoints."""
     require(ctx, "prepare")
@@ -51,23 +84,45 @@ def run(ctx: Context) -> None:
         return
     if ctx.force:
         clear_outputs(ctx, NAME)
+    acc = ctx.acc
     examples = load_examples(ctx.run_dir / "data")
     tok = load_tokenizer(ctx.run_dir / "data")
-    trk = open_tracker(ctx, NAME)
-    infos = {}
-    names = ["original", "oracle"]
     masks = shadow_masks(examples, ctx.cfg.score.shadow_models, ctx.cfg.run.seed) if ctx.cfg.score.shadow_models else []
     if masks and ctx.is_main:
         write_json(ctx.run_dir / "models" / "shadow_masks.json", masks)
-    for name in names + [f"shadow_{j}" for j in range(len(masks))]:
+    names = ["original", "oracle"] + [f"shadow_{j}" for j in range(len(masks))]
+    todo = []
+    for name in names:
         if (ctx.run_dir / "models" / name / "config.json").exists():
-            ctx.acc.print(f"[train] {name}: already trained, skipping")
-            continue
+            acc.print(f"[train] {name}: already trained, skipping")
+        else:
+            todo.append(name)
+    acc.wait_for_everyone()  # every process has listed the untrained models before any of them is written
+    mode = parallel_mode(acc, ctx.cfg.train.parallel, len(todo))
+    local = mode == "models"
+    # job-parallel: each process logs its own models' curves to metrics.jsonl; W&B stays on the main process
+    trk = open_tracker(ctx, NAME, writer=True if local else None)
+    if todo:
+        acc.print(f"[train] {len(todo)} model(s) to train, "
+                  + (f"job-parallel: each of {acc.num_processes} processes trains whole models on its own device"
+                     if local else f"data-parallel over {acc.num_processes} process(es)"))
+    mine = todo[acc.process_index::acc.num_processes] if local else todo  # untrained model i on process i mod N
+    infos = {}
+    for name in mine:
         mask = masks[int(name.split("_")[1])] if name.startswith("shadow_") else None
         offset = 1000 + int(name.split("_")[1]) if mask is not None else 0
-        infos[name] = train_model(ctx.acc, ctx.cfg, ctx.run_dir, name, examples, tok, trk, mask, offset)
+        infos[name] = train_model(acc, ctx.cfg, ctx.run_dir, name, examples, tok, trk, mask, offset, local=local)
     trk.finish()
-    finish_stage(ctx, NAME, {"models": infos, **peak_memory_mib()})
+    acc.wait_for_everyone()  # only once every process has finished its models
+    if local:
+        from accelerate.utils import gather_object
+
+        merged = {k: v for part in gather_object([infos]) for k, v in part.items()}
+        infos = {name: merged[name] for name in names if name in merged}
+    ckpts = ctx.run_dir / "checkpoints"
+    if ctx.is_main and ckpts.is_dir() and not any(ckpts.iterdir()):
+        ckpts.rmdir()  # every model's checkpoints went once it was saved and verified (train.keep_checkpoints=0)
+    finish_stage(ctx, NAME, {"models": infos, "parallel": mode, **peak_memory_mib()})
 
 
 def mixture(examples, model_name: str, shadow_mask: dict | None = None) -> list[int]:
@@ -111,15 +166,17 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
 
 
 def _latest_checkpoint(ckpt_root: Path) -> tuple[Path, int] | None:
-    done = sorted(p for p in ckpt_root.glob("step_*") if (p / "complete.json").exists())
-    if not done:
-        return None
-    return done[-1], read_json(done[-1] / "complete.json")["step"]
+    """The newest complete, undamaged checkpoint (a truncated or altered one is reported and never resumed from)."""
+    return integrity.latest_checkpoint(ckpt_root, say=print)
 
 
 def train_model(acc, cfg: Config, run_dir: Path, name: str, examples, tokenizer, tracker=None,
-                shadow_mask: dict | None = None, seed_offset: int = 0) -> dict:
-    """Train one model of the study and save it under `models/<name>` with its tokenizer."""
+                shadow_mask: dict | None = None, seed_offset: int = 0, local: bool = False) -> dict:
+    """Train one model of the study and save it under `models/<name>` with its tokenizer.
+
+    `local`: this process trains the model alone on its own device (job-parallel): no wrapper, no collective, its
+    own checkpoints and files; the same per-step arithmetic as the 1-process data path, so the same weights.
+    """
     t = cfg.train
     seed = cfg.run.seed + seed_offset
     rows = mixture(examples, name if shadow_mask is None else "oracle", shadow_mask)
@@ -129,9 +186,11 @@ def train_model(acc, cfg: Config, run_dir: Path, name: str, examples, tokenizer,
     if len(rows) < t.batch_size:
         raise UserError(f"The training mixture of '{name}' has {len(rows)} sequences, fewer than one batch "
                         f"(train.batch_size={t.batch_size}). Lower the batch size or add data.")
-    micro, accum = batch_geometry(t.batch_size, t.micro_batch_size, acc.num_processes)
-    acc.gradient_accumulation_steps = accum
-    configure_deepspeed_batch(acc, micro, accum, t.grad_clip)
+    world, rank = (1, 0) if local else (acc.num_processes, acc.process_index)
+    micro, accum = batch_geometry(t.batch_size, t.micro_batch_size, world)
+    if not local:  # before the model is built: a ZeRO-3 from_pretrained reads the DeepSpeed config
+        acc.gradient_accumulation_steps = accum
+        configure_deepspeed_batch(acc, micro, accum, t.grad_clip)
     model = build_model(cfg, len(tokenizer), seed)
     model.config.use_cache = False
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -139,59 +198,76 @@ def train_model(acc, cfg: Config, run_dir: Path, name: str, examples, tokenizer,
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.warmup_steps, t.steps, t.min_lr_ratio))
-    model, opt = acc.prepare(model, opt)
+    if local:
+        model = model.to(acc.device)  # the optimizer keeps the same Parameter objects
+    else:
+        model, opt = acc.prepare(model, opt)
     # The scheduler is stepped by hand (accelerate's wrapper steps it once per process) and is not registered for
     # checkpointing: accelerate reloads custom objects unpickled (weights_only=False). Its state is the step.
     ckpt_root = Path(run_dir) / "checkpoints" / name
+    say = (lambda msg: print(msg, flush=True)) if local else acc.print
     start = 0
     latest = _latest_checkpoint(ckpt_root)
     if latest is not None:
-        acc.load_state(str(latest[0]))
+        if local:
+            _load_local_checkpoint(model, opt, latest[0])
+        else:
+            acc.load_state(str(latest[0]))
         start = latest[1]
         for _ in range(start):
             sched.step()
-        acc.print(f"[train] {name}: resuming from step {start} ({latest[0]})")
+        say(f"[train] {name}: resuming from step {start} ({latest[0]})")
     stream = training_schedule(lengths, t.batch_size, seed, t.length_grouping)
     for _ in range(start):
         next(stream)
-    info = {"model": name, "params": n_params(acc.unwrap_model(model)), "steps": t.steps, "batch_size": t.batch_size,
-            "micro_batch_size": micro, "grad_accum": accum, "num_processes": acc.num_processes,
+    info = {"model": name, "params": n_params(model if local else acc.unwrap_model(model)), "steps": t.steps,
+            "batch_size": t.batch_size, "micro_batch_size": micro, "grad_accum": accum, "num_processes": world,
             "sequences": len(rows)}
-    acc.print(f"[train] {name}: {info['params']:,} parameters, {len(rows)} sequences, effective batch "
-              f"{t.batch_size} = {micro} x {accum} accumulation x {acc.num_processes} processes, {t.steps} steps")
+    if local:
+        info["process_index"] = acc.process_index
+    say(f"[train] {name}: {info['params']:,} parameters, {len(rows)} sequences, effective batch "
+        f"{t.batch_size} = {micro} x {accum} accumulation x {world} processes, {t.steps} steps"
+        + (f" (job-parallel, process {acc.process_index})" if local else ""))
     model.train()
     bar = tqdm(total=t.steps, initial=start, desc=f"train {name}", disable=not acc.is_main_process, leave=False)
     t0, tokens, loss_acc = time.perf_counter(), 0, 0.0
     for step in range(start, t.steps):
         batch = next(stream)
         global_tokens = int(sum(lengths[i] - 1 for i in batch))
-        micro_batches = shard_batch(batch, lengths, acc.process_index, acc.num_processes, micro)
+        micro_batches = shard_batch(batch, lengths, rank, world, micro)
         step_loss = 0.0
-        for mb in micro_batches:
+        for k, mb in enumerate(micro_batches):
             seqs = [all_ids[rows[i]] for i in mb]
             b = collate(seqs, [1] * len(seqs), [len(s) for s in seqs], tokenizer.pad_token_id or 0)
-            b = {k: v.to(acc.device) for k, v in b.items()}
-            with acc.accumulate(model):
-                out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-                logp, mask = token_logprobs(out.logits, b["labels"])
-                nll_sum = -(logp * mask).sum()
-                # Sum over this shard / global token count, scaled back up for the gradient averaging of DDP
-                # (over processes) and accumulation (over micro-batches): the step's gradient is the global mean.
-                loss = nll_sum / global_tokens * acc.num_processes * accum
-                acc.backward(loss)
-                if acc.sync_gradients and t.grad_clip > 0 and not acc.state.deepspeed_plugin:
-                    acc.clip_grad_norm_(model.parameters(), t.grad_clip)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+            b = {key: v.to(acc.device) for key, v in b.items()}
+            if local:
+                nll_sum = _local_micro_step(acc, model, opt, b, global_tokens, accum, t.grad_clip,
+                                            last=k == len(micro_batches) - 1)
+            else:
+                with acc.accumulate(model):
+                    out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+                    logp, mask = token_logprobs(out.logits, b["labels"])
+                    nll_sum = -(logp * mask).sum()
+                    # Sum over this shard / global token count, scaled back up for the gradient averaging of DDP
+                    # (over processes) and accumulation (over micro-batches): the step's gradient is the global mean.
+                    loss = nll_sum / global_tokens * acc.num_processes * accum
+                    acc.backward(loss)
+                    if acc.sync_gradients and t.grad_clip > 0 and not acc.state.deepspeed_plugin:
+                        acc.clip_grad_norm_(model.parameters(), t.grad_clip)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
             step_loss += float(nll_sum.detach()) / global_tokens
             tokens += int(b["attention_mask"].sum())
         sched.step()
         loss_acc += step_loss
         bar.update(1)
         if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
-            total_loss = acc.reduce(torch.tensor(loss_acc, device=acc.device), reduction="sum").item()
             elapsed = time.perf_counter() - t0
-            tok_s = acc.reduce(torch.tensor(float(tokens), device=acc.device), reduction="sum").item() / elapsed
+            if local:
+                total_loss, tok_s = loss_acc, tokens / elapsed
+            else:
+                total_loss = acc.reduce(torch.tensor(loss_acc, device=acc.device), reduction="sum").item()
+                tok_s = acc.reduce(torch.tensor(float(tokens), device=acc.device), reduction="sum").item() / elapsed
             n_logged = (step + 1) % t.log_every or t.log_every
             if tracker is not None:
                 tracker.log({f"train/{name}/loss": total_loss / n_logged, f"train/{name}/lr": sched.get_last_lr()[0],
@@ -199,24 +275,119 @@ def train_model(acc, cfg: Config, run_dir: Path, name: str, examples, tokenizer,
             bar.set_postfix(loss=f"{total_loss / n_logged:.3f}", tok_s=f"{tok_s:,.0f}")
             loss_acc = 0.0
         if (step + 1) % t.checkpoint_every == 0 and step + 1 < t.steps:
-            _checkpoint(acc, ckpt_root, step + 1)
+            if local:
+                _local_checkpoint(model, opt, ckpt_root, step + 1, max(1, t.keep_checkpoints))
+            else:
+                _checkpoint(acc, ckpt_root, step + 1, max(1, t.keep_checkpoints))
     bar.close()
     info["train_seconds"] = time.perf_counter() - t0
+    if local:
+        _save_own_model(model, tokenizer, model_dir(run_dir, name))
+        verify_saved_model(model_dir(run_dir, name))
+        prune_checkpoints(ckpt_root, cfg.train.keep_checkpoints)  # only once the model is saved and verified
+        say(f"[train] {name}: trained in {info['train_seconds']:.1f}s (process {acc.process_index})")
+        return info
     save_model(acc, model, tokenizer, model_dir(run_dir, name))
     acc.wait_for_everyone()
-    if acc.is_main_process and ckpt_root.exists():
-        shutil.rmtree(ckpt_root)
+    if acc.is_main_process:
+        verify_saved_model(model_dir(run_dir, name))
+        prune_checkpoints(ckpt_root, cfg.train.keep_checkpoints)  # only once the model is saved and verified
     acc.free_memory()
     return info
 
 
-def _checkpoint(acc, ckpt_root: Path, step: int) -> None:
+def prune_checkpoints(ckpt_root: Path, keep: int) -> None:
+    """Keep the newest `keep` checkpoints under `ckpt_root` (0: remove them all, and the folder)."""
+    steps = sorted(ckpt_root.glob("step_*")) if ckpt_root.exists() else []
+    for old in steps[: max(0, len(steps) - keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+    if keep == 0 and ckpt_root.exists():
+        shutil.rmtree(ckpt_root, ignore_errors=True)
+
+
+def verify_saved_model(path: Path) -> None:
+    """The saved model reads back whole (every tensor of every safetensors file) before its checkpoints go."""
+    from safetensors import safe_open
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise UserError(f"The trained model at {path} has no safetensors file after saving; its checkpoints are kept. "
+                        "Check the disk (space, quota) and rerun `unlearnbench train` to resume from them.")
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            for key in fh.keys():
+                fh.get_tensor(key)
+
+
+def _local_micro_step(acc, model, opt, b: dict, global_tokens: int, accum: int, grad_clip: float,
+                      last: bool) -> torch.Tensor:
+    """One micro-batch of a job-parallel step: what the 1-process data path computes, op for op (accelerate's
+    autocast around the forward, `backward` dividing by the accumulation steps, then torch's clipping and the
+    optimizer step on the last micro-batch), with no collective. Returns the micro-batch's summed NLL."""
+    with acc.autocast():  # a no-op without mixed precision; bf16 as accelerate wraps a prepared model's forward
+        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    logp, mask = token_logprobs(out.logits, b["labels"])
+    nll_sum = -(logp * mask).sum()
+    loss = nll_sum / global_tokens * accum  # the data path with one process (x * 1 is exact)
+    (loss / accum).backward()
+    if last:
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return nll_sum
+
+
+def _save_own_model(model, tokenizer, path: Path) -> None:
+    """`models.save_local_model` on any rank. transformers >= 5 `save_pretrained` writes the weights and config only
+    on torch.distributed rank 0 (`should_save_on_this_rank`) and returns without a word elsewhere; a job-parallel
+    process owns its model, so it answers yes for this one call. Checked: the files must be there afterwards."""
+    model.should_save_on_this_rank = lambda is_main_process=True: True  # an instance attribute shadows the method
+    try:
+        save_local_model(model, tokenizer, path)
+    finally:
+        del model.should_save_on_this_rank
+    if not (path / "config.json").exists() or not any(path.glob("model*.safetensors")):
+        raise RuntimeError(f"Saving {path} wrote no weights or config (transformers skipped this rank).")
+
+
+def _checkpoint(acc, ckpt_root: Path, step: int, keep: int = 1) -> None:
     path = ckpt_root / f"step_{step:07d}"
     acc.save_state(str(path))
     acc.wait_for_everyone()
     if acc.is_main_process:
-        write_json(path / "complete.json", {"step": step})  # written last: only complete checkpoints count
-        for old in ckpt_root.glob("step_*"):
-            if old != path:
-                shutil.rmtree(old, ignore_errors=True)
+        integrity.mark_complete(path, step)  # written last, with sizes and checksums: only complete checkpoints count
+        prune_checkpoints(ckpt_root, keep)
     acc.wait_for_everyone()
+
+
+# Job-parallel checkpoints use accelerate's file names for a DDP / 1-process launch (`model.safetensors`,
+# `optimizer.bin`), so either mode resumes the other's checkpoint (a run killed in one mode and relaunched with a
+# process count that selects the other). DeepSpeed checkpoints are engine directories: only DeepSpeed reads them.
+_WEIGHTS, _OPTIMIZER = "model.safetensors", "optimizer.bin"
+
+
+def _local_checkpoint(model, opt, ckpt_root: Path, step: int, keep: int = 1) -> None:
+    """Save a job-parallel model's weights (safetensors) and optimizer state (torch.save of plain tensors and
+    numbers, read back with weights_only=True); `complete.json` last, then older checkpoints go."""
+    from safetensors.torch import save_model as save_safetensors
+
+    path = ckpt_root / f"step_{step:07d}"
+    path.mkdir(parents=True, exist_ok=True)
+    save_safetensors(model, str(path / _WEIGHTS), metadata={"format": "pt"})  # drops the tied lm_head copy
+    torch.save(opt.state_dict(), path / _OPTIMIZER)
+    integrity.mark_complete(path, step)  # written last, with sizes and checksums: only complete checkpoints count
+    prune_checkpoints(ckpt_root, keep)
+
+
+def _load_local_checkpoint(model, opt, path: Path) -> None:
+    from accelerate.utils import load as safe_torch_load  # torch.load with weights_only=True, as accelerate reads it
+    from safetensors.torch import load_model as load_safetensors
+
+    if not (path / _WEIGHTS).exists() or not (path / _OPTIMIZER).exists():
+        raise UserError(f"The checkpoint {path} was not written by a DDP or 1-process launch (a DeepSpeed checkpoint?), "
+                        "so job-parallel training cannot resume it. Relaunch with the accelerate config that wrote it "
+                        f"and train.parallel=data, or delete {path.parent} to train this model from the start.")
+    device = next(model.parameters()).device
+    load_safetensors(model, str(path / _WEIGHTS), device=str(device))
+    opt.load_state_dict(safe_torch_load(path / _OPTIMIZER, map_location="cpu", weights_only=True))
