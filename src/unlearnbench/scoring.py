@@ -176,3 +176,87 @@ def score_pass(acc, model, dataset, batch_size: int = 64, pad_id: int = 0,
     total_slots = slots if local else int(acc.reduce(torch.tensor(slots, device=acc.device), reduction="sum").item())
     stats = PassStats(len(df), int(sum(len(s) for s in ids)), total_slots, time.perf_counter() - t0)
     return df, stats
+
+
+TOKEN_COLUMNS = ("token_logp", "token_mu", "token_sigma")
+
+
+def _token_stats(logits: torch.Tensor, wanted: torch.Tensor, chunk_elems: int = 1 << 24):
+    """Per scored position: log p(target), and the mean and standard deviation of log p over the vocabulary
+    under the next-token distribution (mu = sum_v p log p, sigma^2 = sum_v p (log p - mu)^2), in float32.
+    Positions go through in chunks of about `chunk_elems` logits, so the temporaries stay at that size."""
+    n, vocab = logits.shape
+    step = max(1, chunk_elems // max(1, vocab))
+    out = torch.empty((3, n), dtype=torch.float32, device=logits.device)
+    for a in range(0, n, step):
+        logp = torch.log_softmax(logits[a:a + step].float(), dim=-1)
+        p = logp.exp()
+        out[0, a:a + step] = logp.gather(1, wanted[a:a + step, None])[:, 0]
+        # p = 0 where log p = -inf (a masked logit): 0 * inf would be NaN, the term is 0
+        mu = torch.where(p > 0, p * logp, 0.0).sum(-1)
+        out[1, a:a + step] = mu
+        out[2, a:a + step] = torch.where(p > 0, p * (logp - mu[:, None]).square(), 0.0).sum(-1).sqrt()
+    return out
+
+
+def _per_example_tokens(model, batch: dict, head) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, nll_sum, n_tokens) per example ([batch, 3], float64) and its scored positions' log p, mu and sigma
+    left-aligned and zero-padded to the batch's longest scored span ([batch, 3, max n_tokens], float32)."""
+    logits, wanted, mask = _scored_logits(model, batch, head)
+    owner = mask.nonzero()[:, 0]  # the example each scored position belongs to (row-major: in position order)
+    slot = mask.long().cumsum(1)[mask] - 1  # its index among that example's scored positions
+    n_tok = mask.sum(1)
+    tok = _token_stats(logits, wanted)
+    width = int(n_tok.max().item()) if n_tok.numel() else 0
+    per_tok = torch.zeros((mask.size(0), 3, width), dtype=torch.float32, device=logits.device)
+    per_tok[owner, :, slot] = tok.T
+    nll = torch.zeros(mask.size(0), dtype=torch.float64, device=logits.device).index_add_(
+        0, owner, -tok[0].double())
+    return torch.stack([batch["row"].double(), nll, n_tok.double()], dim=1), per_tok
+
+
+@torch.no_grad()
+def token_score_pass(acc, model, dataset, batch_size: int = 64, pad_id: int = 0, vocab_size: int | None = None,
+                     local: bool = False) -> pd.DataFrame:
+    """Per-example losses and per-token statistics of `model` on every example of `dataset`, for the
+    membership-inference attacks (metrics.mia), in one sharded pass; sorted by example_id, on all processes.
+
+    Columns: `example_id`, `nll_sum`, `n_tokens`, `nll` (as `score_pass`), and per scored position, in order,
+    float32 arrays `token_logp` (log p of the token), `token_mu` and `token_sigma` (mean and standard deviation
+    of log p over the vocabulary under the model's next-token distribution there, for Min-K%++). `local` as in
+    `score_pass`. The same for any number of processes.
+    """
+    if not isinstance(dataset, dict) and all(c in dataset.column_names for c in REQUIRED):
+        dataset = dataset.select_columns(list(REQUIRED)).to_dict()
+    check_scorable(dataset, vocab_size)
+    ids = list(dataset["input_ids"])
+    data = _Sorted(ids, list(dataset["score_start"]), list(dataset["score_end"]))
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=lambda items: _collate(items, pad_id))
+    if not local:
+        loader = acc.prepare_data_loader(loader)
+    was_training = model.training
+    model.eval()
+    head = split_head(acc, model, local)
+    tables, tokens = [], []
+    for batch in loader:
+        if local:
+            batch = {k: v.to(acc.device) for k, v in batch.items()}
+        per_example, per_tok = _per_example_tokens(model, batch, head)
+        if not local:  # ragged: every process pads to the widest span of this round, then the gather drops dupes
+            per_tok = acc.pad_across_processes(per_tok, dim=2)
+            per_example, per_tok = acc.gather_for_metrics((per_example, per_tok))
+        tables.append(per_example.cpu().numpy())
+        tokens += [t[:, : int(n)] for t, n in zip(per_tok.cpu().numpy(), per_example[:, 2].cpu().numpy())]
+    if was_training:
+        model.train()
+    table = np.concatenate(tables) if tables else np.zeros((0, 3))
+    rows = table[:, 0].astype(np.int64)
+    if len(rows) != len(ids) or len(np.unique(rows)) != len(ids):
+        raise RuntimeError(f"token scoring pass returned {len(rows)} rows ({len(np.unique(rows))} unique) for "
+                           f"{len(ids)} examples")
+    df = pd.DataFrame({"example_id": np.asarray(dataset["example_id"])[rows], "nll_sum": table[:, 1],
+                       "n_tokens": table[:, 2].astype(np.int64)})
+    df["nll"] = df["nll_sum"] / df["n_tokens"].clip(lower=1)
+    for j, col in enumerate(TOKEN_COLUMNS):
+        df[col] = [np.ascontiguousarray(t[j]) for t in tokens]
+    return df.sort_values("example_id", kind="stable").reset_index(drop=True)

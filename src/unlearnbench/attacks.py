@@ -1,0 +1,110 @@
+"""Does forgetting last? The attacks on an unlearned model, below the attack stage: relearning (a few fine-tuning
+steps on retain data, or on part of the request's own forget examples), quantization reload, and the exposure
+bookkeeping that makes them comparable. Each attack is applied the same way to the oracle θᵣ, the yardstick:
+`recovered` is the share of the original exposure gap that comes back beyond what an exactly-unlearned model picks
+up from the same data.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from unlearnbench import metrics
+from unlearnbench.batching import collate, token_logprobs
+from unlearnbench.evaluation import exposures
+from unlearnbench.scoring import score_pass
+
+
+@dataclass
+class RequestSets:
+    """What the attacks score for one request: its examples, their kind's references, and which examples the
+    targeted relearning may train on (the rest is held out)."""
+
+    example_ids: list[str]
+    seen: list[str]  # forget examples the targeted relearning trains on
+    held_out: list[str]  # the rest: does it come back without being trained on?
+    data: dict  # example_id, input_ids, score_start, score_end as plain lists (request + references)
+    meta: pd.DataFrame  # example_id, kind, split of `data`'s rows
+    e_0: np.ndarray  # exposure under θ₀ (score stage, every reference)
+    e_r: np.ndarray  # exposure under θᵣ
+    texts: list[str]  # the text of each row of `data` (the zlib attack compresses it)
+
+
+def relearn_schedule(k: int) -> list[int]:
+    """Steps at which a relearning run is scored: 0, 1, 2, 4, 8, ... and k."""
+    out, s = {0, k}, 1
+    while s < k:
+        out.add(s)
+        s *= 2
+    return sorted(out)
+
+
+def exposure_of(acc, model, sets: RequestSets, loss: str, form: str, batch_size: int, pad_id: int) -> np.ndarray:
+    """The request's exposure under `model` against its references (one local pass, no collective)."""
+    scores, _ = score_pass(acc, model, sets.data, batch_size, pad_id, local=True)
+    exp = exposures(sets.meta.merge(scores, on="example_id"), loss, sets.example_ids)
+    return exp[f"exposure_{form}"].to_numpy()
+
+
+def recovered_share(e_att: np.ndarray, e_r_att: np.ndarray, e_0: np.ndarray, e_r: np.ndarray, n_boot: int,
+                    seed: int, alpha: float = 0.05) -> dict:
+    """(ē_attacked − ē_oracle,attacked) / (ē_0 − ē_r) with a bootstrap interval over the examples."""
+    def share(a, b, c, d):
+        gap = float(np.mean(c - d))
+        return float(np.mean(a - b)) / gap if gap > 0 else float("nan")
+
+    value = share(e_att, e_r_att, e_0, e_r)
+    lo, hi = metrics.bootstrap_ci(share, e_att, e_r_att, e_0, e_r, n_boot=n_boot, alpha=alpha, seed=seed)
+    return {"recovered": value, "lo": lo, "hi": hi, "n": int(len(e_0))}
+
+
+def finetune(model, rows: list[list[int]], spans: list[tuple[int, int]], steps: int, lr: float, batch_size: int,
+             seed: int, device, pad_id: int, on_step=None) -> None:
+    """k plain fine-tuning steps (mean NLL of the scored tokens, AdamW at `lr`) on batches drawn from `rows` in a
+    seeded order; `on_step(step)` is called at step 0 and after every step."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    order = np.random.default_rng([seed, 31337]).permutation(len(rows))
+    bsz = min(batch_size, len(rows))
+    if on_step is not None:
+        on_step(0)
+    for step in range(steps):
+        idx = [order[(step * bsz + i) % len(rows)] for i in range(bsz)]
+        b = collate([rows[i] for i in idx], [spans[i][0] for i in idx], [spans[i][1] for i in idx], pad_id)
+        b = {k: v.to(device) for k, v in b.items()}
+        model.train()
+        logp, mask = token_logprobs(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+                                    b["labels"])
+        loss = -(logp * mask).sum() / mask.sum().clamp_min(1)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if on_step is not None:
+            on_step(step + 1)
+    model.eval()
+
+
+def relearning_curve(acc, start_model, sets: RequestSets, train_rows: list[list[int]],
+                     train_spans: list[tuple[int, int]], cfg, pad_id: int) -> pd.DataFrame:
+    """Exposure of the whole request and of its held-out part along k relearning steps from `start_model`
+    (a copy: the start model is not changed)."""
+    a, m = cfg.attack, cfg.metrics
+    model = copy.deepcopy(start_model).to(acc.device)
+    schedule = set(relearn_schedule(a.relearn_steps))
+    held = np.isin(sets.example_ids, sets.held_out)
+    rows = []
+
+    def score(step: int) -> None:
+        if step in schedule:
+            e = exposure_of(acc, model, sets, m.loss, m.exposure, cfg.score.batch_size, pad_id)
+            rows.append({"step": step, "exposure_mean": float(e.mean()),
+                         "exposure_held_out_mean": float(e[held].mean()) if held.any() else float("nan"),
+                         "exposures": e})
+
+    finetune(model, train_rows, train_spans, a.relearn_steps, a.relearn_lr, a.relearn_batch_size, cfg.run.seed,
+             acc.device, pad_id, score)
+    return pd.DataFrame(rows)

@@ -1,0 +1,201 @@
+"""The attack stage: does forgetting last? For each unlearned request (from the model saved at the step it became
+unlearned), relearning (k fine-tuning steps on retain data, and on part of its own forget examples), weight-only
+quantization reload, and membership inference (LOSS, zlib, Min-K%, Min-K%++ under θ₀, the unlearned model and θᵣ).
+Everything is measured against the oracle θᵣ attacked the same way. Writes `attacks/<request>/` and
+`attacks/summary.json` (with F4); the report shows them.
+
+A request that never became unlearned is reported as such and skipped; a quantization backend this platform lacks
+is one message, and the other attacks go on.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from unlearnbench import attacks, metrics
+from unlearnbench.config import Config
+from unlearnbench.data.build import load_examples, load_tokenizer
+from unlearnbench.distributed import peak_memory_mib, zero_stage
+from unlearnbench.errors import UserError
+from unlearnbench.evaluation import eval_subset
+from unlearnbench.findings import finding_f4
+from unlearnbench.io import read_json, write_json, write_parquet
+from unlearnbench.models import load_pretrained, load_trained
+from unlearnbench.rundir import Context, clear_outputs, finish_stage, require, should_run
+from unlearnbench.tracking import open_tracker
+
+NAME = "attack"
+OUTPUTS = ("attacks",)
+SECTIONS = ("data", "model", "train", "score", "metrics", "unlearn", "attack", "run.seed")
+
+
+def selected(cfg: Config, results: list[dict]) -> list[dict]:
+    """The requests the attacks run on: all, or only those of the highest repetitions (`attack.requests`)."""
+    if cfg.attack.requests == "max_repetitions":
+        top = max(int(r["repetitions"]) for r in results)
+        return [r for r in results if int(r["repetitions"]) == top]
+    return list(results)
+
+
+def request_sets(cfg: Config, ids: list[str], columns: dict, meta: pd.DataFrame,
+                 forget_table: pd.DataFrame) -> attacks.RequestSets:
+    """The request's examples and its kind's references as plain lists, and its seen / held-out split."""
+    kinds = set(forget_table.set_index("example_id").loc[ids, "kind"])
+    keep = meta.example_id.isin(ids) | ((meta.split == "reference") & meta.kind.isin(kinds))
+    sub = meta[keep].reset_index(drop=True)
+    row_of = {e: i for i, e in enumerate(columns["example_id"])}
+    rows = [row_of[e] for e in sub.example_id]
+    data = {c: [columns[c][i] for i in rows] for c in ("example_id", "input_ids", "score_start", "score_end")}
+    texts = [columns["text"][i] for i in rows]
+    order = np.random.default_rng([cfg.run.seed, 4099]).permutation(len(ids))
+    n_seen = int(round(cfg.attack.relearn_forget_fraction * len(ids)))
+    seen = sorted(ids[i] for i in order[:n_seen])
+    held = sorted(set(ids) - set(seen))
+    t = forget_table.set_index("example_id").loc[ids]
+    form = cfg.metrics.exposure
+    return attacks.RequestSets(ids, seen, held, data, sub, t[f"exposure_{form}_original"].to_numpy(),
+                               t[f"exposure_{form}_oracle"].to_numpy(), texts)
+
+
+def attack_request(ctx: Context, r: dict, sets: attacks.RequestSets, columns: dict, tok) -> dict:
+    """Relearning (retain, forget fraction) and quantization of one unlearned request, with θᵣ as the yardstick."""
+    cfg, acc = ctx.cfg, ctx.acc
+    a, m = cfg.attack, cfg.metrics
+    pad = tok.pad_token_id or 0
+    out_dir = ctx.run_dir / "attacks" / r["request"]
+    unlearned = load_pretrained(str(ctx.run_dir / "unlearn" / r["request"] / "model_unlearned"), cfg.model.dtype)
+    oracle = load_trained(ctx.run_dir, "oracle", cfg.model.dtype)
+    original = load_trained(ctx.run_dir, "original", cfg.model.dtype)
+    row_of = {e: i for i, e in enumerate(columns["example_id"])}
+    retain = [i for i, s in enumerate(columns["split"]) if s == "retain"]
+    seen = [row_of[e] for e in sets.seen]
+    res = {"request": r["request"], "kind": r["kind"], "repetitions": r["repetitions"],
+           "replicate": r.get("replicate", 0), "n_examples": len(sets.example_ids), "n_seen": len(sets.seen),
+           "n_held_out": len(sets.held_out), "gap_bits": float(np.mean(sets.e_0 - sets.e_r))}
+    curves = []
+    for variant, rows in (("retain", retain), ("forget_fraction", seen)):
+        ids = [columns["input_ids"][i] for i in rows]
+        spans = [(columns["score_start"][i], columns["score_end"][i]) for i in rows]
+        per = {}
+        for start, model in (("unlearned", unlearned), ("oracle", oracle)):
+            c = attacks.relearning_curve(acc, model, sets, ids, spans, cfg, pad)
+            per[start] = c
+            curves.append(c.drop(columns="exposures").assign(variant=variant, start=start))
+        last_u, last_r = per["unlearned"].iloc[-1], per["oracle"].iloc[-1]
+        share = attacks.recovered_share(last_u.exposures, last_r.exposures, sets.e_0, sets.e_r, m.n_boot,
+                                        cfg.run.seed, m.alpha)
+        held = np.isin(sets.example_ids, sets.held_out)
+        held_share = (attacks.recovered_share(last_u.exposures[held], last_r.exposures[held], sets.e_0[held],
+                                              sets.e_r[held], m.n_boot, cfg.run.seed, m.alpha)
+                      if variant == "forget_fraction" and held.any() else None)
+        res[f"relearn_{variant}"] = {**share, "held_out": held_share, "steps": a.relearn_steps}
+    res["quantization"] = quantization(ctx, sets, {"unlearned": unlearned, "original": original, "oracle": oracle}, pad)
+    res["mia"] = membership(ctx, sets, {"original": original, "unlearned": unlearned, "oracle": oracle}, pad)
+    # request-parallel: each process writes the requests it ran; result.json last marks the request done
+    write_parquet(out_dir / "relearning.parquet", pd.concat(curves, ignore_index=True))
+    write_json(out_dir / "result.json", res)
+    return res
+
+
+def quantization(ctx: Context, sets: attacks.RequestSets, models: dict, pad: int) -> dict:
+    """Exposure and UQ after weight-only quantization of the unlearned model, θ₀ and θᵣ quantized the same way."""
+    from unlearnbench.quantize import quantize_model
+
+    cfg, acc, m = ctx.cfg, ctx.acc, ctx.cfg.metrics
+    e_t = attacks.exposure_of(acc, models["unlearned"], sets, m.loss, m.exposure, cfg.score.batch_size, pad)
+    out = {"none": attacks.recovered_share(e_t, sets.e_r, sets.e_0, sets.e_r, m.n_boot, cfg.run.seed, m.alpha)}
+    for bits in cfg.attack.quant_bits:
+        try:
+            e = {name: attacks.exposure_of(acc, quantize_model(model, bits), sets, m.loss, m.exposure,
+                                          cfg.score.batch_size, pad) for name, model in models.items()}
+        except UserError as exc:
+            out[f"int{bits}"] = {"error": str(exc)}
+            continue
+        uq = metrics.unlearning_quality(e["unlearned"], e["original"], e["oracle"], m.uq_min_gap_bits).uq
+        share = attacks.recovered_share(e["unlearned"], e["oracle"], sets.e_0, sets.e_r, m.n_boot, cfg.run.seed,
+                                        m.alpha)
+        out[f"int{bits}"] = {"uq": float(uq), **share, "exposure_unlearned_mean": float(e["unlearned"].mean()),
+                             "exposure_original_mean": float(e["original"].mean()),
+                             "exposure_oracle_mean": float(e["oracle"].mean())}
+    return out
+
+
+def membership(ctx: Context, sets: attacks.RequestSets, models: dict, pad: int) -> dict:
+    """AUC of the request's examples (members) against its references (non-members) for four attacks under each
+    model, from one token-level pass per model; PrivLeak relative to θᵣ."""
+    from unlearnbench.metrics import mia
+    from unlearnbench.scoring import token_score_pass
+
+    cfg, acc = ctx.cfg, ctx.acc
+    k = cfg.attack.mia_k
+    text_of = dict(zip(sets.data["example_id"], sets.texts))
+    out: dict = {}
+    member = sets.meta.example_id.isin(sets.example_ids).to_numpy()
+    for name, model in models.items():
+        tok = token_score_pass(acc, model, sets.data, cfg.score.batch_size, pad, local=True)
+        tok = sets.meta[["example_id"]].merge(tok, on="example_id")
+        scores = {
+            "loss": mia.loss_score(tok.nll.to_numpy()),
+            "zlib": mia.zlib_score(tok.nll_sum.to_numpy(), [text_of[e] for e in tok.example_id]),
+            "min_k": mia.min_k(list(tok.token_logp), k),
+            "min_k_pp": mia.min_k_plus_plus(list(tok.token_logp), list(tok.token_mu), list(tok.token_sigma), k)}
+        out[name] = {att: float(mia.auc(s[member], s[~member])) for att, s in scores.items()}
+    out["priv_leak"] = {att: float(mia.priv_leak(out["unlearned"][att], out["oracle"][att])) for att in out["oracle"]}
+    return out
+
+
+def run(ctx: Context) -> None:
+    """Every selected request's attacks, then attacks/summary.json with F4."""
+    require(ctx, "unlearn")
+    if not should_run(ctx, NAME):
+        return
+    cfg, acc = ctx.cfg, ctx.acc
+    if not cfg.attack.enabled:
+        acc.print("[attack] attack.enabled=false: skipping the attacks")
+        finish_stage(ctx, NAME, {"skipped": True})
+        return
+    if zero_stage(acc) > 0 or "FSDP" in str(acc.distributed_type):
+        raise UserError("The attack stage runs each request on one device, but this launch shards the model (DeepSpeed "
+                        "ZeRO or FSDP). Run `unlearnbench attack` with a DDP or single-device accelerate config, or "
+                        "set attack.enabled=false.")
+    clear_outputs(ctx, NAME)
+    examples = load_examples(ctx.run_dir / "data")
+    tok = load_tokenizer(ctx.run_dir / "data")
+    subset = eval_subset(examples)
+    columns = examples.select_columns(["example_id", "input_ids", "score_start", "score_end", "split", "text"]).to_dict()
+    meta = subset.select_columns(["example_id", "kind", "split"]).to_pandas()
+    forget_table = pd.read_parquet(ctx.run_dir / "scores" / "examples.parquet")
+    summary = read_json(ctx.run_dir / "summary.json")
+    results = [read_json(ctx.run_dir / "unlearn" / g["request"] / "result.json") for g in summary["groups"]]
+    trk = open_tracker(ctx, NAME, writer=True)
+    mine = selected(cfg, results)[acc.process_index::acc.num_processes]
+    for r in mine:
+        if (ctx.run_dir / "attacks" / r["request"] / "result.json").exists():
+            print(f"[attack] {r['request']}: already done, skipping", flush=True)
+            continue
+        model_dir = ctx.run_dir / "unlearn" / r["request"] / "model_unlearned"
+        if r.get("outcome") != "unlearned" or r.get("nothing_to_forget") or not (model_dir / "config.json").exists():
+            why = ("it had nothing to forget" if r.get("nothing_to_forget") else
+                   f"it never became unlearned (outcome {r.get('outcome')})" if r.get("outcome") != "unlearned" else
+                   f"no model saved at its unlearned step ({model_dir}; set unlearn.save_unlearned=true)")
+            print(f"[attack] {r['request']}: skipped, {why}", flush=True)
+            continue
+        ids = list(pd.read_parquet(ctx.run_dir / "unlearn" / r["request"] / "examples.parquet").example_id)
+        res = attack_request(ctx, r, request_sets(cfg, ids, columns, meta, forget_table), columns, tok)
+        trk.log({f"attack/{r['request']}/relearn_{v}": res[f"relearn_{v}"]["recovered"]
+                 for v in ("retain", "forget_fraction")}, request=r["request"])
+        print(f"[attack] {r['request']}: recovered after {cfg.attack.relearn_steps} relearning steps "
+              f"{res['relearn_forget_fraction']['recovered']:+.2f} (forget fraction), "
+              f"{res['relearn_retain']['recovered']:+.2f} (retain); " +
+              ", ".join(f"{q}: {v['recovered']:+.2f}" for q, v in res["quantization"].items() if "recovered" in v),
+              flush=True)
+    acc.wait_for_everyone()
+    all_results = [read_json(p) for p in sorted((ctx.run_dir / "attacks").glob("*/result.json"))]
+    if ctx.is_main:
+        summary_doc = {"requests": all_results, "findings": {"F4": finding_f4(all_results, cfg.metrics.alpha)}}
+        write_json(ctx.run_dir / "attacks" / "summary.json", summary_doc)
+        trk.summary({f"findings/F4/{k}": v for k, v in summary_doc["findings"]["F4"].items() if isinstance(v, str)})
+    trk.finish()
+    acc.wait_for_everyone()
+    finish_stage(ctx, NAME, {"requests": len(all_results), **peak_memory_mib()})

@@ -1,0 +1,83 @@
+"""The attack stage: relearning raises exposure, recovery is measured against the oracle, quantization is rescored,
+membership inference per model, F4 from the numbers; requests that never became unlearned are skipped."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import smoke_config
+
+
+def test_recovered_share_by_hand():
+    from unlearnbench.attacks import recovered_share
+
+    e_att, e_r_att = np.array([5.0, 3.0, 4.0]), np.array([2.0, 2.0, 2.0])
+    e_0, e_r = np.array([10.0, 8.0, 9.0]), np.array([1.0, 1.0, 1.0])
+    r = recovered_share(e_att, e_r_att, e_0, e_r, n_boot=200, seed=0)
+    assert r["recovered"] == pytest.approx(2.0 / 8.0) and r["lo"] <= 0.25 <= r["hi"] and r["n"] == 3
+
+
+def test_relearning_on_the_forget_examples_brings_exposure_back(smoke_study):
+    """From the model saved at the unlearned step, fine-tuning on the request's own examples raises its exposure;
+    the same steps from θ₀'s far side (the oracle) raise it less."""
+    from unlearnbench.data.build import load_examples, load_tokenizer
+    from unlearnbench.distributed import make_accelerator
+    from unlearnbench.evaluation import eval_subset
+    from unlearnbench.models import load_pretrained, load_trained
+    from unlearnbench.stages.attack import request_sets
+
+    _, run = smoke_study
+    cfg = smoke_config(run, "attack.relearn_steps=8", "attack.relearn_lr=3e-3")
+    done = [p.parent.name for p in sorted((run / "unlearn").glob("*/model_unlearned"))]
+    assert done, "the smoke study saves the model of every request that became unlearned"
+    name = done[-1]
+    ex = load_examples(run / "data")
+    columns = ex.select_columns(["example_id", "input_ids", "score_start", "score_end", "split", "text"]).to_dict()
+    meta = eval_subset(ex).select_columns(["example_id", "kind", "split"]).to_pandas()
+    table = pd.read_parquet(run / "scores/examples.parquet")
+    ids = list(pd.read_parquet(run / "unlearn" / name / "examples.parquet").example_id)
+    sets = request_sets(cfg, ids, columns, meta, table)
+    assert sorted(sets.seen + sets.held_out) == sorted(ids) and not set(sets.seen) & set(sets.held_out)
+    from unlearnbench.attacks import relearning_curve
+
+    row_of = {e: i for i, e in enumerate(columns["example_id"])}
+    rows = [columns["input_ids"][row_of[e]] for e in ids]
+    spans = [(columns["score_start"][row_of[e]], columns["score_end"][row_of[e]]) for e in ids]
+    acc = make_accelerator()
+    pad = load_tokenizer(run / "data").pad_token_id or 0
+    unlearned = load_pretrained(str(run / "unlearn" / name / "model_unlearned"))
+    before = {k: v.clone() for k, v in unlearned.state_dict().items()}
+    c = relearning_curve(acc, unlearned, sets, rows, spans, cfg, pad)
+    assert list(c.step) == [0, 1, 2, 4, 8]
+    assert c.exposure_mean.iloc[-1] > c.exposure_mean.iloc[0] + 1.0  # relearning the forget set brings it back
+    assert all(np.array_equal(before[k], v) for k, v in unlearned.state_dict().items())  # the start is untouched
+    oracle = relearning_curve(acc, load_trained(run, "oracle"), sets, rows, spans, cfg, pad)
+    assert oracle.exposure_mean.iloc[-1] > oracle.exposure_mean.iloc[0]  # the oracle learns them too: the yardstick
+
+
+def test_attack_stage_outputs_and_f4(smoke_study):
+    _, run = smoke_study
+    summary = json.loads((run / "attacks" / "summary.json").read_text())
+    results = {r["request"]: r for r in summary["requests"]}
+    unlearned = {p.parent.name for p in (run / "unlearn").glob("*/model_unlearned")}
+    sums = json.loads((run / "summary.json").read_text())
+    top = max(g["repetitions"] for g in sums["groups"])  # the smoke preset attacks the highest repetitions only
+    attacked = {g["request"] for g in sums["groups"]
+                if g["outcome"] == "unlearned" and not g["nothing_to_forget"] and g["repetitions"] == top}
+    assert set(results) == attacked and attacked <= unlearned
+    for r in results.values():
+        assert set(r["quantization"]) >= {"none", "int8", "int4"}
+        for model in ("original", "unlearned", "oracle"):
+            assert set(r["mia"][model]) == {"loss", "zlib", "min_k", "min_k_pp"}
+            assert all(0.0 <= v <= 1.0 for v in r["mia"][model].values())
+        assert r["mia"]["priv_leak"]["loss"] == pytest.approx(
+            (r["mia"]["unlearned"]["loss"] - r["mia"]["oracle"]["loss"]) / r["mia"]["oracle"]["loss"])
+        curve = pd.read_parquet(run / "attacks" / r["request"] / "relearning.parquet")
+        assert set(curve.variant) == {"retain", "forget_fraction"} and set(curve.start) == {"unlearned", "oracle"}
+    f4 = summary["findings"]["F4"]
+    assert f4["verdict"] in ("reproduced", "partly reproduced", "not reproduced", "reversed", "inconclusive")
+    assert f4["of"] == len(f4["cells"])
+    md = (run / "report" / "report.md").read_text()
+    assert "## Does forgetting last?" in md and f"**F4: {f4['verdict']}**" in md
