@@ -8,7 +8,7 @@ PRESET ?= default
 ARGS ?=
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
-.PHONY: run test test-all bench install clean-runs
+.PHONY: run test test-all test-slow bench install clean-runs
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(if $(filter 1,$(HAS_GPU)),--system-site-packages,) $(VENV)
@@ -38,6 +38,10 @@ test: $(VENV)/.installed
 # Everything, the slow multi-process and interruption tests included.
 test-all: $(VENV)/.installed
 	$(PY) -m pytest -q -m ""
+
+# Only the heavier tests (marked slow): multi-process backends, interruption, generated bad input.
+test-slow: $(VENV)/.installed
+	$(PY) -m pytest -q -m slow
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/run_all.py

@@ -127,3 +127,31 @@ def test_cli_bad_input_exits_cleanly(tmp_path):
     assert not (tmp_path / "r" / "data").exists()
     res = cli("prepare", "--preset", "nope")
     assert res.returncode == 2 and "Unknown preset" in res.stderr
+
+
+def test_replicate_groups_are_disjoint_and_trained_as_often_as_their_repetitions(tmp_path):
+    """data.replicates=3: three disjoint forget groups per (kind, repetitions), ids carry the group, every group is
+    in the original's mixture `repetitions` times and never in the oracle's; requests follow the groups."""
+    import collections
+
+    from unlearnbench.stages.train import mixture
+    from unlearnbench.stages.unlearn import build_requests
+
+    small = ["data.n_train=200", "data.n_retain=20", "data.n_holdout=20", "data.n_id_references=30",
+             "data.n_references=30", "data.n_domain_references=20", "data.n_domain_holdout=10", "data.group_size=4",
+             "data.replicates=3"]
+    cfg = smoke_config(tmp_path, *small)
+    build_data(cfg, tmp_path / "data")
+    ds = load_examples(tmp_path / "data")
+    forget = ds.filter(lambda r: r["split"] == "forget").to_pandas()
+    sizes = forget.groupby(["kind", "repetitions", "group"]).size()
+    assert len(sizes) == 3 * 3 * 3 and (sizes == 4).all()
+    assert forget.text.is_unique  # disjoint: no passage or secret in two groups
+    assert set(forget[forget.group == 2].example_id.str.slice(0, 13)) >= {"id-r016-g2-00"}
+    counts = collections.Counter(mixture(ds, "original"))
+    rows = {e: i for i, e in enumerate(ds["example_id"])}
+    assert all(counts[rows[e]] == r for e, r in zip(forget.example_id, forget.repetitions))
+    assert not set(rows[e] for e in forget.example_id) & set(mixture(ds, "oracle"))
+    reqs = build_requests(cfg, forget)
+    assert len(reqs) == 27 and {r.name for r in reqs} >= {"canary_r4_g0", "domain_r16_g2"}
+    assert all(len(r.example_ids) == 4 and r.replicate in (0, 1, 2) for r in reqs)

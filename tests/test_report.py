@@ -56,9 +56,11 @@ def test_report_renders_every_figure_and_references_it(smoke_study, tmp_path, mo
     for key, f in summary["findings"].items():
         assert f"**{key}: {f['verdict']}** ({f['holds']} of {f['of']}" in md
         assert trk.summaries[f"findings/{key}/verdict"] == f["verdict"]
-    for c in summary["findings"]["F3"]["correlations"]:
-        rho = f"ρ = {c['rho']:.2f} [{c['lo']:.2f}, {c['hi']:.2f}]"
-        assert f"{c['kind']}, steps to forget vs {c['variable']}: {rho}" in md
+    for c in summary["findings"]["F3"]["kinds"]:
+        hr = c["cox"]["memorization"]["hr"]
+        assert f"- {c['kind']}: **{c['verdict']}**; hazard ratio of forgetting per SD of memorization {hr:.3g}" in md
+    for c in summary["findings"]["F1"]["cells"]:
+        assert f"| {c['repetitions']} | {c['ood_kind']} | {c['replicates']} | **{c['verdict']}** |" in md
 
 
 def _fake_seed(src, dest, seed, shift):

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -54,8 +55,16 @@ def test_smoke_study_writes_every_output(smoke_study):
         assert result["steps_run"] <= cfg.unlearn.max_steps
         per = pd.read_parquet(d / "examples.parquet")
         assert per.steps_to_forget.between(0, cfg.unlearn.max_steps).all()
-        # never-forgotten examples are censored at the last evaluated step
-        assert (per.steps_to_forget[per.censored] == curve.step.iloc[-1]).all()
+        # never-forgotten examples are censored at the last valid evaluation (not the one that found a collapse)
+        collapsed_there = result["diverged"] and "perplexity" in result["stop_reason"]
+        last = curve.step.iloc[-2] if collapsed_there else curve.step.iloc[-1]
+        assert (per.steps_to_forget[per.censored] == last).all()
+        # the outcome at the target agrees with the crossing, and is never a sentinel number
+        o = result["outcomes"][f"{cfg.metrics.uq_target:g}"]
+        assert o["outcome"] == result["outcome"]
+        assert (o["outcome"] == "unlearned") == (result["steps_to_unlearn"] is not None)
+        if o["outcome"] == "unlearned":
+            assert o["grid_step"] == result["steps_to_unlearn"] and o["step"] <= o["grid_step"]
         assert (per.steps_to_forget[~per.censored].isin(curve.step)).all()
         # exposure under θ₀ measured in the loop equals the score stage's
         ex = examples.set_index("example_id").loc[per.example_id]
@@ -64,10 +73,13 @@ def test_smoke_study_writes_every_output(smoke_study):
     assert {g["request"] for g in summary["groups"]} == set(REQUESTS)
     for key in ("F1", "F2", "F3"):
         assert summary["findings"][key]["verdict"] in ("reproduced", "partly reproduced", "not reproduced",
-                                                       "inconclusive")
-    # F1's verdict is what its comparisons say
+                                                       "reversed", "inconclusive")
+    # F1's verdict is what its cells say, and each cell's what its main target's effect says
     f1 = summary["findings"]["F1"]
-    assert f1["holds"] == sum(c["ood_steps"] > c["id_steps"] for c in f1["comparisons"])
+    assert f1["holds"] == sum(c["verdict"] == "reproduced" for c in f1["cells"])
+    assert all(c["verdict"] == c["by_target"][c["main"]]["verdict"] for c in f1["cells"])
+    # one replicate per cell in the smoke preset: no interval, so every cell is inconclusive, never a verdict
+    assert all(c["verdict"] == "inconclusive" for c in f1["cells"] + summary["findings"]["F2"]["cells"])
 
 
 def test_ga_raises_uq_on_a_memorized_canary(smoke_study):
@@ -163,8 +175,8 @@ def test_two_process_unlearn_matches_one(smoke_study, tmp_path):
 
 
 def test_in_loop_reference_sample_is_consistent(smoke_study, tmp_path):
-    """A sampled evaluation: θᵣ's exposure recomputed on the same references; the full final check agrees with
-    the score stage; the sample is the same for every evaluator; result.json carries both."""
+    """A sampled evaluation: e₀ and θᵣ's exposure are the score stage's (every reference); the full final check
+    agrees with the score stage; the sample is the same for every evaluator; result.json carries both."""
     from unlearnbench import metrics
     from unlearnbench.data.build import load_examples
     from unlearnbench.distributed import make_accelerator
@@ -191,10 +203,9 @@ def test_in_loop_reference_sample_is_consistent(smoke_study, tmp_path):
     assert m[m.split == "holdout"].groupby("kind").size().to_dict() == {"domain": 40, "id": 40}
     assert (m.split == "retain").sum() == 40
     assert list(evaluator().meta.example_id) == list(m.example_id)  # seeded: the same sample every time
-    by_id = osc.set_index("example_id")
-    refs = by_id.loc[m[m.split == "reference"].example_id, "nll"].to_numpy()
-    np.testing.assert_allclose(ev.e_r, metrics.extrapolated_exposure(by_id.loc[ids, "nll"].to_numpy(), refs),
-                               rtol=1e-9)
+    t = table.set_index("example_id").loc[ids]
+    np.testing.assert_array_equal(ev.e_r, t.exposure_extrapolated_oracle.to_numpy())
+    np.testing.assert_array_equal(ev.e_0, t.exposure_extrapolated_original.to_numpy())
     model = load_trained(run, "original", "float32")
     full = ev.evaluate_full(model)  # θ₀ against every reference: the score stage's numbers, UQ 0
     assert abs(full["uq_final_all"]) < 1e-6
@@ -222,7 +233,9 @@ def test_in_loop_reference_sample_is_consistent(smoke_study, tmp_path):
     hold = sc[(sc.split == "holdout") & (sc.kind == "id")]
     assert res["id_holdout_ppl_final_all"] == pytest.approx(np.exp(hold.nll_sum.sum() / hold.n_tokens.sum()), rel=1e-6)
     plain = json.loads((smoke_study[1] / "unlearn/canary_r16/result.json").read_text())
-    assert "uq_final_all" not in plain  # every reference was scored in the loop: no separate check
+    # the defaults score every reference in the loop and sample only the utility sets: the check's UQ is the loop's
+    assert plain["in_loop_sample"]["examples"] < plain["in_loop_sample"]["all"]
+    assert plain["uq_final_all"] == pytest.approx(plain["uq_final"], abs=1e-6)
 
 
 def _weights(path):
@@ -279,3 +292,38 @@ def test_non_finite_loss_keeps_the_state_before_that_step(smoke_study, tmp_path,
         a, b = _weights(nan / f"unlearn/canary_r{r}/model"), _weights(clean / f"unlearn/canary_r{r}/model")
         assert all(torch.equal(a[k], b[k]) for k in a)
         assert not all(torch.equal(a[k], w) for k, w in _weights(nan / "models/original").items())  # it did move
+
+
+def test_stop_rule_continues_past_the_target_until_every_example_is_forgotten():
+    """The request's target is reached at step 4 but one example is still exposed: the run goes on and stops at
+    the first evaluation where every example is forgotten; a diverged perplexity stops it first; without
+    until_all_forgotten it stops at the target."""
+    from unlearnbench.unlearn.request import StopRule
+
+    cfg = smoke_config(Path("/tmp/x"), "metrics.uq_target=0.9", "unlearn.max_steps=20")
+    rows = [(0, 0.0, 0.0), (1, 0.5, 0.5), (4, 0.95, 0.9), (6, 0.8, 0.95), (8, 0.97, 1.0)]
+    rule = StopRule(cfg)
+    stops = [rule.check({"uq": uq, "forgotten_fraction": f, "id_holdout_ppl": 10.0}, s, 10.0) for s, uq, f in rows]
+    assert stops[:4] == [None] * 4 and stops[4][0] == "unlearned" and "every example" in stops[4][1]
+    early = StopRule(smoke_config(Path("/tmp/x"), "unlearn.until_all_forgotten=false"))
+    assert [early.check({"uq": uq, "forgotten_fraction": f, "id_holdout_ppl": 10.0}, s, 10.0) is None
+            for s, uq, f in rows[:3]] == [True, True, False]
+    collapse = StopRule(cfg)
+    assert collapse.check({"uq": 0.95, "forgotten_fraction": 1.0, "id_holdout_ppl": 1e9}, 3, 10.0)[0] == "diverged"
+    assert StopRule(cfg).check({"uq": 0.1, "forgotten_fraction": 0.0, "id_holdout_ppl": 10.0}, 20, 10.0)[0] == "max_steps"
+
+
+def test_request_outcome_interpolates_the_crossing_and_the_cost_there():
+    """UQ 0.6 at step 8 and 1.0 at step 10: the 0.9 crossing is 3/4 of the way in log(1+step); the log
+    perplexity ratio is read at the same point; never reaching the target is censored, diverging is collapsed."""
+    from unlearnbench.unlearn.request import request_outcome
+
+    curve = pd.DataFrame({"step": [0, 8, 10], "uq": [0.0, 0.6, 1.0], "utility_drop": [0.0, np.e - 1, np.e ** 3 - 1]})
+    o = request_outcome(curve, 0.9, False, 10)
+    x = np.log(9) + 0.75 * (np.log(11) - np.log(9))
+    assert o["outcome"] == "unlearned" and o["step"] == pytest.approx(np.exp(x) - 1) and o["grid_step"] == 10
+    assert o["log_ppl_ratio"] == pytest.approx(1 + 0.75 * 2) and o["utility_drop"] == pytest.approx(np.exp(2.5) - 1)
+    never = curve.assign(uq=[0.0, 0.2, 0.3])
+    assert request_outcome(never, 0.9, False, 10)["outcome"] == "censored"
+    assert request_outcome(never, 0.9, True, 10) == {"outcome": "collapsed", "step": 10.0, "grid_step": None,
+                                                      "log_ppl_ratio": None, "utility_drop": None}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -30,7 +31,8 @@ class DataConfig:
     domain_corpus: str = "pydoc"  # the OOD `domain` kind; same choices as `corpus`
     kinds: List[str] = field(default_factory=lambda: ["id", "canary", "domain"])
     repetitions: List[int] = field(default_factory=lambda: [1, 4, 16])
-    group_size: int = 32  # forget examples per (kind, repetitions) group
+    group_size: int = 32  # forget examples per forget group (one unlearning request)
+    replicates: int = 1  # disjoint forget groups per (kind, repetitions): the replicates of the findings
     n_train: int = 4000  # ID passages in the train pool (both models train on them)
     n_holdout: int = 300  # ID holdout for utility (never trained on, disjoint from references)
     n_id_references: int = 500  # ID reference set for exposure (never trained on)
@@ -76,7 +78,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     length_grouping: bool = True  # batches of similar length: ~3.5x faster on mixed lengths
     checkpoint_every: int = 200
+    keep_checkpoints: int = 0  # checkpoints kept once the model is saved and verified (0: none; N: the newest N)
     log_every: int = 50
+    parallel: str = "auto"  # auto | models | data: how several processes share the models to train (README)
 
 
 @dataclass
@@ -126,13 +130,29 @@ class UnlearnConfig:
     nll_clamp: Optional[float] = None
     eval_schedule: str = "log"  # log | every
     eval_every: int = 10  # for eval_schedule=every
-    eval_references: int = 1000  # references per kind scored at in-loop evaluations (0 = all; README)
-    eval_utility: int = 0  # examples per utility set scored at in-loop evaluations (0 = all)
-    patience: int = 1  # stop after the UQ target held for this many evaluations
-    stop_on_target: bool = True
+    eval_references: int = 0  # references per kind at in-loop evaluations after step 0 (0 = all; >0 a sample; README)
+    eval_utility: int = 64  # examples per utility set at in-loop evaluations (0 = all; README)
+    patience: int = 1  # the UQ target must hold for this many evaluations
+    stop_on_target: bool = True  # stop once the target held (and, with until_all_forgotten, every example is forgotten)
+    until_all_forgotten: bool = True  # continue past the target until every example is forgotten (survival view)
     max_grad_norm: float = 1.0e6  # a larger (or non-finite) gradient norm counts as divergence
-    save_model: bool = False
+    save_model: bool = False  # the final unlearned model, as safetensors
+    save_unlearned: bool = True  # the model at the step the request became unlearned (the attacks start there)
     parallel: str = "auto"  # auto | data | requests: how several processes share the requests (README)
+
+
+@dataclass
+class AttackConfig:
+    """Does forgetting last: relearning, quantization reload and membership inference after unlearning."""
+
+    enabled: bool = True
+    requests: str = "all"  # all | max_repetitions: which unlearned requests are attacked
+    relearn_steps: int = 10  # fine-tuning steps of each relearning attack
+    relearn_lr: float = 3.0e-4
+    relearn_batch_size: int = 8
+    relearn_forget_fraction: float = 0.5  # share of the request's examples the targeted relearning trains on
+    quant_bits: List[int] = field(default_factory=lambda: [8, 4])  # weight-only quantization reloads
+    mia_k: float = 0.2  # the k of Min-K% and Min-K%++ (fraction of the lowest token scores)
 
 
 @dataclass
@@ -156,6 +176,7 @@ class RunConfig:
     seed: int = 0
     seeds: List[int] = field(default_factory=list)  # several seeds: one sub-run each, aggregated
     num_processes: Optional[int] = None  # when set, the launch must have exactly this many
+    lock_stale_hours: Optional[float] = None  # a run.lock from another host older than this is stale (default 24)
 
 
 @dataclass
@@ -168,6 +189,7 @@ class Config:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     run: RunConfig = field(default_factory=RunConfig)
     preset: str = MISSING
@@ -182,24 +204,26 @@ CHOICES = {
     "unlearn.optimizer": ("adamw", "adam", "sgd"),
     "unlearn.scheduler": ("constant", "linear", "cosine"),
     "unlearn.eval_schedule": ("log", "every"),
+    "train.parallel": ("auto", "models", "data"),
     "unlearn.parallel": ("auto", "data", "requests"),
+    "attack.requests": ("all", "max_repetitions"),
     "tracking.backend": ("wandb", "none"),
 }
 OPTIONAL_CHOICES = {"tracking.mode": ("online", "offline", "disabled")}
 POSITIVE_INTS = (
-    "data.group_size", "data.n_train", "data.n_holdout", "data.n_id_references", "data.n_references",
+    "data.group_size", "data.replicates", "data.n_train", "data.n_holdout", "data.n_id_references", "data.n_references",
     "data.n_domain_references", "data.n_domain_holdout", "data.n_retain", "data.max_tokens",
     "data.canary_secret_length", "data.vocab_size", "model.n_layers", "model.hidden_size",
     "model.n_heads", "model.intermediate_size", "model.max_position_embeddings", "train.steps",
     "train.batch_size", "train.checkpoint_every", "train.log_every", "score.batch_size",
     "unlearn.max_steps", "unlearn.batch_size", "unlearn.retain_batch_size", "unlearn.eval_every",
-    "unlearn.patience", "metrics.n_boot",
+    "unlearn.patience", "metrics.n_boot", "attack.relearn_steps", "attack.relearn_batch_size",
 )
-POSITIVE_FLOATS = ("train.lr", "unlearn.lr", "metrics.max_ppl_ratio", "unlearn.simnpo_beta", "unlearn.beta")
+POSITIVE_FLOATS = ("train.lr", "unlearn.lr", "attack.relearn_lr", "metrics.max_ppl_ratio", "unlearn.simnpo_beta", "unlearn.beta")
 NON_NEGATIVE = (
     "train.warmup_steps", "train.weight_decay", "train.grad_clip", "train.min_lr_ratio",
     "unlearn.warmup_steps", "unlearn.weight_decay", "unlearn.retain_weight", "data.min_chars",
-    "score.shadow_models", "metrics.tolerance_bits", "metrics.uq_min_gap_bits",
+    "score.shadow_models", "train.keep_checkpoints", "metrics.tolerance_bits", "metrics.uq_min_gap_bits",
     "unlearn.max_per_example_requests", "unlearn.eval_references", "unlearn.eval_utility",
 )
 
@@ -331,11 +355,13 @@ def validate(cfg: Config) -> None:
         if d.canary_prefix.strip() == "":
             raise UserError("data.canary_prefix is empty: canaries need a fixed prefix before the secret "
                             "(e.g. 'My secret is ').")
-        n_secrets = len(set(d.canary_alphabet)) ** d.canary_secret_length
-        if n_secrets < 4 * (d.n_references + d.group_size * len(d.repetitions)):
-            raise UserError(f"data.canary_secret_length={d.canary_secret_length} with "
-                            f"{len(set(d.canary_alphabet))} symbols allows only {n_secrets} secrets, too few for "
-                            f"{d.n_references} references plus the canaries. Lengthen the secret.")
+        symbols = len(set(d.canary_alphabet))
+        needed = 4 * (d.n_references + d.group_size * len(d.repetitions) * d.replicates)
+        # in logs: symbols ** length of a huge length would never finish computing
+        if d.canary_secret_length * math.log(symbols) < math.log(needed):
+            raise UserError(f"data.canary_secret_length={d.canary_secret_length} with {symbols} symbols allows only "
+                            f"{symbols ** d.canary_secret_length} secrets, too few for {d.n_references} references "
+                            "plus the canaries. Lengthen the secret.")
     if d.n_retain > d.n_train:
         raise UserError(f"data.n_retain={d.n_retain} exceeds data.n_train={d.n_train}: the retain sample is drawn "
                         "from the train pool. Lower data.n_retain.")
@@ -357,6 +383,15 @@ def validate(cfg: Config) -> None:
     bad = [k for k in cfg.unlearn.request_kinds if k not in d.kinds]
     if bad:
         raise UserError(f"unlearn.request_kinds has {bad}, not among data.kinds={d.kinds}.")
+    if not 0 < cfg.attack.relearn_forget_fraction < 1:
+        raise UserError(f"attack.relearn_forget_fraction must lie strictly between 0 and 1 (some examples trained on, "
+                        f"some held out), got {cfg.attack.relearn_forget_fraction}.")
+    if not 0 < cfg.attack.mia_k <= 1:
+        raise UserError(f"attack.mia_k must lie in (0, 1], got {cfg.attack.mia_k}.")
+    if any(b not in (4, 8) for b in cfg.attack.quant_bits):
+        raise UserError(f"attack.quant_bits={cfg.attack.quant_bits}: weight-only quantization supports 8 and 4 bits.")
+    if not 0 < cfg.metrics.alpha < 1:
+        raise UserError(f"metrics.alpha must lie in (0, 1) (0.05 gives 95% intervals), got {cfg.metrics.alpha}.")
     if not 0 < cfg.metrics.uq_target <= 1:
         raise UserError(f"metrics.uq_target must lie in (0, 1], got {cfg.metrics.uq_target}.")
     if cfg.train.micro_batch_size is not None and cfg.train.micro_batch_size <= 0:

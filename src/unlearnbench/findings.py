@@ -1,6 +1,12 @@
-"""The study's findings, one implementation each: F1-F3 of a run from its request results, the per-run
-summary.json, the aggregation over seeds, and the flat view for trackers and the printed block.
-The definitions are in docs/findings.md."""
+"""The study's findings, one implementation each: F1-F3 of a run from its request results, the example-level
+survival view, the per-run summary.json, the aggregation over seeds, and the flat view for trackers.
+How each is decided is in docs/findings.md.
+
+A finding is an effect over replicates (disjoint forget groups of the same kind and repetitions, paired by
+replicate index) with a Student-t interval, never one comparison; censored and collapsed requests are outcomes,
+counted, never sentinel numbers; crossing steps are interpolated and read at several UQ targets plus one
+threshold-free summary (the area under UQ against log(1+step)), and a verdict that changes between targets says so.
+"""
 
 from __future__ import annotations
 
@@ -14,110 +20,298 @@ from unlearnbench.config import Config
 from unlearnbench.io import read_json
 
 OOD_KINDS = ("canary", "domain")
+TARGETS = (0.5, 0.8, 0.9)
+F1_STATEMENT = "OOD requests need more unlearning steps than ID requests of the same repetitions"
+F2_STATEMENT = "At the step a request becomes unlearned, ID requests cost more utility than OOD ones"
+F3_STATEMENT = ("Within a forget request, examples with more memorization take longer to forget (Cox model of "
+                "forgetting stratified by request: hazard ratio per SD of memorization < 1); difficulty is "
+                "reported with its sign")
 
 
-def _usable(r: dict) -> bool:
-    return not r["nothing_to_forget"]
+# ----------------------------------------------------------------------------------------------- pairs
 
 
-def _pairs(groups: dict) -> list[tuple[dict, dict]]:
-    """(ID, OOD) group results of the same repetitions where both had something to forget."""
-    out = []
-    for (kind, reps), g in sorted(groups.items()):
-        if kind in OOD_KINDS and ("id", reps) in groups:
-            i = groups[("id", reps)]
-            if _usable(i) and _usable(g):
-                out.append((i, g))
+def _key(t: float) -> str:
+    return f"{t:g}"
+
+
+def _outcome(r: dict, target: float) -> metrics.Outcome:
+    o = r["outcomes"][_key(target)]
+    return metrics.Outcome(o["outcome"], float(o["step"]))
+
+
+def replicate_pairs(results: list[dict]) -> dict[tuple[int, str], list[tuple[dict, dict]]]:
+    """(repetitions, OOD kind) -> [(ID result, OOD result)] paired by replicate index inside one θ₀/θᵣ pair."""
+    by = {(r["kind"], int(r["repetitions"]), int(r.get("replicate", 0))): r for r in results}
+    out: dict[tuple[int, str], list] = {}
+    for (kind, reps, j), ood in sorted(by.items()):
+        if kind in OOD_KINDS and ("id", reps, j) in by:
+            out.setdefault((reps, kind), []).append((by[("id", reps, j)], ood))
     return out
 
 
-def _verdict(holds: list[bool]) -> str:
-    if not holds:
+def _nothing(i: dict, o: dict) -> str | None:
+    sides = [n for n, r in (("ID", i), ("OOD", o)) if r.get("nothing_to_forget")]
+    return f"{' and '.join(sides)} had nothing to forget" if sides else None
+
+
+def compare_f1(i: dict, o: dict, target: float | None) -> dict:
+    """One replicate pair for F1 at a UQ target (None: the area under UQ), difference oriented so that > 0
+    supports "OOD needs more steps"."""
+    nothing = _nothing(i, o)
+    if nothing:
+        return {"class": "inconclusive", "difference": None, "bound": False, "reason": nothing}
+    if target is None:  # threshold-free: a slower request has a smaller area; a collapse is never evidence
+        if "collapsed" in (i["outcome"], o["outcome"]):
+            return {"class": "inconclusive", "difference": None, "bound": False, "reason": "collapsed"}
+        d = float(i["uq_auc"]) - float(o["uq_auc"])
+        return {"class": "tie" if d == 0 else ("ood_later" if d > 0 else "id_later"), "difference": d,
+                "bound": False, "reason": "area under UQ vs log(1+step), ID minus OOD"}
+    return metrics.compare_steps(_outcome(i, target), _outcome(o, target))
+
+
+def compare_f2(i: dict, o: dict, target: float) -> dict:
+    """One replicate pair for F2: log(ppl/ppl_0) at each side's crossing, ID minus OOD (> 0 supports F2)."""
+    nothing = _nothing(i, o)
+    if nothing:
+        return {"class": "inconclusive", "difference": None, "bound": False, "reason": nothing}
+    a, b = i["outcomes"][_key(target)], o["outcomes"][_key(target)]
+    if a["outcome"] != "unlearned" or b["outcome"] != "unlearned":
+        return {"class": "inconclusive", "difference": None, "bound": False,
+                "reason": f"ID {a['outcome']}, OOD {b['outcome']}: no utility cost at a crossing"}
+    d = float(a["log_ppl_ratio"]) - float(b["log_ppl_ratio"])
+    return {"class": "tie" if d == 0 else ("id_costlier" if d > 0 else "ood_costlier"), "difference": d,
+            "bound": False, "reason": "log(ppl/ppl_0) at the crossing, ID minus OOD"}
+
+
+def _effect(comparisons: list[dict], alpha: float) -> dict:
+    classes = ["inconclusive" if c["difference"] is None else
+               ("tie" if c["class"] == "tie" else ("ood_later" if c["difference"] > 0 else "id_later"))
+               for c in comparisons]
+    eff = metrics.paired_effect([c["difference"] for c in comparisons], classes, confidence=1 - alpha,
+                                bounds=[bool(c.get("bound")) for c in comparisons])
+    # in the finding's own terms: pairs whose difference supports it, goes against it, ties, or has no evidence
+    eff["counts"] = {"supports": eff["counts"]["ood_later"], "against": eff["counts"]["id_later"],
+                     "tie": eff["counts"]["tie"], "inconclusive": eff["counts"]["inconclusive"]}
+    eff["reasons"] = sorted({c["reason"] for c in comparisons if c["difference"] is None})
+    return eff
+
+
+def _cell_rows(pairs: dict, compare, targets: list, main: str, alpha: float) -> list[dict]:
+    rows = []
+    for (reps, kind), ps in pairs.items():
+        by_target = {}
+        for t in targets:
+            comps = [compare(i, o, t) for i, o in ps]
+            by_target["auc" if t is None else f"uq_{t:g}"] = {**_effect(comps, alpha), "pairs": [
+                {"replicate": int(i.get("replicate", 0)), **c} for (i, _), c in zip(ps, comps)]}
+        across = metrics.verdict_across({k: v["verdict"] for k, v in by_target.items()})
+        rows.append({"repetitions": reps, "ood_kind": kind, "replicates": len(ps), "main": main,
+                     "verdict": by_target[main]["verdict"],
+                     "stable_across_targets": across["stable"], "across_targets": across["verdict"],
+                     "by_target": by_target})
+    return rows
+
+
+def overall_verdict(cell_verdicts: list[str]) -> str:
+    """A finding over its cells (repetitions x OOD kind): reproduced when every informative cell is, reversed
+    or not reproduced when none is, partly reproduced otherwise; inconclusive when no cell is informative."""
+    informative = [v for v in cell_verdicts if v != "inconclusive"]
+    if not informative:
         return "inconclusive"
-    share = sum(holds) / len(holds)
-    return "reproduced" if share > 0.5 else ("partly reproduced" if share > 0 else "not reproduced")
+    n = sum(v == "reproduced" for v in informative)
+    if n == len(informative):
+        return "reproduced"
+    if n == 0:
+        return "reversed" if all(v == "reversed" for v in informative) else "not reproduced"
+    return "partly reproduced"
 
 
-def finding_f1(groups: dict) -> dict:
-    """F1: OOD requests need more steps to become unlearned than ID requests of the same repetitions."""
-    rows = []
-    for i, o in _pairs(groups):
-        rows.append({"repetitions": i["repetitions"], "ood_kind": o["kind"],
-                     "id_steps": i["steps_to_unlearn_censored"], "ood_steps": o["steps_to_unlearn_censored"],
-                     "id_censored": not i["unlearned"], "ood_censored": not o["unlearned"],
-                     "id_steps_to_forget_mean": i["steps_to_forget_mean"],
-                     "ood_steps_to_forget_mean": o["steps_to_forget_mean"],
-                     "holds": o["steps_to_unlearn_censored"] > i["steps_to_unlearn_censored"]})
-    return {"statement": "OOD requests need more unlearning steps than ID requests of the same repetitions",
-            "comparisons": rows, "holds": sum(r["holds"] for r in rows), "of": len(rows),
-            "verdict": _verdict([r["holds"] for r in rows])}
+def _finding(statement: str, rows: list[dict], effect_label: str) -> dict:
+    verdicts = [r["verdict"] for r in rows]
+    return {"statement": statement, "effect": effect_label, "cells": rows,
+            "holds": sum(v == "reproduced" for v in verdicts), "of": len(verdicts),
+            "stable_across_targets": all(r["stable_across_targets"] for r in rows) if rows else None,
+            "verdict": overall_verdict(verdicts)}
 
 
-def finding_f2(groups: dict) -> dict:
-    """F2: when unlearned, ID requests have a larger utility drop than OOD requests."""
-    rows = []
-    for i, o in _pairs(groups):
-        a, b = i["utility_drop_at_unlearned"], o["utility_drop_at_unlearned"]
-        if a is None or b is None:
-            continue
-        rows.append({"repetitions": i["repetitions"], "ood_kind": o["kind"], "id_utility_drop": a,
-                     "ood_utility_drop": b, "holds": a > b})
-    return {"statement": "At the step a request becomes unlearned, ID requests cost more utility than OOD ones",
-            "comparisons": rows, "holds": sum(r["holds"] for r in rows), "of": len(rows),
-            "verdict": _verdict([r["holds"] for r in rows])}
+def finding_f1(results: list[dict], uq_target: float, alpha: float = 0.05) -> dict:
+    """F1 per (repetitions, OOD kind): the paired difference OOD − ID in interpolated steps to reach each UQ
+    target, and ID − OOD in the area under UQ; the verdict at `uq_target`, with its stability across targets."""
+    targets = sorted(set(TARGETS) | {uq_target})
+    rows = _cell_rows(replicate_pairs(results), compare_f1, [*targets, None], f"uq_{uq_target:g}", alpha)
+    return _finding(F1_STATEMENT, rows, "OOD − ID steps to reach the target (uq_*), ID − OOD area under UQ (auc)")
+
+
+def finding_f2(results: list[dict], uq_target: float, alpha: float = 0.05) -> dict:
+    """F2 per (repetitions, OOD kind): the paired difference ID − OOD in log(ppl/ppl_0) at the crossing."""
+    targets = sorted(set(TARGETS) | {uq_target})
+    rows = _cell_rows(replicate_pairs(results), compare_f2, targets, f"uq_{uq_target:g}", alpha)
+    return _finding(F2_STATEMENT, rows, "ID − OOD log(ppl_t / ppl_0) on the ID holdout at the crossing")
 
 
 def finding_f3(per_example: pd.DataFrame, n_boot: int, seed: int, alpha: float = 0.05) -> dict:
-    """F3: steps to forget rises with memorization and with difficulty (Spearman, per kind)."""
-    rows = []
-    for kind, g in per_example.groupby("kind"):
-        for var in ("memorization", "difficulty"):
-            s = metrics.spearman_with_ci(g[var].to_numpy(), g.steps_to_forget.to_numpy(), n_boot=n_boot,
-                                         alpha=alpha, seed=seed)
-            rows.append({"kind": kind, "variable": var, **s,
-                         "censored_fraction": float(g.censored.mean()),
-                         "holds": bool(np.isfinite(s["rho"]) and s["rho"] > 0 and s["lo"] > 0)})
-    mem = [r["holds"] for r in rows if r["variable"] == "memorization" and np.isfinite(r["rho"])]
-    return {"statement": "Steps to forget correlates positively with memorization (Spearman ρ > 0, 95% interval "
-                         "above 0); the correlation with difficulty is reported with its sign",
-            "correlations": rows, "holds": sum(mem), "of": len(mem), "verdict": _verdict(mem)}
+    """F3 per kind: a Cox model of each example's forgetting on memorization and difficulty, stratified by forget
+    request (so that differences between requests, which repetitions drive, never count), requests with nothing
+    to forget excluded; plus the pooled Spearman ρ, descriptive only (confounded by repetitions)."""
+    rows, verdicts = [], []
+    usable = per_example[~per_example.nothing_to_forget] if "nothing_to_forget" in per_example else per_example
+    for kind, g in usable.groupby("kind"):
+        df = pd.DataFrame({"duration": g.steps_to_forget.to_numpy(float), "event": (~g.censored).to_numpy(int),
+                           "memorization": g.memorization.to_numpy(float), "difficulty": g.difficulty.to_numpy(float),
+                           "request": g.request.to_numpy()})
+        cox = metrics.stratified_cox(df, "duration", "event", ["memorization", "difficulty"], "request")
+        verdict = metrics.f3_verdict(cox, "memorization")
+        verdicts.append(verdict)
+        descriptive = {var: metrics.spearman_with_ci(g[var].to_numpy(), g.steps_to_forget.to_numpy(), n_boot=n_boot,
+                                                     alpha=alpha, seed=seed) for var in ("memorization", "difficulty")}
+        rows.append({"kind": kind, "n": int(len(g)), "requests": int(g.request.nunique()),
+                     "censored_fraction": float(g.censored.mean()), "verdict": verdict, "cox": cox,
+                     "pooled_spearman_descriptive": descriptive})
+    excluded = sorted(set(per_example.request) - set(usable.request)) if "request" in per_example else []
+    return {"statement": F3_STATEMENT, "effect": "hazard ratio of being forgotten per SD (Cox, strata = request)",
+            "kinds": rows, "excluded_requests": excluded, "holds": sum(v == "reproduced" for v in verdicts),
+            "of": len(verdicts), "verdict": overall_verdict(verdicts)}
 
 
-def summarize_run(cfg: Config, run_dir: Path, results: list[dict]) -> dict:
-    """Group table and findings of one run (one seed)."""
-    groups = {(r["kind"], r["repetitions"]): r for r in results if cfg.unlearn.requests == "groups"}
+def survival(per_example: pd.DataFrame) -> dict:
+    """Example level: Kaplan-Meier of the fraction not yet forgotten per (kind, repetitions), pooled over the
+    replicate groups, and a log-rank test OOD vs ID per repetitions (the example-level companion of F1)."""
+    usable = per_example[~per_example.nothing_to_forget] if "nothing_to_forget" in per_example else per_example
+    curves, tests = [], []
+    for (kind, reps), g in usable.groupby(["kind", "repetitions"]):
+        km = metrics.kaplan_meier(g.steps_to_forget.to_numpy(float), (~g.censored).to_numpy(bool))
+        curves.append({"kind": kind, "repetitions": int(reps), "n": int(len(g)), "events": int((~g.censored).sum()),
+                       "median_steps": metrics.median_survival(g.steps_to_forget.to_numpy(float),
+                                                               (~g.censored).to_numpy(bool)),
+                       "curve": km.to_dict(orient="list")})
+    for reps, g in usable.groupby("repetitions"):
+        ids = g[g.kind == "id"]
+        for kind in OOD_KINDS:
+            ood = g[g.kind == kind]
+            if ids.empty or ood.empty:
+                continue
+            lr = metrics.logrank(ood.steps_to_forget.to_numpy(float), (~ood.censored).to_numpy(bool),
+                                 ids.steps_to_forget.to_numpy(float), (~ids.censored).to_numpy(bool))
+            med = (metrics.median_survival(ood.steps_to_forget.to_numpy(float), (~ood.censored).to_numpy(bool)),
+                   metrics.median_survival(ids.steps_to_forget.to_numpy(float), (~ids.censored).to_numpy(bool)))
+            tests.append({"repetitions": int(reps), "ood_kind": kind, **lr, "median_ood": med[0], "median_id": med[1]})
+    return {"kaplan_meier": curves, "logrank": tests}
+
+
+F4_STATEMENT = ("After unlearning, ID and OOD requests of the same repetitions differ in how much of the forgotten "
+                "exposure a relearning or quantization attack brings back (beyond what the oracle picks up)")
+F4_ATTACKS = {"relearn_forget_fraction": "relearning on part of the request's forget examples",
+              "relearn_retain": "relearning on retain data only", "int8": "int8 weight-only reload",
+              "int4": "4-bit weight-only reload"}
+
+
+def _recovered(res: dict, attack: str) -> float | None:
+    v = res.get(attack) or res.get("quantization", {}).get(attack) or {}
+    x = v.get("recovered")
+    return None if x is None or not np.isfinite(x) else float(x)
+
+
+def finding_f4(attack_results: list[dict], alpha: float = 0.05) -> dict:
+    """F4 per (repetitions, OOD kind) and attack: the paired difference OOD − ID in the recovered share of the
+    exposure gap; "reproduced" when the interval excludes 0 in either direction (the direction is reported)."""
+    pairs = replicate_pairs([{**r, "nothing_to_forget": False} for r in attack_results])
+    rows, verdicts = [], []
+    for (reps, kind), ps in pairs.items():
+        by_attack = {}
+        for attack in F4_ATTACKS:
+            diffs = []
+            for i, o in ps:
+                a, b = _recovered(i, attack), _recovered(o, attack)
+                diffs.append(None if a is None or b is None else b - a)
+            classes = ["inconclusive" if d is None else ("tie" if d == 0 else ("ood_later" if d > 0 else "id_later"))
+                       for d in diffs]
+            eff = metrics.paired_effect(diffs, classes, confidence=1 - alpha)
+            direction = {"reproduced": "OOD recovers more", "reversed": "ID recovers more"}.get(eff["verdict"])
+            by_attack[attack] = {**eff, "verdict": "reproduced" if direction else eff["verdict"],
+                                 "direction": direction, "differences": diffs}
+        main = by_attack["relearn_forget_fraction"]["verdict"]
+        verdicts.append(main)
+        rows.append({"repetitions": reps, "ood_kind": kind, "replicates": len(ps), "verdict": main,
+                     "by_attack": by_attack})
+    return {"statement": F4_STATEMENT, "effect": "OOD − ID recovered share of the exposure gap", "attacks": F4_ATTACKS,
+            "cells": rows, "holds": sum(v == "reproduced" for v in verdicts), "of": len(verdicts),
+            "verdict": overall_verdict(verdicts)}
+
+
+# ----------------------------------------------------------------------------------------------- run summary
+
+
+GROUP_COLUMNS = ("request", "kind", "repetitions", "replicate", "n_examples", "status", "outcome", "steps_to_unlearn",
+                 "utility_drop_at_unlearned", "uq_auc", "uq_final", "uq_max", "exposure_original_mean",
+                 "exposure_oracle_mean", "exposure_gap_bits", "nothing_to_forget", "steps_to_forget_mean",
+                 "censored_fraction", "memorization_mean", "difficulty_mean", "diverged", "steps_run", "wall_seconds",
+                 "eval_share", "flops", "device_seconds", "peak_memory_mib")
+
+
+def load_per_example(run_dir: Path, results: list[dict]) -> pd.DataFrame:
+    """Every request's examples.parquet with its request name and nothing_to_forget flag."""
     frames = []
     for r in results:
         p = Path(run_dir) / "unlearn" / r["request"] / "examples.parquet"
         if p.exists():
-            frames.append(pd.read_parquet(p))
-    per_example = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    table = [{k: r.get(k) for k in ("request", "kind", "repetitions", "n_examples", "status", "steps_to_unlearn",
-                                    "utility_drop_at_unlearned", "uq_final", "uq_max", "exposure_original_mean",
-                                    "exposure_oracle_mean", "exposure_gap_bits", "nothing_to_forget",
-                                    "steps_to_forget_mean", "censored_fraction", "memorization_mean",
-                                    "difficulty_mean", "diverged", "steps_run")} for r in results]
-    findings = {}
-    if groups:
-        findings["F1"] = finding_f1(groups)
-        findings["F2"] = finding_f2(groups)
+            frames.append(pd.read_parquet(p).assign(request=r["request"], nothing_to_forget=bool(r["nothing_to_forget"])))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def summarize_run(cfg: Config, run_dir: Path, results: list[dict]) -> dict:
+    """summary.json of one run: the request table, F1-F3 with effects and intervals, the survival view."""
+    per_example = load_per_example(run_dir, results)
+    table = [{k: r.get(k) for k in GROUP_COLUMNS} | {f"step_uq_{k}": o["step"] if o["outcome"] == "unlearned" else None
+                                                    for k, o in r.get("outcomes", {}).items()}
+             for r in results]
+    findings, surv = {}, {}
+    if cfg.unlearn.requests == "groups":
+        findings["F1"] = finding_f1(results, cfg.metrics.uq_target, cfg.metrics.alpha)
+        findings["F2"] = finding_f2(results, cfg.metrics.uq_target, cfg.metrics.alpha)
     if not per_example.empty:
         findings["F3"] = finding_f3(per_example, cfg.metrics.n_boot, cfg.run.seed, cfg.metrics.alpha)
+        surv = survival(per_example)
     return {"run": cfg.run.name, "seed": cfg.run.seed, "method": cfg.unlearn.method, "lr": cfg.unlearn.lr,
-            "exposure": cfg.metrics.exposure, "uq_target": cfg.metrics.uq_target,
-            "max_steps": cfg.unlearn.max_steps, "groups": table, "findings": findings}
+            "exposure": cfg.metrics.exposure, "uq_target": cfg.metrics.uq_target, "max_steps": cfg.unlearn.max_steps,
+            "replicates": cfg.data.replicates, "replicate_unit": "disjoint forget groups inside one θ₀/θᵣ pair",
+            "outcomes": _outcome_counts(results), "groups": table, "findings": findings, "survival": surv,
+            "cost": run_cost(run_dir, results)}
+
+
+def run_cost(run_dir: Path, results: list[dict]) -> dict:
+    """Wall time, device-seconds and peak memory per finished stage (from stages/*.json) and the unlearn requests'
+    estimated FLOPs and device-seconds, so a bigger run's cost can be predicted from this one."""
+    stages = {}
+    for p in sorted((Path(run_dir) / "stages").glob("*.json")):
+        info = read_json(p).get("info", {})
+        stages[p.stem] = {k: info.get(k) for k in ("seconds", "device_seconds", "peak_memory_mib", "flops")
+                          if info.get(k) is not None}
+    req = {k: float(sum(r.get(k) or 0.0 for r in results)) for k in ("flops", "device_seconds", "wall_seconds")}
+    return {"stages": stages, "unlearn_requests": req}
+
+
+def _outcome_counts(results: list[dict]) -> dict:
+    out: dict[str, int] = {}
+    for r in results:
+        key = "nothing_to_forget" if r.get("nothing_to_forget") else r.get("outcome", "censored")
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- seeds
 
 
 # Numbers that exist only when a request became unlearned and had something to forget: a `nothing_to_forget`
 # request's crossing is meaningless (UQ is not defined on a gap under the floor).
 ONLY_WHEN_UNLEARNED = ("steps_to_unlearn", "utility_drop_at_unlearned")
-AGGREGATED = ("steps_to_unlearn", "utility_drop_at_unlearned", "uq_final", "steps_to_forget_mean",
+AGGREGATED = ("steps_to_unlearn", "utility_drop_at_unlearned", "uq_auc", "uq_final", "steps_to_forget_mean",
               "memorization_mean", "difficulty_mean", "exposure_gap_bits")
 
 
 def group_values(summaries: list[dict], kind: str, reps: int, col: str) -> np.ndarray:
-    """One group's values of `col` across run summaries (seeds), finite values only; the unlearned-only columns
-    leave out requests with nothing to forget."""
+    """One (kind, repetitions) cell's values of `col` across run summaries (seeds and replicate groups), finite
+    values only; the unlearned-only columns leave out requests with nothing to forget."""
     vals = []
     for s in summaries:
         for g in s["groups"]:
@@ -130,42 +324,58 @@ def group_values(summaries: list[dict], kind: str, reps: int, col: str) -> np.nd
     return np.asarray(vals, float)
 
 
+def cell_outcomes(summaries: list[dict], kind: str, reps: int) -> dict:
+    """How the cell's requests ended, every one counted: unlearned / censored / collapsed / nothing_to_forget."""
+    out: dict[str, int] = {}
+    for s in summaries:
+        for g in s["groups"]:
+            if g["kind"] == kind and int(g["repetitions"]) == reps:
+                key = "nothing_to_forget" if g.get("nothing_to_forget") else (g.get("outcome") or "censored")
+                out[key] = out.get(key, 0) + 1
+    return out
+
+
 def aggregate_seeds(run_dirs: list[Path], alpha: float = 0.05) -> dict:
-    """Mean and (1 - alpha) t-interval across seeds of each group's numbers; how many seeds reproduce each finding."""
+    """Mean and (1 - alpha) t-interval across seeds of each cell's numbers, with every request's outcome counted
+    (steps to unlearn averages only the unlearned ones: read it with the counts); each finding's verdicts."""
     sums = [read_json(Path(d) / "summary.json") for d in run_dirs if (Path(d) / "summary.json").exists()]
     cells = sorted({(g["kind"], int(g["repetitions"])) for s in sums for g in s["groups"]})
     groups = []
     for kind, reps in cells:
-        members = [g for s in sums for g in s["groups"] if g["kind"] == kind and int(g["repetitions"]) == reps]
-        rec = {"kind": kind, "repetitions": reps, "seeds": len(members)}
+        rec = {"kind": kind, "repetitions": reps, "requests": sum(cell_outcomes(sums, kind, reps).values()),
+               "outcomes": cell_outcomes(sums, kind, reps)}
         for col in AGGREGATED:
             rec[col] = metrics.mean_ci(group_values(sums, kind, reps, col), alpha)
-        rec["unlearned_seeds"] = sum(g.get("steps_to_unlearn") is not None for g in members)
         groups.append(rec)
     findings = {}
     for key in ("F1", "F2", "F3"):
         verdicts = [s["findings"][key]["verdict"] for s in sums if key in s.get("findings", {})]
         if verdicts:
             findings[key] = {"verdicts": verdicts, "reproduced_in": sum(v == "reproduced" for v in verdicts),
-                             "of": len(verdicts), "verdict": _verdict([v == "reproduced" for v in verdicts])}
+                             "of": len(verdicts), "verdict": overall_verdict(verdicts)}
     return {"seeds": [s["seed"] for s in sums], "runs": [Path(d).name for d in run_dirs], "groups": groups,
             "findings": findings}
 
 
+# ----------------------------------------------------------------------------------------------- views
+
+
 def flatten_findings(summary: dict) -> dict:
-    """F1-F3 numbers and verdicts as flat summary keys for trackers."""
+    """F1-F3 verdicts, effects and intervals as flat summary keys for trackers."""
     out = {}
     for key, f in summary.get("findings", {}).items():
         out.update({f"findings/{key}/verdict": f["verdict"], f"findings/{key}/holds": f["holds"],
                     f"findings/{key}/of": f["of"]})
-        for c in f.get("comparisons", []):
+        for c in f.get("cells", []):
             base = f"findings/{key}/r{c['repetitions']}_{c['ood_kind']}"
-            for k in ("id_steps", "ood_steps", "id_utility_drop", "ood_utility_drop"):
-                if k in c:
-                    out[f"{base}/{k}"] = c[k]
-        for c in f.get("correlations", []):
-            for k in ("rho", "lo", "hi", "p", "n"):
-                out[f"findings/{key}/{c['kind']}/{c['variable']}/{k}"] = c[k]
+            out[f"{base}/verdict"] = c["verdict"]
+            for t, e in c["by_target"].items():
+                for k in ("mean", "lo", "hi", "n_informative"):
+                    out[f"{base}/{t}/{k}"] = e[k]
+        for c in f.get("kinds", []):
+            for var, r in c["cox"].items():
+                for k in ("hr", "lo", "hi", "p"):
+                    out[f"findings/{key}/{c['kind']}/{var}/{k}"] = r[k]
     return out
 
 
@@ -174,4 +384,19 @@ def format_findings(summary: dict) -> str:
     lines = ["[findings]"]
     for key, f in summary.get("findings", {}).items():
         lines.append(f"  {key}: {f['verdict']} — {f['statement']}")
+        for c in f.get("cells", []):
+            e = c["by_target"][c["main"]]
+            lines.append(f"    r{c['repetitions']} {c['ood_kind']} vs id: {c['verdict']} "
+                         f"(effect {_num(e['mean'])} [{_num(e['lo'])}, {_num(e['hi'])}], "
+                         f"{e['n_informative']}/{e['n_pairs']} informative pairs; "
+                         f"across targets: {c['across_targets']})")
+        for c in f.get("kinds", []):
+            m = c["cox"]["memorization"]
+            lines.append(f"    {c['kind']}: {c['verdict']} (HR per SD of memorization {_num(m['hr'])} "
+                         f"[{_num(np.exp(m['lo']) if m['lo'] == m['lo'] else None)}, "
+                         f"{_num(np.exp(m['hi']) if m['hi'] == m['hi'] else None)}], n = {c['n']})")
     return "\n".join(lines)
+
+
+def _num(x) -> str:
+    return "–" if x is None or not np.isfinite(float(x)) else f"{float(x):.3g}"

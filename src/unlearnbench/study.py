@@ -4,13 +4,15 @@ STAGES table, in order), for each seed; a multi-seed parent gets the aggregate s
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 from unlearnbench.config import Config
 from unlearnbench.distributed import describe, make_accelerator
 from unlearnbench.errors import UserError
 from unlearnbench.io import write_json
-from unlearnbench.rundir import Context, contain_writes, save_resolved_config
+from unlearnbench.lock import hold_run_lock
+from unlearnbench.rundir import Context, check_run_dir, contain_writes, save_resolved_config
 
 
 def check_config(cfg: Config) -> None:
@@ -38,29 +40,32 @@ def run_study(cfg: Config, stage: str, force: bool = False, acc=None) -> list[Pa
     check_config(cfg)
     contain_writes(Path(cfg.run.dir))
     acc = acc or make_accelerator(cfg.run.num_processes)
-    setup = describe(acc)
-    acc.print(f"[setup] processes={setup['num_processes']} type={setup['distributed_type']} "
-              f"backend={setup['backend']} zero_stage={setup['zero_stage']} dtype={cfg.model.dtype} "
-              f"device={setup['device']} train batch={cfg.train.batch_size} (effective)")
-    names = list(STAGES) if stage == "run" else [stage]
-    dirs = []
-    for sub in seed_configs(cfg):
-        ctx = Context(cfg=sub, run_dir=Path(sub.run.dir), acc=acc, force=force)
-        if acc.is_main_process:
-            ctx.run_dir.mkdir(parents=True, exist_ok=True)
+    with hold_run_lock(cfg.run.dir, acc, cfg=cfg):  # one writer per run directory (nests inside the CLI's lock)
+        setup = describe(acc)
+        acc.print(f"[setup] processes={setup['num_processes']} type={setup['distributed_type']} "
+                  f"backend={setup['backend']} zero_stage={setup['zero_stage']} dtype={cfg.model.dtype} "
+                  f"device={setup['device']} train batch={cfg.train.batch_size} (effective)")
+        names = list(STAGES) if stage == "run" else [stage]
+        dirs = []
+        for sub in seed_configs(cfg):
+            ctx = Context(cfg=sub, run_dir=Path(sub.run.dir), acc=acc, force=force)
+            if acc.is_main_process:
+                check_run_dir(ctx.run_dir)
+                ctx.run_dir.mkdir(parents=True, exist_ok=True)
+            acc.wait_for_everyone()
+            save_resolved_config(ctx, setup)
+            for name in names:
+                ctx.started = time.perf_counter()
+                STAGES[name].run(ctx)
+            dirs.append(ctx.run_dir)
+        if cfg.run.seeds and acc.is_main_process and stage in ("run", "unlearn", "report"):
+            from unlearnbench.findings import aggregate_seeds
+
+            write_json(Path(cfg.run.dir) / "summary.json", aggregate_seeds(dirs, cfg.metrics.alpha))
+            if stage in ("run", "report"):  # the parent's own report: every group as mean ± interval over the seeds
+                from unlearnbench.stages.report import compare_runs
+
+                compare_runs([Path(cfg.run.dir)], Path(cfg.run.dir) / "report")
+                acc.print(f"[report] wrote {Path(cfg.run.dir) / 'report' / 'compare.md'} ({len(dirs)} seeds)")
         acc.wait_for_everyone()
-        save_resolved_config(ctx, setup)
-        for name in names:
-            STAGES[name].run(ctx)
-        dirs.append(ctx.run_dir)
-    if cfg.run.seeds and acc.is_main_process and stage in ("run", "unlearn", "report"):
-        from unlearnbench.findings import aggregate_seeds
-
-        write_json(Path(cfg.run.dir) / "summary.json", aggregate_seeds(dirs, cfg.metrics.alpha))
-        if stage in ("run", "report"):  # the parent's own report: every group as mean ± interval over the seeds
-            from unlearnbench.stages.report import compare_runs
-
-            compare_runs([Path(cfg.run.dir)], Path(cfg.run.dir) / "report")
-            acc.print(f"[report] wrote {Path(cfg.run.dir) / 'report' / 'compare.md'} ({len(dirs)} seeds)")
-    acc.wait_for_everyone()
     return dirs

@@ -13,7 +13,7 @@ from unlearnbench.data.corpora import clean_unique, load_texts
 from unlearnbench.errors import UserError
 from unlearnbench.io import atomic_dir, write_json
 
-COLUMNS = ("example_id", "kind", "repetitions", "split", "text", "input_ids", "score_start", "score_end",
+COLUMNS = ("example_id", "kind", "repetitions", "group", "split", "text", "input_ids", "score_start", "score_end",
            "in_original", "in_oracle")
 BOS = "<|endoftext|>"
 
@@ -27,34 +27,56 @@ def _take(pool: list[str], n: int, what: str, key: str, available_msg: str) -> l
     return out
 
 
+def _load_corpus(source: str, field: str, split: str = "train", config: str | None = None,
+                 cache: str | None = None) -> list[str]:
+    """`load_texts`, with a corpus file that is not UTF-8 reported as bad input (not a traceback)."""
+    try:
+        return load_texts(source, field, split, config, cache)
+    except UnicodeDecodeError as exc:
+        raise UserError(f"Corpus file '{source}' is not UTF-8 text (byte {exc.start}: {exc.reason}). Convert it "
+                        "to UTF-8 (e.g. `iconv -f latin1 -t utf-8 IN > OUT`) or point the corpus at another file."
+                        ) from None
+
+
 def build_texts(cfg: Config) -> list[dict]:
     """Rows (without tokens) of every set: train pool, retain, forget groups, references, holdouts."""
     d = cfg.data
     rng = np.random.default_rng(cfg.run.seed)
     rows: list[dict] = []
 
-    def add(eid, kind, reps, split, text, secret=None, trained=(False, False)):
-        rows.append({"example_id": eid, "kind": kind, "repetitions": reps, "split": split, "text": text,
-                     "secret": secret, "in_original": trained[0], "in_oracle": trained[1]})
+    def add(eid, kind, reps, split, text, secret=None, trained=(False, False), group=0):
+        rows.append({"example_id": eid, "kind": kind, "repetitions": reps, "group": group, "split": split,
+                     "text": text, "secret": secret, "in_original": trained[0], "in_oracle": trained[1]})
+
+    n_rep = d.replicates
+
+    def forget_groups(texts: list[str]):
+        """(example id suffix, repetitions, replicate group, text) of every forget example of one kind: for each
+        repetitions count, `data.replicates` disjoint groups of `data.group_size`."""
+        for r_idx, reps in enumerate(d.repetitions):
+            for j in range(n_rep):
+                g = r_idx * n_rep + j
+                for i, t in enumerate(texts[g * d.group_size:(g + 1) * d.group_size]):
+                    yield (f"r{reps:03d}-{i:04d}" if n_rep == 1 else f"r{reps:03d}-g{j}-{i:04d}"), reps, j, t
 
     cache = str(Path(cfg.run.dir) / ".cache" / "datasets") if cfg.run.dir else None
-    id_texts = clean_unique(load_texts(d.corpus, d.text_field, d.corpus_split, d.corpus_config, cache), d.min_chars)
+    id_texts = clean_unique(_load_corpus(d.corpus, d.text_field, d.corpus_split, d.corpus_config, cache),
+                            d.min_chars)
     if not id_texts:
         raise UserError(f"Corpus '{d.corpus}' has no passage of at least data.min_chars={d.min_chars} characters.")
     domain_texts: list[str] = []
     if "domain" in d.kinds:
         id_set = set(id_texts)
-        domain_texts = [t for t in clean_unique(load_texts(d.domain_corpus, d.text_field, cache_dir=cache),
+        domain_texts = [t for t in clean_unique(_load_corpus(d.domain_corpus, d.text_field, cache=cache),
                                                    d.min_chars)
                         if t not in id_set]
     id_pool = [id_texts[i] for i in rng.permutation(len(id_texts))]
     msg = f"of {len(id_texts)} usable passages in '{d.corpus}'"
-    n_groups = len(d.repetitions)
+    n_groups = len(d.repetitions) * n_rep
     if "id" in d.kinds:
         forget = _take(id_pool, d.group_size * n_groups, "the ID forget groups", "data.group_size", msg)
-        for g, reps in enumerate(d.repetitions):
-            for i, t in enumerate(forget[g * d.group_size:(g + 1) * d.group_size]):
-                add(f"id-r{reps:03d}-{i:04d}", "id", reps, "forget", t, trained=(True, False))
+        for suffix, reps, j, t in forget_groups(forget):
+            add(f"id-{suffix}", "id", reps, "forget", t, trained=(True, False), group=j)
     for i, t in enumerate(_take(id_pool, d.n_id_references, "the ID references", "data.n_id_references", msg)):
         add(f"id-ref-{i:05d}", "id", 0, "reference", t)
     for i, t in enumerate(_take(id_pool, d.n_holdout, "the ID holdout", "data.n_holdout", msg)):
@@ -67,19 +89,16 @@ def build_texts(cfg: Config) -> list[dict]:
     if "canary" in d.kinds:
         n_secrets = d.group_size * n_groups + d.n_references
         secrets = _secrets(rng, n_secrets, d.canary_alphabet, d.canary_secret_length)
-        for g, reps in enumerate(d.repetitions):
-            for i in range(d.group_size):
-                s = secrets[g * d.group_size + i]
-                add(f"canary-r{reps:03d}-{i:04d}", "canary", reps, "forget", d.canary_prefix + s, s, (True, False))
+        for suffix, reps, j, s in forget_groups(secrets[:d.group_size * n_groups]):
+            add(f"canary-{suffix}", "canary", reps, "forget", d.canary_prefix + s, s, (True, False), group=j)
         for i, s in enumerate(secrets[d.group_size * n_groups:]):
             add(f"canary-ref-{i:05d}", "canary", 0, "reference", d.canary_prefix + s, s)
     if "domain" in d.kinds:
         pool = [domain_texts[i] for i in rng.permutation(len(domain_texts))]
         dmsg = f"of {len(domain_texts)} usable passages in '{d.domain_corpus}'"
         forget = _take(pool, d.group_size * n_groups, "the domain forget groups", "data.group_size", dmsg)
-        for g, reps in enumerate(d.repetitions):
-            for i, t in enumerate(forget[g * d.group_size:(g + 1) * d.group_size]):
-                add(f"domain-r{reps:03d}-{i:04d}", "domain", reps, "forget", t, trained=(True, False))
+        for suffix, reps, j, t in forget_groups(forget):
+            add(f"domain-{suffix}", "domain", reps, "forget", t, trained=(True, False), group=j)
         for i, t in enumerate(_take(pool, d.n_domain_references, "the domain references",
                                     "data.n_domain_references", dmsg)):
             add(f"domain-ref-{i:05d}", "domain", 0, "reference", t)
@@ -189,7 +208,7 @@ def build_data(cfg: Config, data_dir: Path) -> dict:
     table = {c: [r[c] for r in rows] for c in COLUMNS}
     ds = datasets.Dataset.from_dict(table, features=datasets.Features({
         "example_id": datasets.Value("string"), "kind": datasets.Value("string"),
-        "repetitions": datasets.Value("int32"), "split": datasets.Value("string"), "text": datasets.Value("string"),
+        "repetitions": datasets.Value("int32"), "group": datasets.Value("int32"), "split": datasets.Value("string"), "text": datasets.Value("string"),
         "input_ids": datasets.Sequence(datasets.Value("int32")), "score_start": datasets.Value("int32"),
         "score_end": datasets.Value("int32"), "in_original": datasets.Value("bool"),
         "in_oracle": datasets.Value("bool")}))
@@ -203,17 +222,36 @@ def build_data(cfg: Config, data_dir: Path) -> dict:
 
 
 def load_examples(data_dir: Path):
-    """The prepared examples as a `datasets.Dataset`."""
+    """The prepared examples as a `datasets.Dataset`, checked against the prepare stage's record first."""
     import datasets
+
+    from unlearnbench.integrity import verify_input
+    from unlearnbench.io import CorruptFileError
 
     path = Path(data_dir) / "examples"
     if not path.exists():
         raise UserError(f"No prepared data at {path}. Run `unlearnbench prepare` (or `run`) first.")
-    return datasets.load_from_disk(str(path))
+    verify_input(path)
+    try:
+        return datasets.load_from_disk(str(path))
+    except Exception as exc:  # an Arrow file or state json that is damaged in a way no record covers
+        raise CorruptFileError(f"The prepared data at {path} cannot be read ({type(exc).__name__}: "
+                               f"{' '.join(str(exc).split())[:200]}). Rerun `unlearnbench prepare --force` with the "
+                               "same config to rebuild it.") from None
 
 
 def load_tokenizer(data_dir: Path):
-    """The tokenizer written by prepare."""
+    """The tokenizer written by prepare, checked against the prepare stage's record first."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(Path(data_dir) / "tokenizer"))
+    from unlearnbench.integrity import verify_input
+    from unlearnbench.io import CorruptFileError
+
+    path = Path(data_dir) / "tokenizer"
+    verify_input(path)
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:
+        raise CorruptFileError(f"The tokenizer at {path} cannot be read ({type(exc).__name__}: "
+                               f"{' '.join(str(exc).split())[:200]}). Rerun `unlearnbench prepare --force` with the "
+                               "same config to rebuild it.") from None

@@ -1,4 +1,4 @@
-"""The stages of a run, in order: prepare -> train -> score -> unlearn -> report. One module each, the same face:
+"""The stages of a run, in order: prepare -> train -> score -> unlearn -> attack -> report. One module each, the same face:
 `run(ctx)`, plus `NAME`, `OUTPUTS` (what it writes in the run directory) and `SECTIONS` (the config keys its
 outputs depend on: its fingerprint). `STAGES` is the one table the CLI, the study runner, the run-directory
 records and the benchmarks read.
@@ -42,4 +42,4 @@ class Stage:
         return self.module.SECTIONS
 
 
-STAGES: dict[str, Stage] = {name: Stage(name) for name in ("prepare", "train", "score", "unlearn", "report")}
+STAGES: dict[str, Stage] = {name: Stage(name) for name in ("prepare", "train", "score", "unlearn", "attack", "report")}

@@ -25,13 +25,14 @@ from unlearnbench.tracking import open_tracker
 
 NAME = "report"
 OUTPUTS = ("report",)
-SECTIONS = ("data", "model", "train", "score", "metrics", "unlearn", "run.seed")  # everything unlearn depends on
+SECTIONS = ("data", "model", "train", "score", "metrics", "unlearn", "attack", "run.seed")  # everything before it
 
 KIND_ORDER = ("id", "canary", "domain")
 KIND_COLORS = {"id": "#0072B2", "canary": "#D55E00", "domain": "#009E73"}  # Okabe-Ito: colour-blind safe
 KIND_LABELS = {"id": "ID (KJV)", "canary": "OOD canary", "domain": "OOD domain"}
 REP_MARKERS = {1: "o", 4: "s", 16: "^"}
 OTHER_MARKERS = ("D", "v", "P", "X", "h", "<", ">")
+ATTACK_FIGURES = ("relearning", "recovered", "mia_auc")  # only when the attack stage ran
 STEP_LABEL = "unlearning step (optimizer steps, symlog)"
 FIGURES = {  # name -> (heading, caption)
     "exposure_trajectories": ("Exposure trajectories, ID vs OOD",
@@ -44,11 +45,24 @@ FIGURES = {  # name -> (heading, caption)
     "uq_vs_utility": ("Trade-off: unlearning quality vs utility",
                       "UQ against the utility cost along each unlearning run; star: the step it became unlearned."),
     "steps_to_forget_vs_memorization": ("Steps to forget vs memorization",
-                                        "Per example, with Spearman ρ and its 95% interval per kind; hollow markers: "
-                                        "censored at max steps."),
+                                        "Per example; hollow markers: censored (not forgotten by the request's last "
+                                        "evaluation). The pooled ρ is descriptive: F3 is the Cox model within requests."),
     "steps_to_forget_vs_difficulty": ("Steps to forget vs difficulty",
-                                      "Per example, with Spearman ρ and its 95% interval per kind; hollow markers: "
-                                      "censored at max steps."),
+                                      "Per example; hollow markers: censored (not forgotten by the request's last "
+                                      "evaluation). The pooled ρ is descriptive."),
+    "survival": ("Fraction not yet forgotten (Kaplan-Meier)",
+                 "Per kind and repetitions, pooled over the replicate groups, with the 95% band; the log-rank test OOD "
+                 "vs ID per repetitions is in the text."),
+    "relearning": ("Exposure during relearning", "Mean exposure of each attacked request over relearning steps; dashed: "
+                   "the oracle θr given the same steps on the same data."),
+    "recovered": ("Recovered share after each attack", "Per request and attack, with the 95% bootstrap interval; 0 = no "
+                  "more than the oracle picks up."),
+    "mia_auc": ("Membership inference AUC", "Min-K%++ AUC of the request's examples against its references under θ0, "
+                "the unlearned model and θr."),
+    "finding_effects": ("F1 and F2 effects over replicates",
+                        "Each dot is one replicate pair (hollow: a censoring bound); bar: mean and 95% t-interval. "
+                        "F1: OOD − ID steps to reach UQ 0.9 (> 0 supports F1); F2: ID − OOD log(ppl_t/ppl_0) at that "
+                        "crossing (> 0 supports F2)."),
 }
 
 
@@ -299,8 +313,8 @@ def fig_steps_to_forget(summary: dict, examples: pd.DataFrame, variable: str, pa
     """Steps to forget vs `variable` (memorization or difficulty) per example, Spearman ρ per kind in the legend."""
     xlabel = {"memorization": "memorization ℓθr(x) − ℓθ0(x) (nats/token)",
               "difficulty": "difficulty ℓθr(x) (nats/token)"}[variable]
-    corr = {c["kind"]: c for c in summary.get("findings", {}).get("F3", {}).get("correlations", [])
-            if c["variable"] == variable}
+    corr = {c["kind"]: {**c["pooled_spearman_descriptive"][variable], "n": c["n"]}
+            for c in summary.get("findings", {}).get("F3", {}).get("kinds", [])}
     fig = Figure(figsize=(7.2, 6.0), dpi=100, layout="constrained")
     ax = fig.subplots()
     kinds = sorted(set(examples.kind), key=_kind_key) if not examples.empty else []
@@ -321,15 +335,134 @@ def fig_steps_to_forget(summary: dict, examples: pd.DataFrame, variable: str, pa
     handles += [Line2D([], [], color="black", marker=rep_marker(r), ls="none", label=_reps_title(r))
                 for r in reps]
     handles.append(Line2D([], [], color="black", marker="o", mfc="none", ls="none",
-                          label=f"censored at {summary.get('max_steps')} steps"))
+                          label="censored: not forgotten by its request's last evaluation"))
     _step_axis(ax, summary.get("max_steps"), axis="y")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("steps to forget (optimizer steps, symlog)")
     ax.grid(alpha=0.3)
     fig.legend(handles=handles, fontsize=8, loc="outside lower center", ncol=2,
-               title="kind: Spearman ρ(steps to forget, " + variable + ") [95% interval]", title_fontsize=8)
+               title="kind: pooled Spearman ρ(steps to forget, " + variable + ") [95% interval], descriptive only "
+                     "(confounded by repetitions; F3 uses the Cox model)", title_fontsize=8)
     ax.set_title(f"Steps to forget vs {variable}")
     _save(fig, path)
+
+
+def fig_survival(summary: dict, path: Path) -> None:
+    """Kaplan-Meier curves of the fraction of examples not yet forgotten, one panel per repetitions."""
+    curves = summary.get("survival", {}).get("kaplan_meier", [])
+    reps = sorted({c["repetitions"] for c in curves})
+    fig, axes = _figure(len(reps))
+    for ax, r in zip(axes[0], reps):
+        for c in sorted((c for c in curves if c["repetitions"] == r), key=lambda c: _kind_key(c["kind"])):
+            km = c["curve"]
+            ax.step(km["step"], km["survival"], where="post", color=kind_color(c["kind"]), lw=1.6,
+                    label=f"{KIND_LABELS.get(c['kind'], c['kind'])} (n = {c['n']})")
+            ax.fill_between(km["step"], km["lo"], km["hi"], step="post", color=kind_color(c["kind"]), alpha=0.15, lw=0)
+        ax.set_title(_reps_title(r))
+        ax.set_ylabel("fraction not yet forgotten")
+        ax.set_ylim(-0.02, 1.02)
+        _step_axis(ax, summary.get("max_steps"))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Example level: fraction of forget examples not yet forgotten (Kaplan-Meier, 95% band)")
+    _save(fig, path)
+
+
+def fig_effects(summary: dict, path: Path) -> None:
+    """F1 and F2 per (repetitions, OOD kind): every replicate pair's difference and the mean with its interval."""
+    findings = summary.get("findings", {})
+    fig, axes = _figure(2, 5.2, 3.8)
+    for ax, key, unit in ((axes[0][0], "F1", "OOD − ID steps to reach the target"),
+                          (axes[0][1], "F2", "ID − OOD log(ppl_t / ppl_0) at the crossing")):
+        cells = findings.get(key, {}).get("cells", [])
+        for x, c in enumerate(cells):
+            e = c["by_target"][c["main"]]
+            for p in e.get("pairs", []):
+                if p["difference"] is not None:
+                    ax.plot([x + 0.12], [p["difference"]], marker="o", ms=5, ls="none",
+                            mfc="none" if p.get("bound") else kind_color(c["ood_kind"]), mec=kind_color(c["ood_kind"]))
+            if e["mean"] is not None:
+                lo = e["lo"] if e["lo"] is not None and math.isfinite(e["lo"]) else e["mean"]
+                hi = e["hi"] if e["hi"] is not None and math.isfinite(e["hi"]) else e["mean"]
+                ax.errorbar([x - 0.12], [e["mean"]], yerr=[[e["mean"] - lo], [hi - e["mean"]]], marker="D",
+                            color="black", capsize=4, ls="none")
+            ax.annotate(c["verdict"], (x, 0), textcoords="offset points", xytext=(0, -14), ha="center", fontsize=7)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xticks(range(len(cells)), [f"r{c['repetitions']}\n{c['ood_kind']}" for c in cells], fontsize=8)
+        ax.set_ylabel(unit, fontsize=8)
+        ax.set_title(f"{key} at UQ {summary.get('uq_target')}")
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle("Effects over replicate pairs (dots) with mean and 95% t-interval (black)")
+    _save(fig, path)
+
+
+def attack_figures(run_dir: Path, att: dict, out_dir: Path) -> dict[str, Path]:
+    """Exposure during relearning (ID vs OOD, oracle dashed), recovered share per request and attack, MIA AUC."""
+    reqs = sorted(att.get("requests", []), key=lambda r: (_kind_key(r["kind"]), r["repetitions"], r["request"]))
+    paths = {"relearning": out_dir / "relearning.png", "recovered": out_dir / "recovered.png",
+             "mia_auc": out_dir / "mia_auc.png"}
+    fig, axes = _figure(2, 5.0, 3.6)
+    for ax, variant in zip(axes[0], ("forget_fraction", "retain")):
+        for r in reqs:
+            p = run_dir / "attacks" / r["request"] / "relearning.parquet"
+            if not p.exists():
+                continue
+            c = pd.read_parquet(p)
+            for start, ls in (("unlearned", "-"), ("oracle", "--")):
+                part = c[(c.variant == variant) & (c.start == start)]
+                ax.plot(part.step, part.exposure_mean, ls=ls, color=kind_color(r["kind"]), marker=rep_marker(r["repetitions"]),
+                        ms=3, lw=1.2, alpha=0.8)
+        ax.set_title({"forget_fraction": "relearning on part of the forget set", "retain": "relearning on retain data"}[variant],
+                     fontsize=9)
+        ax.set_xlabel("relearning step")
+        ax.set_ylabel("mean exposure of the request (bits)")
+        ax.grid(alpha=0.3)
+    kinds = sorted({r["kind"] for r in reqs}, key=_kind_key)
+    extra = [Line2D([], [], color="grey", ls="-", label="from the unlearned model"),
+             Line2D([], [], color="grey", ls="--", label="from the oracle θr (yardstick)")]
+    fig.legend(handles=_legend_handles(kinds, sorted({r["repetitions"] for r in reqs}), extra), loc="outside lower center",
+               ncol=4, fontsize=8)
+    fig.suptitle("Exposure during relearning: ID vs OOD, and the oracle picking up the same data")
+    _save(fig, paths["relearning"])
+
+    names = ["relearn_forget_fraction", "relearn_retain", "int8", "int4"]
+    fig, axes = _figure(1, max(6.0, 0.5 * len(reqs) + 2), 3.8)
+    ax = axes[0][0]
+    for j, name in enumerate(names):
+        for x, r in enumerate(reqs):
+            d = r.get(name) or r.get("quantization", {}).get(name) or {}
+            if d.get("recovered") is None:
+                continue
+            lo = d["lo"] if d.get("lo") is not None else d["recovered"]
+            hi = d["hi"] if d.get("hi") is not None else d["recovered"]
+            ax.errorbar([x + (j - 1.5) * 0.18], [d["recovered"]], yerr=[[d["recovered"] - lo], [hi - d["recovered"]]],
+                        marker="osD^"[j], color=kind_color(r["kind"]), ms=4, capsize=2, ls="none")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(reqs)), [r["request"] for r in reqs], rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("recovered share of the exposure gap")
+    ax.grid(alpha=0.3, axis="y")
+    fig.legend(handles=[Line2D([], [], color="black", marker="osD^"[j], ls="none", label=n) for j, n in enumerate(names)],
+               loc="outside lower center", ncol=4, fontsize=8)
+    fig.suptitle("How much comes back after each attack (beyond the oracle attacked the same way), 95% intervals")
+    _save(fig, paths["recovered"])
+
+    fig, axes = _figure(1, max(6.0, 0.5 * len(reqs) + 2), 3.8)
+    ax = axes[0][0]
+    for j, model in enumerate(("original", "unlearned", "oracle")):
+        for x, r in enumerate(reqs):
+            v = r.get("mia", {}).get(model, {}).get("min_k_pp")
+            if v is not None:
+                ax.plot([x + (j - 1) * 0.2], [v], marker="o^s"[j], color=kind_color(r["kind"]), ls="none")
+    ax.axhline(0.5, color="black", lw=0.8, ls=":")
+    ax.set_xticks(range(len(reqs)), [r["request"] for r in reqs], rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("Min-K%++ AUC, members vs references")
+    ax.grid(alpha=0.3, axis="y")
+    fig.legend(handles=[Line2D([], [], color="black", marker="o^s"[j], ls="none", label=m)
+                        for j, m in enumerate(("θ0 original", "θt unlearned", "θr oracle"))],
+               loc="outside lower center", ncol=3, fontsize=8)
+    fig.suptitle("Membership inference before, after unlearning, and under the oracle (0.5 = chance)")
+    _save(fig, paths["mia_auc"])
+    return paths
 
 
 def make_figures(run_dir: Path, out_dir: Path) -> dict[str, Path]:
@@ -337,27 +470,38 @@ def make_figures(run_dir: Path, out_dir: Path) -> dict[str, Path]:
     summary, curves, examples = load_run(run_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {name: out_dir / f"{name}.png" for name in FIGURES}
+    paths = {name: out_dir / f"{name}.png" for name in FIGURES if name not in ATTACK_FIGURES}
     fig_exposure(summary, curves, paths["exposure_trajectories"])
     fig_uq(summary, curves, paths["uq_vs_step"])
     fig_utility(summary, curves, paths["utility_vs_step"])
     fig_tradeoff(summary, curves, paths["uq_vs_utility"])
     for var in ("memorization", "difficulty"):
         fig_steps_to_forget(summary, examples, var, paths[f"steps_to_forget_vs_{var}"])
+    fig_survival(summary, paths["survival"])
+    fig_effects(summary, paths["finding_effects"])
     return paths
 
 
 # ----------------------------------------------------------------------------------------------- markdown
 
+def _outcomes(gs: list[dict]) -> str:
+    """How the cell's requests ended: u unlearned, c censored, x collapsed, n nothing to forget."""
+    counts = {"u": 0, "c": 0, "x": 0, "n": 0}
+    for g in gs:
+        o = "n" if g.get("nothing_to_forget") else {"unlearned": "u", "collapsed": "x"}.get(g.get("outcome"), "c")
+        counts[o] += 1
+    return " ".join(f"{v}{k}" for k, v in counts.items() if v) or "–"
+
+
 def group_table(summary: dict) -> list[str]:
     """Markdown table per (kind, repetitions); cells with several requests show means."""
-    lines = ["| kind | reps | requests | examples | unlearned | steps to unlearn | utility drop there | final UQ "
+    lines = ["| kind | reps | requests | examples | outcomes | steps to unlearn | utility drop there | final UQ "
              "| max UQ | exposure θ0 (bits) | exposure θr (bits) | steps to forget | censored | memorization "
              "(nats/tok) | difficulty (nats/tok) | diverged | nothing to forget |", "|" + "---|" * 17]
     for kind, reps, gs in _cells(summary["groups"]):
         unlearned = [g for g in gs if g.get("steps_to_unlearn") is not None and not g.get("nothing_to_forget")]
         lines.append(
-            f"| {kind} | {reps} | {len(gs)} | {sum(g['n_examples'] for g in gs)} | {len(unlearned)}/{len(gs)} | "
+            f"| {kind} | {reps} | {len(gs)} | {sum(g['n_examples'] for g in gs)} | {_outcomes(gs)} | "
             f"{_num(_mean(g['steps_to_unlearn'] for g in unlearned), '{:.3g}')} | "
             f"{_num(_mean(g['utility_drop_at_unlearned'] for g in unlearned), '{:+.1%}')} | "
             f"{_num(_mean(g['uq_final'] for g in gs))} | {_num(_mean(g.get('uq_max') for g in gs))} | "
@@ -371,49 +515,143 @@ def group_table(summary: dict) -> list[str]:
     return lines
 
 
+def _interval(e: dict, fmt: str = "{:.3g}") -> str:
+    return f"{_num(e.get('mean'), fmt)} [{_num(e.get('lo'), fmt)}, {_num(e.get('hi'), fmt)}]"
+
+
 def finding_lines(findings: dict) -> list[str]:
-    """F1-F3 with their verdicts and the numbers behind them."""
+    """F1-F3 with their verdicts, effects with intervals over replicates, outcome counts and stability."""
     if not findings:
         return ["No findings: the run has no (kind, repetitions) groups or no per-example results."]
     lines = []
     for key, f in findings.items():
-        lines.append(f"- **{key}: {f['verdict']}** ({f['holds']} of {f['of']} comparisons hold). {f['statement']}.")
-        for c in f.get("comparisons", []):
-            r, ood = c["repetitions"], c["ood_kind"]
-            ok = "holds" if c["holds"] else "does not hold"
-            if key == "F1":
-                lines.append(f"  - {r} repetitions, {ood} vs id: {c['ood_steps']}{'+' if c['ood_censored'] else ''} "
-                             f"vs {c['id_steps']}{'+' if c['id_censored'] else ''} steps to unlearn "
-                             f"(mean steps to forget {_num(c['ood_steps_to_forget_mean'], '{:.1f}')} vs "
-                             f"{_num(c['id_steps_to_forget_mean'], '{:.1f}')}): {ok}")
-            elif key == "F2":
-                lines.append(f"  - {r} repetitions, id vs {ood}: utility drop when unlearned "
-                             f"{_num(c['id_utility_drop'], '{:+.1%}')} vs {_num(c['ood_utility_drop'], '{:+.1%}')}: "
-                             f"{ok}")
-            else:
-                lines.append("  - " + ", ".join(f"{k}={_num(v, '{:.3g}') if isinstance(v, float) else v}"
-                                                for k, v in c.items()))
-        for c in f.get("correlations", []):
-            lines.append(f"  - {c['kind']}, steps to forget vs {c['variable']}: ρ = {_num(c['rho'])} "
-                         f"[{_num(c['lo'])}, {_num(c['hi'])}], p = {_num(c['p'], '{:.2g}')}, n = {c['n']}, "
-                         f"censored {_num(c['censored_fraction'], '{:.0%}')}"
-                         f"{' (counts for F3)' if c['variable'] == 'memorization' else ''}: "
-                         f"{'ρ > 0 with interval above 0' if c['holds'] else 'interval includes or is below 0'}")
-    lines.append("")
-    lines.append("`N+` = censored: not unlearned within the step budget. Verdicts are computed from these numbers.")
+        lines.append(f"- **{key}: {f['verdict']}** ({f['holds']} of {f['of']} cells reproduce it). {f['statement']}. "
+                     f"Effect: {f['effect']}.")
+        if f.get("cells"):
+            targets = list(f["cells"][0]["by_target"])
+            lines += ["", "  | reps | OOD kind | replicates | verdict | " + " | ".join(targets) + " | stable across targets |",
+                      "  |" + "---|" * (len(targets) + 5)]
+            for c in f["cells"]:
+                cells = []
+                for t in targets:
+                    e = c["by_target"][t]
+                    n = e["counts"]
+                    cells.append(f"{_interval(e)} {e['verdict']} ({n['supports']}+/{n['against']}−/{n['tie']}="
+                                 f"/{n['inconclusive']}?)")
+                lines.append(f"  | {c['repetitions']} | {c['ood_kind']} | {c['replicates']} | **{c['verdict']}** | "
+                             + " | ".join(cells) + f" | {'yes' if c['stable_across_targets'] else 'no: ' + c['across_targets']} |")
+            lines.append("")
+        for c in f.get("kinds", []):
+            m, d = c["cox"]["memorization"], c["cox"]["difficulty"]
+            desc = c["pooled_spearman_descriptive"]["memorization"]
+            lines.append(f"  - {c['kind']}: **{c['verdict']}**; hazard ratio of forgetting per SD of memorization "
+                         f"{_num(m['hr'], '{:.3g}')} [{_hr(m['lo'])}, {_hr(m['hi'])}] (p = {_num(m['p'], '{:.2g}')}), of "
+                         f"difficulty {_num(d['hr'], '{:.3g}')} [{_hr(d['lo'])}, {_hr(d['hi'])}]; n = {c['n']} examples in "
+                         f"{c['requests']} requests, {_num(c['censored_fraction'], '{:.0%}')} censored. Descriptive "
+                         f"only (pooled over repetitions, confounded): Spearman ρ = {_num(desc['rho'])} "
+                         f"[{_num(desc['lo'])}, {_num(desc['hi'])}]")
+        if f.get("excluded_requests"):
+            lines.append(f"  - left out (nothing to forget): {', '.join(f['excluded_requests'])}")
+    lines += ["", "Each effect is the mean over replicate pairs with its 95% t-interval; the counts are pairs that "
+              "support (+) or go against (−) the finding, ties (=) and pairs without evidence (?: a collapsed side, "
+              "both censored, censoring before the other side's event, or nothing to forget). `uq_T`: interpolated "
+              "steps to reach UQ T (F1) or log utility cost there (F2); `auc`: area under UQ against log(1+step). "
+              "Verdicts are computed from these numbers (docs/findings.md)."]
     return lines
 
 
-def render_markdown(summary: dict, figures: dict[str, str] | None = None) -> str:
+def _hr(coef) -> str:
+    return _num(math.exp(coef) if coef is not None and math.isfinite(coef) else None, "{:.3g}")
+
+
+def attack_lines(att: dict) -> list[str]:
+    """Per attacked request: recovered share of the exposure gap after each attack (beyond the oracle attacked the
+    same way), MIA AUC under θ₀ / unlearned / θᵣ; then F4."""
+    lines = ["| request | relearn on forget part (held-out part) | relearn on retain | no attack | int8 | int4 | LOSS AUC "
+             "θ0 / θt / θr | Min-K%++ AUC θ0 / θt / θr |", "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(att.get("requests", []), key=lambda r: (_kind_key(r["kind"]), r["repetitions"], r["request"])):
+        ff, rt = r["relearn_forget_fraction"], r["relearn_retain"]
+        held = ff.get("held_out") or {}
+        q = r.get("quantization", {})
+        mia = r.get("mia", {})
+
+        def auc(att_name):
+            return " / ".join(_num(mia.get(m, {}).get(att_name)) for m in ("original", "unlearned", "oracle"))
+        lines.append(f"| {r['request']} | {_interval(_rec(ff))} ({_interval(_rec(held))}) | {_interval(_rec(rt))} | "
+                     f"{_interval(_rec(q.get('none', {})))} | {_interval(_rec(q.get('int8', {})))} | {_interval(_rec(q.get('int4', {})))} | {auc('loss')} | "
+                     f"{auc('min_k_pp')} |")
+    errors = sorted({v["error"] for r in att.get("requests", []) for v in r.get("quantization", {}).values()
+                     if "error" in v})
+    lines += [""] + [f"- quantization unavailable: {e}" for e in errors]
+    lines += ["", "Recovered = (ē attacked − ē oracle attacked the same way) / (ē θ0 − ē θr): the share of the original "
+              "exposure gap that comes back beyond what an exactly-unlearned model picks up; [95% bootstrap interval "
+              "over the request's examples]; \"no attack\": the unlearned model as saved, the level the reloads start from. AUC: "
+              "forget examples (members) vs their references (non-members).", ""]
+    f4 = att.get("findings", {}).get("F4")
+    if f4:
+        lines.append(f"- **F4: {f4['verdict']}** ({f4['holds']} of {f4['of']} cells). {f4['statement']}. Effect: "
+                     f"{f4['effect']}.")
+        for c in f4["cells"]:
+            parts = [f"{a}: {_interval(e)} {e['verdict']}" + (f" ({e['direction']})" if e.get("direction") else "")
+                     for a, e in c["by_attack"].items()]
+            lines.append(f"  - r{c['repetitions']} {c['ood_kind']} vs id ({c['replicates']} replicates): " + "; ".join(parts))
+    return lines
+
+
+def _rec(d: dict) -> dict:
+    return {"mean": d.get("recovered"), "lo": d.get("lo"), "hi": d.get("hi")}
+
+
+def cost_lines(summary: dict) -> list[str]:
+    """Wall time, device-seconds and peak memory per stage; estimated FLOPs and device-seconds per request."""
+    cost = summary["cost"]
+    lines = ["| stage | wall s | device-s | peak memory MiB |", "|---|---|---|---|"]
+    for stage, c in cost.get("stages", {}).items():
+        lines.append(f"| {stage} | {_num(c.get('seconds'), '{:.1f}')} | {_num(c.get('device_seconds'), '{:.1f}')} | "
+                     f"{_num(c.get('peak_memory_mib'), '{:.0f}')} |")
+    lines += ["", "| request | outcome | steps | wall s | eval share | est. FLOPs | device-s |", "|---|---|---|---|---|---|---|"]
+    for g in summary["groups"]:
+        lines.append(f"| {g['request']} | {g.get('outcome')} | {g.get('steps_run')} | {_num(g.get('wall_seconds'), '{:.1f}')} | "
+                     f"{_num(g.get('eval_share'), '{:.0%}')} | {_num(g.get('flops'), '{:.3g}')} | "
+                     f"{_num(g.get('device_seconds'), '{:.1f}')} |")
+    r = cost.get("unlearn_requests", {})
+    lines += ["", f"All requests: {_num(r.get('flops'), '{:.3g}')} FLOPs (6·N per trained token, 2·N per scored "
+              f"token), {_num(r.get('device_seconds'), '{:.0f}')} device-seconds."]
+    return lines
+
+
+def survival_lines(surv: dict) -> list[str]:
+    """The example-level view: median steps to forget per cell and the log-rank tests OOD vs ID."""
+    if not surv:
+        return []
+    lines = ["| kind | reps | examples | forgotten | median steps to forget |", "|---|---|---|---|---|"]
+    for c in sorted(surv["kaplan_meier"], key=lambda c: (_kind_key(c["kind"]), c["repetitions"])):
+        lines.append(f"| {c['kind']} | {c['repetitions']} | {c['n']} | {c['events']} | {_num(c['median_steps'], '{:.3g}')} |")
+    lines += ["", "Log-rank test of the steps to forget, OOD vs ID at the same repetitions (example-level F1):", ""]
+    for t in surv["logrank"]:
+        lines.append(f"- {t['repetitions']} repetitions, {t['ood_kind']} vs id: median {_num(t['median_ood'], '{:.3g}')} "
+                     f"vs {_num(t['median_id'], '{:.3g}')} steps, χ² = {_num(t['statistic'])}, p = {_num(t['p'], '{:.2g}')}")
+    return lines
+
+
+def render_markdown(summary: dict, figures: dict[str, str] | None = None, attack_summary: dict | None = None) -> str:
     """Markdown of a run's summary: per (kind, repetitions) table, F1-F3 with their numbers, then the figures."""
     lines = [f"# unlearnbench report: {summary['run']} (seed {summary['seed']})", "",
              f"Method `{summary['method']}`, lr {summary['lr']}, exposure `{summary['exposure']}`, "
              f"UQ target {summary['uq_target']}, max steps {summary['max_steps']}.", "",
              "## Forget requests per kind and repetitions", ""]
     lines += group_table(summary)
-    lines += ["", "Steps to unlearn and the utility drop there (ppl_t / ppl_0 − 1 on the ID holdout) are means over "
-              "the unlearned requests, excluding those with nothing to forget.", "", "## Findings", ""]
+    lines += ["", "Outcomes: u unlearned (UQ reached the target), c censored (the budget ran out first), x collapsed "
+              "(diverged first), n nothing to forget. Steps to unlearn and the utility drop there (ppl_t / ppl_0 − 1 on "
+              "the ID holdout) are means over the unlearned requests only: read them with the outcome counts.", "", "## Findings", ""]
     lines += finding_lines(summary.get("findings", {}))
+    if summary.get("survival"):
+        lines += ["", "## Example level: steps to forget", ""] + survival_lines(summary["survival"])
+    if attack_summary:
+        lines += ["", "## Does forgetting last? Relearning, quantization, membership inference", ""]
+        lines += attack_lines(attack_summary)
+    if summary.get("cost"):
+        lines += ["", "## Cost", ""] + cost_lines(summary)
     if figures:
         lines += ["", "## Figures", ""]
         for name, file in figures.items():
@@ -443,14 +681,20 @@ def run(ctx: Context) -> None:
     trk = open_tracker(ctx, NAME)
     if ctx.is_main:
         summary = read_json(ctx.run_dir / "summary.json")
+        attack_path = ctx.run_dir / "attacks" / "summary.json"
+        attack_summary = read_json(attack_path) if attack_path.exists() else None
         with atomic_dir(out) as tmp:  # the report appears whole: markdown and figures of the same summary
             paths = make_figures(ctx.run_dir, tmp)
-            (tmp / "report.md").write_text(render_markdown(summary, {n: p.name for n, p in paths.items()}))
+            if attack_summary:
+                paths.update(attack_figures(ctx.run_dir, attack_summary, tmp))
+            (tmp / "report.md").write_text(render_markdown(summary, {n: p.name for n, p in paths.items()},
+                                                           attack_summary))
         trk.log_images({f"report/{name}": out / p.name for name, p in paths.items()})
         trk.summary(flatten_findings(summary))
     trk.finish()
-    ctx.acc.print(f"[report] wrote {out / 'report.md'} and {len(FIGURES)} figures")
-    finish_stage(ctx, NAME, {"figures": sorted(f"{n}.png" for n in FIGURES)})
+    figures = sorted(p.name for p in out.glob("*.png"))
+    ctx.acc.print(f"[report] wrote {out / 'report.md'} and {len(figures)} figures")
+    finish_stage(ctx, NAME, {"figures": figures})
 
 
 # ----------------------------------------------------------------------------------------------- compare

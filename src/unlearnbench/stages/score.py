@@ -44,7 +44,7 @@ def run(ctx: Context) -> None:
     examples = load_examples(ctx.run_dir / "data")
     tok = load_tokenizer(ctx.run_dir / "data")
     subset = eval_subset(examples)
-    meta = subset.select_columns(["example_id", "kind", "repetitions", "split"]).to_pandas()
+    meta = subset.select_columns(["example_id", "kind", "repetitions", "group", "split"]).to_pandas()
     trk = open_tracker(ctx, NAME)
     names = ["original", "oracle"] + [f"shadow_{j}" for j in range(cfg.score.shadow_models)]
     scores, info = {}, {}
@@ -76,7 +76,7 @@ def run(ctx: Context) -> None:
 def build_forget_table(cfg, meta: pd.DataFrame, scores: dict, run_dir: Path) -> pd.DataFrame:
     """One row per forget example: losses and exposures under original and oracle, memorization, difficulty."""
     loss = cfg.metrics.loss
-    forget = meta[meta.split == "forget"][["example_id", "kind", "repetitions"]].reset_index(drop=True)
+    forget = meta[meta.split == "forget"][["example_id", "kind", "repetitions", "group"]].reset_index(drop=True)
     table = forget.copy()
     for name in ("original", "oracle"):
         s = scores[name].set_index("example_id")

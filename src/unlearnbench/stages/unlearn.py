@@ -30,15 +30,17 @@ def build_requests(cfg: Config, forget: pd.DataFrame) -> list[Request]:
     u = cfg.unlearn
     if u.request_kinds:
         forget = forget[forget.kind.isin(u.request_kinds)]
-    if u.requests == "groups":
-        return [Request(f"{k}_r{r}", sorted(g.example_id), k, int(r))
-                for (k, r), g in forget.groupby(["kind", "repetitions"])]
+    if u.requests == "groups":  # one request per forget group: (kind, repetitions) x data.replicates groups
+        several = cfg.data.replicates > 1
+        return [Request(f"{k}_r{r}" + (f"_g{j}" if several else ""), sorted(g.example_id), k, int(r), int(j))
+                for (k, r, j), g in forget.groupby(["kind", "repetitions", "group"])]
     if u.requests == "per_example":
         rows = forget.sort_values("example_id")
         if u.max_per_example_requests:
             rows = rows.groupby(["kind", "repetitions"]).head(
                 max(1, u.max_per_example_requests // max(1, rows.groupby(["kind", "repetitions"]).ngroups)))
-        return [Request(f"ex_{r.example_id}", [r.example_id], r.kind, int(r.repetitions)) for r in rows.itertuples()]
+        return [Request(f"ex_{r.example_id}", [r.example_id], r.kind, int(r.repetitions), int(r.group))
+                for r in rows.itertuples()]
     known = set(forget.example_id)
     missing = [e for e in u.example_ids if e not in known]
     if missing:
@@ -78,7 +80,7 @@ def run(ctx: Context) -> None:
     subset = eval_subset(examples)
     # plain lists once for every request: indexing a lazy `datasets` column costs ~0.2 ms a lookup
     columns = examples.select_columns(["example_id", "input_ids", "score_start", "score_end", "split"]).to_dict()
-    meta = subset.select_columns(["example_id", "kind", "repetitions", "split"]).to_pandas()
+    meta = subset.select_columns(["example_id", "kind", "repetitions", "group", "split"]).to_pandas()
     forget_table = pd.read_parquet(ctx.run_dir / "scores" / "examples.parquet")
     oracle_scores = pd.read_parquet(ctx.run_dir / "scores" / "oracle.parquet")
     requests = build_requests(cfg, forget_table)

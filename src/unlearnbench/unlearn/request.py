@@ -56,6 +56,7 @@ class Request:
     example_ids: list[str]
     kind: str
     repetitions: int
+    replicate: int = 0  # which of the data.replicates disjoint groups of its (kind, repetitions)
 
 
 # ----------------------------------------------------------------------------------------------- worker
@@ -323,12 +324,15 @@ def _retain_inputs(u: Unlearner, rb: dict) -> dict:
 
 
 class StopRule:
-    """When a request stops: the UQ target held for `patience` evaluations (if `stop_on_target`), utility
-    perplexity past `max_ppl_ratio` x θ₀'s (diverged), or `max_steps`."""
+    """When a request stops: utility perplexity past `max_ppl_ratio` x θ₀'s (diverged); once the UQ target held
+    for `patience` evaluations (if `stop_on_target`) and, with `until_all_forgotten`, every example of the request
+    is forgotten (the run goes on past the target so that every example's steps to forget are observed); or at
+    `max_steps`. The request's own verdict uses its first crossing whatever happens after it."""
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.held = 0
+        self.reached = False
 
     def check(self, row: dict, step_index: int, ppl_0: float) -> tuple[str, str] | None:
         """(status, reason) when the request stops at this evaluation, else None."""
@@ -337,8 +341,11 @@ class StopRule:
         ppl = row["id_holdout_ppl"]
         if not np.isfinite(ppl) or ppl > m.max_ppl_ratio * ppl_0:
             return "diverged", f"ID-holdout perplexity {ppl:.3g} exceeds {m.max_ppl_ratio:g} x θ₀'s {ppl_0:.3g}"
-        if u.stop_on_target and self.held >= u.patience:
-            return "unlearned", f"UQ >= {m.uq_target} held for {self.held} evaluation(s)"
+        self.reached = self.reached or self.held >= u.patience
+        all_forgotten = row["forgotten_fraction"] >= 1.0
+        if u.stop_on_target and self.reached and (all_forgotten or not u.until_all_forgotten):
+            return "unlearned", (f"UQ >= {m.uq_target} held for {u.patience} evaluation(s)"
+                                 + (" and every example is forgotten" if u.until_all_forgotten else ""))
         if step_index >= u.max_steps:
             return "max_steps", f"reached max_steps={u.max_steps}"
         return None
@@ -361,7 +368,7 @@ def unlearn_request(ctx, request: Request, columns: dict, subset, meta: pd.DataF
     # θ₀ frozen, for methods that compare with it: a DeepSpeed inference engine under ZeRO-3 (sharded parameters)
     u = setup(cfg, worker, load_trained(ctx.run_dir, "original", cfg.model.dtype), data,
               lambda: inference_model(worker.acc, load_trained(ctx.run_dir, "original", cfg.model.dtype)))
-    schedule, rule = set(eval_steps(cfg)), StopRule(cfg)
+    schedule, rule, saved = set(eval_steps(cfg)), StopRule(cfg), False
     curve, trajs, window = [], [], []
     status, reason = "max_steps", ""
     t_start, train_time, tokens = time.perf_counter(), 0.0, 0
@@ -378,6 +385,10 @@ def unlearn_request(ctx, request: Request, columns: dict, subset, meta: pd.DataF
             trk.log({f"unlearn/{request.name}/{k}": v for k, v in row.items() if k != "step"},
                     **{"unlearn/step": step_index}, request=request.name)
             stop = rule.check(row, step_index, evaluator.ppl_0)
+            if rule.reached and not saved and cfg.unlearn.save_unlearned:
+                # the state the attacks start from: the model at the step the request became unlearned
+                worker.save(u.model, tok, ctx.run_dir / "unlearn" / request.name / "model_unlearned")
+                saved = True
             if stop is not None:
                 status, reason = stop
                 break
@@ -412,11 +423,12 @@ def finish(ctx, request: Request, u: Unlearner, evaluator: RequestEvaluator, cur
     out_dir = ctx.run_dir / "unlearn" / request.name
     final_all = evaluator.evaluate_full(w.eval_model(u.model)) if evaluator.sampled else {}
     wall = time.perf_counter() - t_start
+    cost = request_cost(u, evaluator, len(curve), steps_run, wall)
     curve_df = pd.DataFrame(curve)
     traj_df = pd.concat(trajs, ignore_index=True)
     result, per_example = summarize_request(cfg, request, curve_df, traj_df, forget_table, status, reason, steps_run,
                                             wall, evaluator)
-    result.update(final_all, in_loop_sample={"examples": len(evaluator.meta), "all": len(evaluator.full_meta)})
+    result.update(final_all, in_loop_sample={"examples": len(evaluator.meta), "all": len(evaluator.full_meta)}, **cost)
     if w.writes:
         write_parquet(out_dir / "trajectory.parquet", traj_df)
         write_parquet(out_dir / "curve.parquet", curve_df)
@@ -430,15 +442,40 @@ def finish(ctx, request: Request, u: Unlearner, evaluator: RequestEvaluator, cur
     return result
 
 
+def request_cost(u: Unlearner, evaluator: RequestEvaluator, n_evals: int, steps_run: int, wall: float) -> dict:
+    """What the request cost: estimated FLOPs (6·N per trained token, 2·N per scored token, plus 2·N per token of the
+    frozen θ₀ for methods that use it; N = parameters), device-seconds (wall time x devices it held) and peak memory."""
+    from unlearnbench.distributed import peak_memory_mib
+    from unlearnbench.models import n_params
+
+    n = n_params(u.worker.acc.unwrap_model(u.model) if not u.worker.local else u.model)
+    per_eval = sum(len(x) for x in evaluator.data["input_ids"])
+    full = sum(len(x) for x in evaluator.full_data["input_ids"]) if evaluator.sampled else 0
+    bsz = min(u.cfg.unlearn.batch_size, len(u.data.forget_rows))
+    train_tokens = steps_run * bsz * float(np.mean([len(u.data.all_ids[r]) for r in u.data.forget_rows]))
+    if u.spec.needs_retain:
+        train_tokens += steps_run * min(u.cfg.unlearn.retain_batch_size, len(u.data.retain_rows)) * float(
+            np.mean([len(u.data.all_ids[r]) for r in u.data.retain_rows]))
+    flops = 6 * n * train_tokens + 2 * n * (n_evals * per_eval + full)
+    if u.spec.needs_reference:
+        flops += 2 * n * train_tokens
+    mem = peak_memory_mib()
+    return {"flops": float(flops), "device_seconds": wall * u.worker.world,
+            "peak_memory_mib": float(mem.get("cuda_max_allocated_mib", mem["cpu_max_rss_mib"]))}
+
+
 def summarize_request(cfg: Config, request: Request, curve: pd.DataFrame, traj: pd.DataFrame,
                       forget_table: pd.DataFrame, status: str, reason: str, steps_run: int, wall: float,
                       evaluator: RequestEvaluator) -> tuple[dict, pd.DataFrame]:
     """result.json (when the request was unlearned, the utility cost there) and the per-example table (steps to
     forget, memorization, difficulty)."""
-    steps = curve.step.to_numpy()
+    # The evaluation that found the utility diverged is not a state anyone would keep: forgetting "at the collapse"
+    # and a crossing there do not count (the request collapsed at that step).
+    valid = curve.iloc[:-1] if status == "diverged" and "perplexity" in reason and len(curve) > 1 else curve
+    steps = valid.step.to_numpy()
     wide = traj.pivot(index="step", columns="example_id", values="forgotten").loc[steps, request.example_ids]
-    # Censored at the last evaluated step: a request that stopped early (unlearned or diverged) did not observe
-    # its remaining examples beyond it, so max_steps would overstate their steps to forget.
+    # Censored at the last valid evaluation: a request that stopped early (all forgotten, or diverged) did not
+    # observe its remaining examples beyond it, so max_steps would overstate their steps to forget.
     per_steps, censored = metrics.steps_to_forget(steps, wide.to_numpy(), int(steps[-1]))
     info = forget_table.set_index("example_id").loc[request.example_ids]
     per_example = pd.DataFrame({"example_id": request.example_ids, "kind": info.kind.to_numpy(),
@@ -451,23 +488,27 @@ def summarize_request(cfg: Config, request: Request, curve: pd.DataFrame, traj: 
     for col in ("cf_memorization", "cf_difficulty"):
         if col in info:
             per_example[col] = info[col].to_numpy()
-    uq = curve.uq.to_numpy()
-    unlearned_step = metrics.first_crossing(steps[1:], uq[1:], cfg.metrics.uq_target) if len(steps) > 1 else None
+    uq = valid.uq.to_numpy()
+    v_steps = valid.step.to_numpy()
+    unlearned_step = metrics.first_crossing(v_steps[1:], uq[1:], cfg.metrics.uq_target) if len(v_steps) > 1 else None
     at = curve[curve.step == unlearned_step].iloc[0] if unlearned_step is not None else None
     first = curve.iloc[0]
     nothing = bool(first.nothing_to_forget)
+    outcomes = {f"{t:g}": request_outcome(valid, t, status == "diverged", int(curve.step.iloc[-1]))
+                for t in sorted({0.5, 0.8, cfg.metrics.uq_target})}
+    auc = metrics.uq_auc(v_steps, uq, cfg.unlearn.max_steps) if len(v_steps) else float("nan")
     result = {
         "request": request.name, "kind": request.kind, "repetitions": request.repetitions,
-        "n_examples": len(request.example_ids), "method": cfg.unlearn.method, "lr": cfg.unlearn.lr,
+        "replicate": request.replicate, "n_examples": len(request.example_ids), "method": cfg.unlearn.method, "lr": cfg.unlearn.lr,
         "status": "nothing_to_forget" if nothing and status != "diverged" else status,
         "stop_reason": reason, "steps_run": steps_run, "diverged": status == "diverged",
         "unlearned": unlearned_step is not None, "steps_to_unlearn": unlearned_step,
-        "steps_to_unlearn_censored": unlearned_step if unlearned_step is not None else cfg.unlearn.max_steps,
-        "step_uq_0.5": metrics.first_crossing(steps[1:], uq[1:], 0.5),
-        "step_uq_0.8": metrics.first_crossing(steps[1:], uq[1:], 0.8),
+        "outcome": outcomes[f"{cfg.metrics.uq_target:g}"]["outcome"], "outcomes": outcomes, "uq_auc": auc,
+        "step_uq_0.5": metrics.first_crossing(v_steps[1:], uq[1:], 0.5),
+        "step_uq_0.8": metrics.first_crossing(v_steps[1:], uq[1:], 0.8),
         "utility_drop_at_unlearned": float(at.utility_drop) if at is not None else None,
         "id_holdout_ppl_at_unlearned": float(at.id_holdout_ppl) if at is not None else None,
-        "uq_final": float(uq[-1]), "uq_max": float(np.nanmax(uq)),
+        "uq_final": float(curve.uq.iloc[-1]), "uq_max": float(np.nanmax(curve.uq)),
         "uq_example_final": float(curve.uq_example.iloc[-1]), "forget_quality_final": float(curve.forget_quality.iloc[-1]),
         "utility_drop_final": float(curve.utility_drop.iloc[-1]),
         "exposure_original_mean": float(np.mean(evaluator.e_0)), "exposure_oracle_mean": float(np.mean(evaluator.e_r)),
@@ -480,3 +521,19 @@ def summarize_request(cfg: Config, request: Request, curve: pd.DataFrame, traj: 
         "eval_share": evaluator.seconds / wall if wall else None,
     }
     return result, per_example
+
+
+def request_outcome(curve: pd.DataFrame, target: float, diverged: bool, last_step: int) -> dict:
+    """How a request ended with respect to one UQ target: `unlearned` at the crossing step (interpolated linearly
+    in log(1+step) between evaluations), `collapsed` (diverged first) or `censored` (stopped first), at the last
+    step observed. With the utility cost there: log(ppl/ppl_0) on the ID holdout, interpolated the same way."""
+    steps, uq = curve.step.to_numpy(), curve.uq.to_numpy()
+    step = metrics.interpolated_crossing(steps, uq, target) if len(steps) > 1 else None
+    if step is None:
+        return {"outcome": "collapsed" if diverged else "censored", "step": float(last_step), "grid_step": None,
+                "log_ppl_ratio": None, "utility_drop": None}
+    log_ratio = np.log1p(curve.utility_drop.to_numpy().astype(float))
+    lr = float(metrics.value_at_step(steps, log_ratio, step))
+    return {"outcome": "unlearned", "step": float(step),
+            "grid_step": int(metrics.first_crossing(steps[1:], uq[1:], target)),
+            "log_ppl_ratio": lr, "utility_drop": float(np.expm1(lr))}

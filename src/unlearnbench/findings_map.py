@@ -1,0 +1,165 @@
+"""The findings map: rerun unlearning over a grid of settings on a run's trained models, and show where each
+finding holds and where it breaks (`unlearnbench map`).
+
+Each grid cell is a sub-run `<run.dir>/map/<cell>/` whose `data/` and `models/` link to the parent's (prepare and
+train are not repeated; their records are copied, so the fingerprints check that the cell really shares them);
+the cell runs its own score stage (cheap; the exposure form can differ) and unlearn stage. The map is written to
+`<run.dir>/map/findings_map.md`, `findings_map.csv` and `findings_map.png`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from itertools import product
+from pathlib import Path
+
+import pandas as pd
+
+from unlearnbench.config import Config, validate
+from unlearnbench.errors import UserError
+from unlearnbench.io import read_json, write_text
+
+DEFAULT_GRID = {"lr": [1e-4, 3e-4, 1e-3], "method": ["ga", "npo"], "exposure": ["extrapolated", "rank"]}
+VERDICT_COLOURS = {"reproduced": "#1a9850", "partly reproduced": "#a6d96a", "not reproduced": "#fdae61",
+                   "reversed": "#d73027", "inconclusive": "#d9d9d9"}
+
+
+def cell_name(lr: float, method: str, exposure: str) -> str:
+    """The sub-run directory name of one grid cell."""
+    return f"lr{lr:g}_{method}_{exposure}"
+
+
+def cell_configs(cfg: Config, grid: dict) -> list[tuple[str, Config]]:
+    """One config per grid cell, pointed at its sub-run directory."""
+    out = []
+    for lr, method, exposure in product(grid["lr"], grid["method"], grid["exposure"]):
+        name = cell_name(lr, method, exposure)
+        sub = dataclasses.replace(
+            cfg, run=dataclasses.replace(cfg.run, dir=str(Path(cfg.run.dir) / "map" / name), name=f"{cfg.run.name}-{name}"),
+            unlearn=dataclasses.replace(cfg.unlearn, lr=float(lr), method=method),
+            metrics=dataclasses.replace(cfg.metrics, exposure=exposure))
+        validate(sub)
+        out.append((name, sub))
+    return out
+
+
+def link_parent(parent: Path, cell_dir: Path) -> None:
+    """Give a cell the parent's data and trained models (links) and their stage records (copies)."""
+    for stage in ("prepare", "train"):
+        if not (parent / "stages" / f"{stage}.json").exists():
+            raise UserError(f"The findings map reuses the trained models of {parent}, but its '{stage}' stage has not "
+                            f"finished. Run `unlearnbench train run.dir={parent}` (or `run`) with the same config first.")
+    (cell_dir / "stages").mkdir(parents=True, exist_ok=True)
+    for sub in ("data", "models"):
+        link = cell_dir / sub
+        if not link.exists():
+            os.symlink(os.path.relpath(parent / sub, cell_dir), link)
+    for stage in ("prepare", "train"):
+        shutil.copy(parent / "stages" / f"{stage}.json", cell_dir / "stages" / f"{stage}.json")
+
+
+def map_rows(cells: list[tuple[str, Config]]) -> pd.DataFrame:
+    """One row per (grid cell, finding, finding cell): effect at the main target, interval and verdict."""
+    rows = []
+    for name, cfg in cells:
+        summary = read_json(Path(cfg.run.dir) / "summary.json")
+        base = {"cell": name, "lr": cfg.unlearn.lr, "method": cfg.unlearn.method, "exposure": cfg.metrics.exposure}
+        for key, f in summary.get("findings", {}).items():
+            rows.append({**base, "finding": key, "where": "overall", "verdict": f["verdict"], "mean": None,
+                         "lo": None, "hi": None})
+            for c in f.get("cells", []):
+                e = c["by_target"][c["main"]]
+                rows.append({**base, "finding": key, "where": f"r{c['repetitions']} {c['ood_kind']}",
+                             "verdict": c["verdict"], "mean": e["mean"], "lo": e["lo"], "hi": e["hi"],
+                             "stable_across_targets": c["stable_across_targets"]})
+            for c in f.get("kinds", []):
+                m = c["cox"]["memorization"]
+                rows.append({**base, "finding": key, "where": c["kind"], "verdict": c["verdict"], "mean": m["coef"],
+                             "lo": m["lo"], "hi": m["hi"]})
+    return pd.DataFrame(rows)
+
+
+def render(rows: pd.DataFrame, out_dir: Path) -> None:
+    """findings_map.md (one table per finding), findings_map.csv and the heatmap findings_map.png."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    rows.to_csv(out_dir / "findings_map.csv", index=False)
+    lines = ["# Findings map", "", "Each cell: the verdict, and the effect with its 95% interval at the main UQ target "
+             "(F1: OOD − ID steps; F2: ID − OOD log perplexity ratio; F3: Cox coefficient of memorization, < 0 means "
+             "more memorized examples take longer). Settings in rows, where the finding is tested in columns.", ""]
+    for key, part in rows.groupby("finding", sort=True):
+        wheres = list(dict.fromkeys(part["where"]))
+        lines += [f"## {key}", "", "| setting | " + " | ".join(wheres) + " |", "|" + "---|" * (len(wheres) + 1)]
+        for cell, g in part.groupby("cell", sort=False):
+            by = g.set_index("where")
+            vals = []
+            for w in wheres:
+                r = by.loc[w]
+                eff = "" if r["mean"] is None or pd.isna(r["mean"]) else (
+                    f" {r['mean']:.3g} [{_n(r['lo'])}, {_n(r['hi'])}]")
+                vals.append(f"{r['verdict']}{eff}")
+            lines.append(f"| {cell} | " + " | ".join(vals) + " |")
+        lines.append("")
+    lines += ["![findings map](findings_map.png)", ""]
+    write_text(out_dir / "findings_map.md", "\n".join(lines))
+    keys = sorted(rows.finding.unique())
+    fig = Figure(figsize=(4.5 * len(keys), 0.45 * rows.cell.nunique() + 2.5), dpi=100, layout="constrained")
+    axes = fig.subplots(1, len(keys), squeeze=False)[0]
+    for ax, key in zip(axes, keys):
+        part = rows[rows.finding == key]
+        wheres = list(dict.fromkeys(part["where"]))
+        cells = list(dict.fromkeys(part["cell"]))
+        for i, cell in enumerate(cells):
+            for j, w in enumerate(wheres):
+                r = part[(part.cell == cell) & (part["where"] == w)].iloc[0]
+                ax.add_patch(_rect(j, i, VERDICT_COLOURS.get(r["verdict"], "#ffffff")))
+                if r["mean"] is not None and not pd.isna(r["mean"]):
+                    ax.text(j + 0.5, i + 0.5, f"{r['mean']:.2g}", ha="center", va="center", fontsize=7)
+        ax.set_xlim(0, len(wheres))
+        ax.set_ylim(len(cells), 0)
+        ax.set_xticks([j + 0.5 for j in range(len(wheres))], wheres, rotation=45, ha="right", fontsize=7)
+        ax.set_yticks([i + 0.5 for i in range(len(cells))], cells, fontsize=7)
+        ax.set_title(key)
+    fig.legend(handles=[Patch(color=c, label=v) for v, c in VERDICT_COLOURS.items()], loc="outside lower center",
+               ncol=5, fontsize=8)
+    fig.suptitle("Findings map: verdict (colour) and effect (number) per setting")
+    fig.savefig(out_dir / "findings_map.png", format="png")
+
+
+def _rect(x: int, y: int, colour: str):
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((x, y), 1, 1, facecolor=colour, edgecolor="white")
+
+
+def _n(x) -> str:
+    return "–" if x is None or pd.isna(x) else f"{x:.3g}"
+
+
+def run_map(cfg: Config, grid: dict | None = None, acc=None) -> Path:
+    """Unlearn every grid cell on the run's trained models, then write the map; returns its directory."""
+    from unlearnbench.distributed import make_accelerator
+    from unlearnbench.study import check_config, run_study
+
+    grid = {**DEFAULT_GRID, **(grid or {})}
+    parent = Path(cfg.run.dir)
+    cells = cell_configs(cfg, grid)
+    for _, sub in cells:
+        check_config(sub)
+    acc = acc or make_accelerator(cfg.run.num_processes)
+    for name, sub in cells:
+        if acc.is_main_process:
+            link_parent(parent, Path(sub.run.dir))
+        acc.wait_for_everyone()
+        acc.print(f"[map] {name}")
+        run_study(sub, "score", acc=acc)
+        run_study(sub, "unlearn", acc=acc)
+    out = parent / "map"
+    if acc.is_main_process:
+        render(map_rows(cells), out)
+        acc.print(f"[map] wrote {out / 'findings_map.md'}, findings_map.csv and findings_map.png ({len(cells)} settings)")
+    acc.wait_for_everyone()
+    return out

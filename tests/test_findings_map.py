@@ -1,0 +1,35 @@
+"""`unlearnbench map`: unlearning reruns over a grid on the run's trained models, one table and one heatmap."""
+
+import shutil
+
+import pandas as pd
+
+from conftest import cli, smoke_config
+
+
+def test_findings_map_reuses_the_models_and_tabulates_every_setting(smoke_study, tmp_path):
+    from unlearnbench.findings_map import run_map
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_study[1], run, symlinks=True)
+    cfg = smoke_config(run, "unlearn.max_steps=4", "unlearn.request_kinds=[id,canary]")
+    out = run_map(cfg, {"lr": [1e-3], "method": ["ga", "npo"], "exposure": ["rank"]})
+    cells = ["lr0.001_ga_rank", "lr0.001_npo_rank"]
+    for c in cells:
+        assert (out / c / "models").is_symlink() and (out / c / "summary.json").exists()
+        assert not (out / c / "checkpoints").exists()  # nothing was trained again
+    rows = pd.read_csv(out / "findings_map.csv")
+    assert sorted(rows.cell.unique()) == cells
+    assert set(rows.finding) == {"F1", "F2", "F3"} and set(rows.exposure) == {"rank"}
+    summary = pd.read_json(out / "lr0.001_npo_rank" / "summary.json", typ="series")
+    f1 = summary["findings"]["F1"]
+    assert rows[(rows.cell == "lr0.001_npo_rank") & (rows.finding == "F1") & (rows["where"] == "overall")
+                ].verdict.item() == f1["verdict"]
+    md = (out / "findings_map.md").read_text()
+    assert "| lr0.001_ga_rank |" in md and (out / "findings_map.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_map_without_trained_models_names_the_fix(tmp_path):
+    res = cli("map", "--preset", "smoke", f"run.dir={tmp_path / 'empty'}", "--lr", "1e-3", "--methods", "ga",
+              "--exposures", "rank")
+    assert res.returncode == 2 and "Run `unlearnbench train" in res.stderr and "Traceback" not in res.stderr
