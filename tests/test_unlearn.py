@@ -327,3 +327,14 @@ def test_request_outcome_interpolates_the_crossing_and_the_cost_there():
     assert request_outcome(never, 0.9, False, 10)["outcome"] == "censored"
     assert request_outcome(never, 0.9, True, 10) == {"outcome": "collapsed", "step": 10.0, "grid_step": None,
                                                       "log_ppl_ratio": None, "utility_drop": None}
+
+
+def test_a_request_with_nothing_to_forget_can_stop_at_step_zero():
+    """unlearn.skip_nothing_to_forget (the default preset): a gap under the floor at step 0 stops the request before
+    any update, with the reason; without the flag it runs like any other."""
+    from unlearnbench.unlearn.request import StopRule
+
+    row = {"uq": 0.4, "forgotten_fraction": 0.2, "id_holdout_ppl": 10.0, "nothing_to_forget": True}
+    stop = StopRule(smoke_config(Path("/tmp/x"), "unlearn.skip_nothing_to_forget=true")).check(row, 0, 10.0)
+    assert stop[0] == "max_steps" and "nothing to forget" in stop[1] and "uq_min_gap_bits=1" in stop[1]
+    assert StopRule(smoke_config(Path("/tmp/x"))).check(row, 0, 10.0) is None

@@ -135,6 +135,7 @@ class UnlearnConfig:
     patience: int = 1  # the UQ target must hold for this many evaluations
     stop_on_target: bool = True  # stop once the target held (and, with until_all_forgotten, every example is forgotten)
     until_all_forgotten: bool = True  # continue past the target until every example is forgotten (survival view)
+    skip_nothing_to_forget: bool = False  # stop a request at step 0 when its gap is under the floor (excluded anyway)
     max_grad_norm: float = 1.0e6  # a larger (or non-finite) gradient norm counts as divergence
     save_model: bool = False  # the final unlearned model, as safetensors
     save_unlearned: bool = True  # the model at the step the request became unlearned (the attacks start there)

@@ -337,6 +337,9 @@ class StopRule:
     def check(self, row: dict, step_index: int, ppl_0: float) -> tuple[str, str] | None:
         """(status, reason) when the request stops at this evaluation, else None."""
         m, u = self.cfg.metrics, self.cfg.unlearn
+        if step_index == 0 and u.skip_nothing_to_forget and row.get("nothing_to_forget"):
+            return "max_steps", (f"nothing to forget: the exposure gap is under metrics.uq_min_gap_bits="
+                                 f"{m.uq_min_gap_bits:g}, so no unlearning step is taken (unlearn.skip_nothing_to_forget)")
         self.held = self.held + 1 if row["uq"] >= m.uq_target and step_index > 0 else 0
         ppl = row["id_holdout_ppl"]
         if not np.isfinite(ppl) or ppl > m.max_ppl_ratio * ppl_0:
