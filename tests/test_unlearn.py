@@ -153,6 +153,10 @@ def test_request_parallel_is_identical_to_sequential(smoke_study, tmp_path):
         assert (a.forgotten == b.forgotten).all()
     s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (one, two))
     assert [g["steps_to_unlearn"] for g in s1["groups"]] == [g["steps_to_unlearn"] for g in s2["groups"]]
+    # every process saves the models of the requests it ran (transformers saves on rank 0 only unless told)
+    for g in s2["groups"]:
+        if g["steps_to_unlearn"] is not None:
+            assert list((two / "unlearn" / g["request"] / "model_unlearned").glob("model*.safetensors")), g["request"]
 
 
 def test_two_process_unlearn_matches_one(smoke_study, tmp_path):

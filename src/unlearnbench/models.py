@@ -92,7 +92,16 @@ def save_model(acc, model, tokenizer, path: Path) -> None:
 
 
 def save_local_model(model, tokenizer, path: Path) -> None:
-    """Save a model this process owns alone (request-parallel unlearning) with its tokenizer, atomically."""
-    with atomic_dir(path) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
+    """Save a model this process owns alone (job-parallel training, request-parallel unlearning) with its tokenizer,
+    atomically, on any rank. transformers >= 5 `save_pretrained` writes weights and config only on torch.distributed
+    rank 0 (`should_save_on_this_rank`) and silently skips the others; this process owns its model, so it answers yes
+    for this one call. The files must be there afterwards."""
+    model.should_save_on_this_rank = lambda is_main_process=True: True  # an instance attribute shadows the method
+    try:
+        with atomic_dir(path) as tmp:
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            tokenizer.save_pretrained(str(tmp))
+    finally:
+        del model.should_save_on_this_rank
+    if not (Path(path) / "config.json").exists() or not any(Path(path).glob("model*.safetensors")):
+        raise RuntimeError(f"Saving {path} wrote no weights or config (transformers skipped this rank).")

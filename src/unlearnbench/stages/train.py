@@ -282,7 +282,7 @@ def train_model(acc, cfg: Config, run_dir: Path, name: str, examples, tokenizer,
     bar.close()
     info["train_seconds"] = time.perf_counter() - t0
     if local:
-        _save_own_model(model, tokenizer, model_dir(run_dir, name))
+        save_local_model(model, tokenizer, model_dir(run_dir, name))
         verify_saved_model(model_dir(run_dir, name))
         prune_checkpoints(ckpt_root, cfg.train.keep_checkpoints)  # only once the model is saved and verified
         say(f"[train] {name}: trained in {info['train_seconds']:.1f}s (process {acc.process_index})")
@@ -336,19 +336,6 @@ def _local_micro_step(acc, model, opt, b: dict, global_tokens: int, accum: int, 
         opt.step()
         opt.zero_grad(set_to_none=True)
     return nll_sum
-
-
-def _save_own_model(model, tokenizer, path: Path) -> None:
-    """`models.save_local_model` on any rank. transformers >= 5 `save_pretrained` writes the weights and config only
-    on torch.distributed rank 0 (`should_save_on_this_rank`) and returns without a word elsewhere; a job-parallel
-    process owns its model, so it answers yes for this one call. Checked: the files must be there afterwards."""
-    model.should_save_on_this_rank = lambda is_main_process=True: True  # an instance attribute shadows the method
-    try:
-        save_local_model(model, tokenizer, path)
-    finally:
-        del model.should_save_on_this_rank
-    if not (path / "config.json").exists() or not any(path.glob("model*.safetensors")):
-        raise RuntimeError(f"Saving {path} wrote no weights or config (transformers skipped this rank).")
 
 
 def _checkpoint(acc, ckpt_root: Path, step: int, keep: int = 1) -> None:
