@@ -110,8 +110,16 @@ def run_stage(stage: str, preset: str, run_dir: Path, nproc: int, extra: list[st
             "recorded": _record_summary(stage, info)}
 
 
+COST_KEYS = ("seconds", "device_seconds", "peak_memory_mib", "flops")
+REQUEST_KEYS = ("request", "steps_run", "status", "outcome", "wall_seconds", "eval_seconds", "flops", "device_seconds",
+                "peak_memory_mib")
+
+
 def _record_summary(stage: str, info: dict) -> dict:
-    out = {"cpu_max_rss_mib_main_process": info.get("cpu_max_rss_mib")}
+    """What a stage recorded about its own cost (stages/<stage>.json `info`): wall and device seconds, peak memory,
+    estimated FLOPs where the stage counts them, and the stage's own breakdown."""
+    out = {"cpu_max_rss_mib_main_process": info.get("cpu_max_rss_mib"),
+           **{k: info.get(k) for k in COST_KEYS if info.get(k) is not None}}
     if stage == "prepare":
         out["seconds"] = info.get("seconds")
     elif stage == "train":
@@ -139,18 +147,59 @@ def from_records(run_dir: Path) -> dict:
         prev = end
     done = [s for s in STAGES if stages[s]]
     total = sum(v["wall_seconds_from_finished_at"] or 0 for v in stages.values() if v)
-    unlearn = []
-    for p in sorted(run_dir.glob("unlearn/*/result.json")):
-        r = json.loads(p.read_text())
-        unlearn.append({k: r.get(k) for k in ("request", "steps_run", "status", "wall_seconds", "eval_seconds")})
     return {"run_dir": C.portable_path(run_dir), "stages_finished": done, "stages": stages, "total_wall_seconds": total,
-            "unlearn_requests": unlearn}
+            "unlearn_requests": request_costs(run_dir), "per_request": per_request_totals(run_dir)}
+
+
+def request_costs(run_dir: Path) -> list[dict]:
+    """Every unlearning request's cost as its result.json records it (FLOPs estimated by the request itself)."""
+    return [{k: r.get(k) for k in REQUEST_KEYS}
+            for r in (json.loads(p.read_text()) for p in sorted(run_dir.glob("unlearn/*/result.json")))]
+
+
+def per_request_totals(run_dir: Path) -> dict:
+    """Sums and means over the requests, and per (kind, repetitions): what predicts a larger run's unlearning cost
+    (a `paper` run has more requests of the same kinds; its cost scales with their number and steps)."""
+    reqs = [r for r in request_costs(run_dir) if r.get("wall_seconds") is not None]
+    if not reqs:
+        return {}
+
+    def agg(rows: list[dict]) -> dict:
+        out = {"requests": len(rows), "steps_run": sum(r.get("steps_run") or 0 for r in rows)}
+        for k in ("wall_seconds", "eval_seconds", "flops", "device_seconds"):
+            vals = [r[k] for r in rows if r.get(k) is not None]
+            if vals:
+                out[f"{k}_total"] = float(sum(vals))
+                out[f"{k}_mean"] = float(sum(vals) / len(vals))
+        peaks = [r["peak_memory_mib"] for r in rows if r.get("peak_memory_mib") is not None]
+        if peaks:
+            out["peak_memory_mib_max"] = float(max(peaks))
+        if out.get("device_seconds_total") and out["steps_run"]:
+            out["device_seconds_per_step"] = out["device_seconds_total"] / out["steps_run"]
+        return out
+
+    groups: dict[str, list[dict]] = {}
+    for r in reqs:
+        groups.setdefault(r["request"].rsplit("_g", 1)[0], []).append(r)
+    return {"all": agg(reqs), "by_group": {k: agg(v) for k, v in sorted(groups.items())}}
+
+
+def _print_requests(per_request: dict) -> None:
+    if not per_request:
+        return
+    rows = [[k, v["requests"], v["steps_run"], f"{v.get('wall_seconds_total', 0):.1f}",
+             f"{v.get('eval_seconds_total', 0) / max(v.get('wall_seconds_total', 0), 1e-9):.0%}",
+             f"{v.get('flops_total', 0):.3g}", f"{v.get('device_seconds_per_step', float('nan')):.2f}",
+             f"{v.get('peak_memory_mib_max', float('nan')):.0f}"]
+            for k, v in [*per_request["by_group"].items(), ("all", per_request["all"])]]
+    print(C.fmt_table(rows, ["requests of", "n", "steps", "wall s", "eval share", "FLOPs (est.)",
+                             "device s/step", "peak MiB"]))
 
 
 def live(preset: str, nproc: int, extra: list[str], keep: bool) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix=f"unlearnbench_study_{preset}_", dir=C.CACHE if C.CACHE.exists() else None))
     log_path = run_dir.parent / f"{run_dir.name}.log"
-    stages = {}
+    stages, per_request = {}, {}
     t0 = time.perf_counter()
     try:
         with open(log_path, "w") as log:
@@ -160,10 +209,12 @@ def live(preset: str, nproc: int, extra: list[str], keep: bool) -> dict:
                 print(f"[bench_study] {preset} {stage:8s} {s['wall_seconds']:7.1f}s  peak RSS tree "
                       f"{s['peak_rss_tree_mib']:7.0f} MiB (largest process {s['peak_rss_largest_process_mib']:.0f})",
                       flush=True)
+            per_request = per_request_totals(run_dir)  # before the directory goes
     finally:
         if not keep:
             shutil.rmtree(run_dir, ignore_errors=True)
     return {"preset": preset, "num_processes": nproc, "overrides": extra,
+            "per_request": per_request,
             "run_dir": C.portable_path(run_dir) if keep else None, "log": C.portable_path(log_path), "stages": stages, "total_wall_seconds": time.perf_counter() - t0,
             "peak_rss_tree_mib": max(s["peak_rss_tree_mib"] for s in stages.values())}
 
@@ -191,6 +242,7 @@ def main() -> None:
                       f"main-process max RSS {v['recorded']['cpu_max_rss_mib_main_process']} MiB", flush=True)
             else:
                 print(f"[bench_study] recorded {stage:8s} not finished in {args.from_dir}")
+        _print_requests(rec["per_request"])
     if args.run or args.quick:
         preset = "smoke" if args.quick else args.preset
         extra = list(args.overrides)
@@ -204,6 +256,7 @@ def main() -> None:
                 for k, v in body["live"]["stages"].items()]
         print(f"live study: preset {body['live']['preset']}, {body['live']['num_processes']} processes")
         print(C.fmt_table(rows, ["stage", "wall s", "peak RSS tree MiB", "largest proc MiB", "recorded main MiB"]))
+        _print_requests(body["live"]["per_request"])
     print(f"wrote {path}")
 
 

@@ -137,7 +137,8 @@ def recorded_eval_share(run_dir: Path) -> list[dict]:
 
 
 def measured_eval(acc, cfg, model, reps: int, quick: bool = False) -> dict:
-    """Time RequestEvaluator.evaluate on a canary request of the prepared default data."""
+    """Time RequestEvaluator.evaluate on a canary request of the prepared default data, at steps >= 1: the in-loop
+    evaluations (step 0 is θ₀, which the evaluator takes from the score stage or scores against every reference)."""
     import pandas as pd
 
     from unlearnbench.data.build import load_examples
@@ -160,7 +161,7 @@ def measured_eval(acc, cfg, model, reps: int, quick: bool = False) -> dict:
         ev.data = {c: [v[i] for i in keep] for c, v in ev.data.items()}
         ev.meta = m.iloc[keep].reset_index(drop=True)
     times, score_times = [], []
-    for step in range(reps):
+    for step in range(1, reps + 1):
         before = ev.seconds
         t0 = time.perf_counter()
         ev.evaluate(model, step)
