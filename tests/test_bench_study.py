@@ -33,3 +33,20 @@ def test_per_request_totals_sum_by_kind_and_repetitions(tmp_path):
     assert "device_seconds_per_step" not in out["by_group"]["canary_r16"]  # no steps: no per-step cost
     assert out["all"]["requests"] == 3 and out["all"]["flops_total"] == pytest.approx(4.01e12)
     assert [r["request"] for r in bench_study.request_costs(tmp_path)] == ["canary_r16_g0", "id_r4_g0", "id_r4_g1"]
+
+
+replicate_spread = pytest.importorskip("replicate_spread")
+
+
+def test_variance_components_by_hand():
+    # seed 0 groups 1, 2, 3 (var 1, mean 2); seed 1 groups 5, 6, 7 (var 1, mean 6)
+    r = replicate_spread.components([[1, 2, 3], [5, 6, 7]])
+    assert r["within_seed_group_var"] == pytest.approx(1.0)
+    # var of seed means (2, 6) with ddof 1 = 8, minus within / groups per seed = 1/3
+    assert r["between_seed_var"] == pytest.approx(8 - 1 / 3)
+    assert r["seed_share"] == pytest.approx((8 - 1 / 3) / (8 - 1 / 3 + 1))
+    # seeds that agree on their means: the whole spread is between groups, the seed component floors at 0
+    r = replicate_spread.components([[1, 3], [1, 3]])
+    assert r["between_seed_var"] == 0.0 and r["within_seed_group_var"] == pytest.approx(2.0)
+    assert r["seed_share"] == 0.0
+    assert replicate_spread.components([[1.0], []]) is None  # one seed only
