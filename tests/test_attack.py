@@ -81,3 +81,52 @@ def test_attack_stage_outputs_and_f4(smoke_study):
     assert f4["of"] == len(f4["cells"])
     md = (run / "report" / "report.md").read_text()
     assert "## Does forgetting last?" in md and f"**F4: {f4['verdict']}**" in md
+
+
+def test_attack_columns_in_summary_json_and_curves_in_metrics_jsonl(smoke_study):
+    """summary.json's attacked groups carry the attack columns and an `attacks` block with F4 (the unlearn stage's
+    record follows the rewrite); metrics.jsonl holds each relearning curve on its own step axis, whose last
+    recovered share is the result's."""
+    from unlearnbench import integrity
+    from unlearnbench.distributed import make_accelerator
+    from unlearnbench.rundir import Context, require
+
+    cfg, run = smoke_study
+    attack_summary = json.loads((run / "attacks" / "summary.json").read_text())
+    results = {r["request"]: r for r in attack_summary["requests"]}
+    assert results
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["attacks"]["requests"] == sorted(results)
+    assert summary["attacks"]["findings"]["F4"] == attack_summary["findings"]["F4"]
+    assert summary["attacks"]["relearn_steps"] == cfg.attack.relearn_steps
+    for g in summary["groups"]:
+        assert g["attacked"] == (g["request"] in results)
+        if not g["attacked"]:
+            assert not [k for k in g if k.startswith("attack_")]
+            continue
+        r = results[g["request"]]
+        assert g["attack_relearn_retain_recovered"] == pytest.approx(r["relearn_retain"]["recovered"], nan_ok=True)
+        assert g["attack_relearn_forget_fraction_recovered"] == pytest.approx(
+            r["relearn_forget_fraction"]["recovered"], nan_ok=True)
+        assert "attack_quant_int8_recovered" in g and "attack_quant_int4_uq" in g
+        for model in ("original", "unlearned", "oracle"):
+            for att in ("loss", "zlib", "min_k", "min_k_pp"):
+                assert g[f"attack_mia_{att}_auc_{model}"] == r["mia"][model][att]
+        assert g["attack_mia_loss_priv_leak"] == r["mia"]["priv_leak"]["loss"]
+    # the rewrite is recorded: the unlearn stage's outputs still verify, later stages accept them
+    rec = json.loads((run / "stages" / "unlearn.json").read_text())
+    assert integrity.check_manifest(run, rec["files"]) is None
+    assert json.loads((run / "stages" / "attack.json").read_text())["inputs"]["unlearn"] == rec["outputs_digest"]
+    require(Context(cfg=cfg, run_dir=run, acc=make_accelerator()), "attack")
+
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    for name, r in results.items():
+        for v in ("retain", "forget_fraction"):
+            key = f"attack/relearn/{name}/{v}/recovered"
+            curve = [(rec["attack/step"], rec[key]) for rec in records if key in rec]
+            assert [s for s, _ in curve] == [0, 1, 2, 4], key  # relearn_steps=4 in the smoke preset
+            assert curve[-1][1] == pytest.approx(r[f"relearn_{v}"]["recovered"], rel=1e-6, nan_ok=True)
+            for start in ("unlearned", "oracle"):
+                assert any(f"attack/relearn/{name}/{v}/{start}/exposure_mean" in rec for rec in records)
+        assert any(rec.get("record") == "summary" and f"attack/{name}/attack_mia_loss_auc_unlearned" in rec
+                   for rec in records)

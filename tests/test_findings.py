@@ -181,3 +181,32 @@ def test_aggregate_seeds_counts_every_outcome(tmp_path):
     assert g["steps_to_unlearn"]["n"] == 1  # the mean is over the unlearned seed only, and the counts say so
     assert agg["findings"]["F1"] == {"verdicts": ["reproduced"] * 3, "reproduced_in": 3, "of": 3,
                                      "verdict": "reproduced"}
+
+
+def test_a_target_off_the_reported_grid_gets_outcomes_everywhere_the_findings_look():
+    """uq_target 0.95: each request's outcomes cover 0.5, 0.8, 0.9 and 0.95, and F1/F2 decide at 0.95 (they read
+    every reported target; a missing 0.9 used to raise KeyError)."""
+    from unlearnbench.unlearn.request import request_outcomes
+
+    # UQ 0, 0.6, 0.92, 0.97 at steps 0, 1, 3, 7: 0.95 is crossed between steps 3 and 7
+    curve = pd.DataFrame({"step": [0, 1, 3, 7], "uq": [0.0, 0.6, 0.92, 0.97],
+                          "utility_drop": [0.0, 0.01, 0.05, 0.2]})
+    out = request_outcomes(curve, 0.95, diverged=False, last_step=7)
+    assert sorted(out) == ["0.5", "0.8", "0.9", "0.95"]
+    x3, x7 = np.log1p(3), np.log1p(7)
+    step95 = np.expm1(x3 + (0.95 - 0.92) / (0.97 - 0.92) * (x7 - x3))  # linear in log(1 + step)
+    assert out["0.95"]["outcome"] == "unlearned" and out["0.95"]["step"] == pytest.approx(step95)
+    assert out["0.95"]["grid_step"] == 7
+    late = request_outcomes(curve.assign(uq=[0.0, 0.5, 0.9, 0.93]), 0.95, diverged=True, last_step=7)
+    assert late["0.95"] == {"outcome": "collapsed", "step": 7.0, "grid_step": None, "log_ppl_ratio": None,
+                            "utility_drop": None}
+
+    def result(kind, j, outcomes):
+        return {"kind": kind, "repetitions": 4, "replicate": j, "outcomes": outcomes, "uq_auc": 0.5,
+                "outcome": outcomes["0.95"]["outcome"]}
+    results = [result("id", j, out) for j in range(3)] + [result("canary", j, out) for j in range(3)]
+    f1 = finding_f1(results, 0.95)
+    cell = f1["cells"][0]
+    assert cell["main"] == "uq_0.95" and set(cell["by_target"]) >= {"uq_0.5", "uq_0.8", "uq_0.9", "uq_0.95"}
+    assert cell["by_target"]["uq_0.95"]["counts"]["tie"] == 3  # identical sides: three ties, no evidence
+    assert finding_f2(results, 0.95)["cells"][0]["main"] == "uq_0.95"

@@ -325,17 +325,18 @@ def test_smoke_study_on_two_nodes_matches_and_resumes(smoke_study, tmp_path):
 
     _assert_matches(ref, run)
 
-    # Resubmission (a new job id, the same RUN_DIR): every stage is found done and skipped, nothing is rewritten.
-    records = {p.name: p.read_bytes() for p in (run / "stages").glob("*.json")}
+    # Resubmission (a new job id, the same RUN_DIR): every computing stage is found done and skipped, nothing is
+    # rewritten; the report (cheap, it reads what the stages wrote) is always redrawn.
+    records = {p.name: p.read_bytes() for p in (run / "stages").glob("*.json") if p.name != "report.json"}
     env = _job_env(tmp_path, 5102, run)
     t0 = time.monotonic()
     res = _sbatch(env, "run", "--preset", "smoke")
     print(f"[multinode] resubmission: {time.monotonic() - t0:.0f}s\n{_tail(res, 15)}")
     assert res.returncode == 0, _tail(res)
-    for stage in ("prepare", "train", "score", "unlearn", "attack", "report"):
+    for stage in ("prepare", "train", "score", "unlearn", "attack"):
         assert f"0: [{stage}] already done for this config" in res.stdout, (stage, _tail(res))
     assert "trained in" not in res.stdout
-    assert {p.name: p.read_bytes() for p in (run / "stages").glob("*.json")} == records
+    assert {p.name: p.read_bytes() for p in (run / "stages").glob("*.json") if p.name != "report.json"} == records
 
 
 @pytest.mark.slow

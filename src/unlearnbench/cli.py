@@ -50,9 +50,15 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the console script and of `python -m unlearnbench`."""
+    from unlearnbench import interrupt
+
     args = parser().parse_intermixed_args(argv)
     try:
         _main(args, argv)
+    except interrupt.Interrupted as exc:  # SIGINT / SIGTERM: stopped at a safe point (checkpoint written) or at once
+        if not exc.reported and (exc.local or os.environ.get("RANK", "0") in ("", "0")):
+            print(f"unlearnbench: {exc.message()}", file=sys.stderr, flush=True)
+        sys.exit(exc.exit_code)  # 130 (SIGINT) or 143 (SIGTERM)
     except UserError as exc:
         print(f"unlearnbench: error: {_one_paragraph(exc)}", file=sys.stderr)
         sys.exit(2)
@@ -60,6 +66,12 @@ def main(argv: list[str] | None = None) -> None:
         print("unlearnbench: interrupted; rerun the same command to resume.", file=sys.stderr)
         sys.exit(130)
     except Exception as exc:
+        if interrupt.requested() and not args.debug:
+            # after a stop request, a collective broken by a rank that already stopped (its peer gone) is the stop
+            sig = interrupt.requested()
+            print(f"unlearnbench: {interrupt.Interrupted(sig).message()} (this process: {type(exc).__name__})",
+                  file=sys.stderr, flush=True)
+            sys.exit(interrupt.EXIT_CODES.get(sig, 128 + sig))
         if args.debug:
             raise
         print(f"unlearnbench: internal error: {type(exc).__name__}: {exc}\nRerun with --debug for the traceback.",

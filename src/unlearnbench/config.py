@@ -81,6 +81,7 @@ class TrainConfig:
     keep_checkpoints: int = 0  # checkpoints kept once the model is saved and verified (0: none; N: the newest N)
     log_every: int = 50
     parallel: str = "auto"  # auto | models | data: how several processes share the models to train (README)
+    oracle: bool = True  # train the oracle θᵣ; false = no-oracle mode: e_r from θ₀'s held-out references of the kind, leave-one-out (docs/definitions.md §11)
 
 
 @dataclass
@@ -103,6 +104,16 @@ class MetricsConfig:
     max_ppl_ratio: float = 1.0e4
     n_boot: int = 200
     alpha: float = 0.05
+
+
+@dataclass
+class LoraConfig:
+    """LoRA unlearning (peft): only low-rank adapters are trained; the saved unlearned model is merged."""
+
+    rank: int = 0  # adapter rank r; 0 = off (every weight is trained)
+    alpha: float = 16.0  # the adapters' update is scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the adapters' input (train mode only)
+    target_modules: List[str] = field(default_factory=lambda: ["all-linear"])  # module names (suffixes) to adapt, or all-linear: every linear / GPT-2 Conv1D layer but the output layer
 
 
 @dataclass
@@ -138,6 +149,7 @@ class UnlearnConfig:
     skip_nothing_to_forget: bool = False  # stop a request at step 0 when its gap is under the floor (excluded anyway)
     max_grad_norm: float = 1.0e6  # a larger (or non-finite) gradient norm counts as divergence
     save_model: bool = False  # the final unlearned model, as safetensors
+    lora: LoraConfig = field(default_factory=LoraConfig)  # LoRA unlearning (unlearn.lora.*; off by default)
     save_unlearned: bool = True  # the model at the step the request became unlearned (the attacks start there)
     parallel: str = "auto"  # auto | data | requests: how several processes share the requests (README)
 
@@ -158,9 +170,10 @@ class AttackConfig:
 
 @dataclass
 class TrackingConfig:
-    """Experiment tracking: W&B (offline when no API key) plus local metrics.jsonl."""
+    """Experiment tracking: Accelerate's trackers (W&B by default, offline when no API key) plus local metrics.jsonl."""
 
-    backend: str = "wandb"  # wandb | none
+    backends: List[str] = field(default_factory=lambda: ["wandb"])  # Accelerate's trackers: wandb, tensorboard, mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio; [] = metrics.jsonl only
+    backend: Optional[str] = None  # deprecated alias: wandb = backends [wandb], none = backends []
     project: str = "unlearnbench"
     entity: Optional[str] = None
     group: Optional[str] = None  # default: the run name
@@ -208,9 +221,11 @@ CHOICES = {
     "train.parallel": ("auto", "models", "data"),
     "unlearn.parallel": ("auto", "data", "requests"),
     "attack.requests": ("all", "max_repetitions"),
-    "tracking.backend": ("wandb", "none"),
 }
-OPTIONAL_CHOICES = {"tracking.mode": ("online", "offline", "disabled")}
+OPTIONAL_CHOICES = {"tracking.mode": ("online", "offline", "disabled"), "tracking.backend": ("wandb", "none")}
+# The trackers Accelerate knows by name (accelerate.tracking.LOGGER_TYPE_TO_CLASS) and the pip package of each.
+TRACKERS = {"wandb": "wandb", "tensorboard": "tensorboard", "mlflow": "mlflow", "comet_ml": "comet-ml", "aim": "aim",
+            "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio"}
 POSITIVE_INTS = (
     "data.group_size", "data.replicates", "data.n_train", "data.n_holdout", "data.n_id_references", "data.n_references",
     "data.n_domain_references", "data.n_domain_holdout", "data.n_retain", "data.max_tokens",
@@ -384,6 +399,7 @@ def validate(cfg: Config) -> None:
     bad = [k for k in cfg.unlearn.request_kinds if k not in d.kinds]
     if bad:
         raise UserError(f"unlearn.request_kinds has {bad}, not among data.kinds={d.kinds}.")
+    _validate_lora(cfg.unlearn.lora)
     if not 0 < cfg.attack.relearn_forget_fraction < 1:
         raise UserError(f"attack.relearn_forget_fraction must lie strictly between 0 and 1 (some examples trained on, "
                         f"some held out), got {cfg.attack.relearn_forget_fraction}.")
@@ -395,8 +411,36 @@ def validate(cfg: Config) -> None:
         raise UserError(f"metrics.alpha must lie in (0, 1) (0.05 gives 95% intervals), got {cfg.metrics.alpha}.")
     if not 0 < cfg.metrics.uq_target <= 1:
         raise UserError(f"metrics.uq_target must lie in (0, 1], got {cfg.metrics.uq_target}.")
+    t = cfg.tracking
+    bad = [b for b in t.backends if b not in TRACKERS]
+    if bad:
+        raise UserError(f"tracking.backends has unknown tracker(s) {', '.join(map(repr, bad))}. Supported "
+                        f"(Accelerate's trackers): {', '.join(TRACKERS)}; e.g. tracking.backends=[wandb,tensorboard], "
+                        "or [] for metrics.jsonl only.")
+    if t.backend is not None:  # the deprecated single-backend key wins over the list: it is what older files set
+        t.backends, t.backend = ([] if t.backend == "none" else [t.backend]), None
+    t.backends = list(dict.fromkeys(t.backends))
     if cfg.train.micro_batch_size is not None and cfg.train.micro_batch_size <= 0:
         raise UserError("train.micro_batch_size must be a positive integer or null.")
+
+
+def _validate_lora(lo: LoraConfig) -> None:
+    if lo.rank < 0:
+        raise UserError(f"unlearn.lora.rank must be >= 0 (0 turns LoRA off), got {lo.rank}. Try unlearn.lora.rank=8.")
+    if not lo.rank:
+        return
+    if not (math.isfinite(lo.alpha) and lo.alpha > 0):
+        raise UserError(f"unlearn.lora.alpha must be a positive number (the update is scaled by alpha / rank), got "
+                        f"{lo.alpha}. Try unlearn.lora.alpha={2 * lo.rank}.")
+    if not 0 <= lo.dropout < 1:
+        raise UserError(f"unlearn.lora.dropout must lie in [0, 1), got {lo.dropout}.")
+    names = [str(t) for t in lo.target_modules]
+    if not names or any(not t.strip() for t in names):
+        raise UserError(f"unlearn.lora.target_modules={lo.target_modules} must name the modules to adapt, e.g. "
+                        "[all-linear] or [q_proj,k_proj,v_proj,o_proj] (Llama) or [c_attn,c_proj,c_fc] (GPT-2).")
+    if "all-linear" in names and len(names) > 1:
+        raise UserError(f"unlearn.lora.target_modules={lo.target_modules}: all-linear already adapts every linear "
+                        "layer; give it alone or list module names without it.")
 
 
 def to_dict(cfg: Config) -> dict:
@@ -424,9 +468,17 @@ def config_reference() -> list[tuple[str, str, str]]:
     for sec in dataclasses.fields(Config):
         if sec.name == "preset":
             continue
-        cls = sec.default_factory  # type: ignore[misc]
-        inst = cls()
-        for f in dataclasses.fields(cls):
-            typ = str(f.type).replace("typing.", "")
-            rows.append((f"{sec.name}.{f.name}", typ, json.dumps(getattr(inst, f.name))))
+        rows += _reference_rows(sec.name, sec.default_factory)  # type: ignore[arg-type]
+    return rows
+
+
+def _reference_rows(prefix: str, cls: Any) -> list[tuple[str, str, str]]:
+    """Rows of one section, nested sections (unlearn.lora) flattened to dotted keys."""
+    rows, inst = [], cls()
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(getattr(f, "default_factory", None)):
+            rows += _reference_rows(f"{prefix}.{f.name}", f.default_factory)
+            continue
+        typ = str(f.type).replace("typing.", "")
+        rows.append((f"{prefix}.{f.name}", typ, json.dumps(getattr(inst, f.name))))
     return rows

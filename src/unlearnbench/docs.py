@@ -17,6 +17,9 @@ def _comments() -> dict[str, str]:
     src = (Path(__file__).parent / "config.py").read_text()
     out, section = {}, None
     names = {f.default_factory.__name__: f.name for f in dataclasses.fields(Config) if f.name != "preset"}  # type: ignore[union-attr]
+    for cls, sec in [(f.default_factory, f.name) for f in dataclasses.fields(Config) if f.name != "preset"]:
+        names.update({g.default_factory.__name__: f"{sec}.{g.name}" for g in dataclasses.fields(cls)  # type: ignore[arg-type]
+                      if dataclasses.is_dataclass(getattr(g, "default_factory", None))})  # nested: unlearn.lora
     for line in src.splitlines():
         m = re.match(r"class (\w+)\b", line)
         if m:

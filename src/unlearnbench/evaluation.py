@@ -48,6 +48,27 @@ def exposures(scored: pd.DataFrame, loss: str, example_ids) -> pd.DataFrame:
     return pd.concat(out).set_index("example_id").loc[list(example_ids)].reset_index()
 
 
+E_R_SOURCES = ("oracle", "held_out_references")
+
+
+def e_r_source(cfg) -> str:
+    """Where e_r comes from: the oracle θᵣ (`train.oracle=true`) or held-out references (the no-oracle mode)."""
+    return "oracle" if cfg.train.oracle else "held_out_references"
+
+
+def held_out_e_r(scored: pd.DataFrame, loss: str) -> pd.DataFrame:
+    """The no-oracle e_r of each kind, both exposure variants (docs/definitions.md section 11): the mean over the
+    kind's references r of r's exposure against the *other* references, e(r; R minus r), under the model that
+    `scored` holds (θ₀). One row per kind: `kind`, `exposure_rank`, `exposure_extrapolated`, `n_references`."""
+    rows = []
+    for kind, group in scored[scored.split == "reference"].groupby("kind"):
+        refs = group[loss].to_numpy(dtype=float)
+        rows.append({"kind": kind, "n_references": int(len(refs)),
+                     **{f"exposure_{v}": float(np.nanmean(metrics.leave_one_out_exposure(refs, v)))
+                        for v in metrics.EXPOSURE_KINDS}})
+    return pd.DataFrame(rows, columns=["kind", "exposure_rank", "exposure_extrapolated", "n_references"])
+
+
 def utility_table(scores: pd.DataFrame, meta: pd.DataFrame) -> dict:
     """Perplexity and token accuracy on the ID holdout, the domain holdout and the retain sample."""
     df = meta.merge(scores, on="example_id")
@@ -106,7 +127,9 @@ class RequestEvaluator:
     - **e₀ and e_r** are the score stage's exposures of the request's examples under θ₀ and θᵣ against *every*
       reference of their kind (`forget_table` columns `exposure_<variant>_original` / `_oracle`): the numbers the
       score stage and the final check use. The loop never re-estimates them, so UQ's denominator ē₀ − ē_r, which
-      for a strongly memorized request lies far out in the fitted tail, carries no sampling error.
+      for a strongly memorized request lies far out in the fitted tail, carries no sampling error. In the no-oracle
+      mode (`train.oracle=false`) the `_oracle` columns hold the held-out-reference e_r (`held_out_e_r`), and
+      everything below is unchanged.
     - **Step 0 is θ₀**, the model the score stage scored. The evaluator checks that by rescoring the request's own
       examples (one small pass) against their stored θ₀ losses; when they agree, every step-0 number is the score
       stage's: exposures against every reference, so e_t = e₀ and UQ₀ = 0 exactly; utility from θ₀'s stored scores

@@ -20,7 +20,7 @@ from unlearnbench.config import Config
 from unlearnbench.io import read_json
 
 OOD_KINDS = ("canary", "domain")
-TARGETS = (0.5, 0.8, 0.9)
+TARGETS = metrics.UQ_TARGETS
 F1_STATEMENT = "OOD requests need more unlearning steps than ID requests of the same repetitions"
 F2_STATEMENT = "At the step a request becomes unlearned, ID requests cost more utility than OOD ones"
 F3_STATEMENT = ("Within a forget request, examples with more memorization take longer to forget (Cox model of "
@@ -275,6 +275,8 @@ def summarize_run(cfg: Config, run_dir: Path, results: list[dict]) -> dict:
     return {"run": cfg.run.name, "seed": cfg.run.seed, "method": cfg.unlearn.method, "lr": cfg.unlearn.lr,
             "exposure": cfg.metrics.exposure, "uq_target": cfg.metrics.uq_target, "max_steps": cfg.unlearn.max_steps,
             "replicates": cfg.data.replicates, "replicate_unit": "disjoint forget groups inside one θ₀/θᵣ pair",
+            # e_r: the oracle θᵣ's exposures, or (train.oracle=false) held-out references, leave-one-out under θ₀
+            "e_r_source": "oracle" if cfg.train.oracle else "held_out_references",
             "outcomes": _outcome_counts(results), "groups": table, "findings": findings, "survival": surv,
             "cost": run_cost(run_dir, results)}
 
@@ -354,7 +356,7 @@ def aggregate_seeds(run_dirs: list[Path], alpha: float = 0.05) -> dict:
             findings[key] = {"verdicts": verdicts, "reproduced_in": sum(v == "reproduced" for v in verdicts),
                              "of": len(verdicts), "verdict": overall_verdict(verdicts)}
     return {"seeds": [s["seed"] for s in sums], "runs": [Path(d).name for d in run_dirs], "groups": groups,
-            "findings": findings}
+            "findings": findings, "e_r_source": ", ".join(sorted({s.get("e_r_source", "oracle") for s in sums}))}
 
 
 # ----------------------------------------------------------------------------------------------- views

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import signal
 import socket
 import sys
 import threading
@@ -32,6 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from unlearnbench import interrupt
 from unlearnbench.errors import UserError
 
 LOCK_NAME = "run.lock"
@@ -326,19 +326,15 @@ def release(run_dir: Path, token: str) -> None:
         path.unlink(missing_ok=True)
 
 
-def _on_sigterm(signum, frame):  # pragma: no cover - exercised through a subprocess
-    print("unlearnbench: terminated (SIGTERM); rerun the same command to resume.", file=sys.stderr, flush=True)
-    raise SystemExit(128 + signum)
-
-
 @contextmanager
 def hold_run_lock(run_dir: str | Path, acc: Any = None, command: str | None = None, cfg: Any = None,
                   cleanup_on_user_error: bool = True) -> Iterator[None]:
     """Hold `<run_dir>/run.lock` for the block (main process only; every rank learns of a refusal).
 
     - Refused: `RunDirLocked` (a UserError: exit 2) on every rank; nothing is written.
-    - Held: a heartbeat thread refreshes the file; SIGTERM (a scheduler's time limit, `scancel`) unwinds like an
-      exception, so the lock is released and the next submission does not wait for it to go stale.
+    - Held: a heartbeat thread refreshes the file; SIGINT / SIGTERM (Ctrl-C, a scheduler's time limit, `scancel`)
+      stop the run at its next safe point, or at once outside loops with safe points (`interrupt.py`), and
+      unwind like an exception, so the lock is released and the next submission does not wait for it to go stale.
     - A UserError leaving the block, when this invocation created the run directory and no stage finished in it,
       removes the directory again: a refused or invalid invocation leaves nothing behind.
 
@@ -380,34 +376,24 @@ def hold_run_lock(run_dir: str | Path, acc: Any = None, command: str | None = No
         _HELD[key] = held
     if not is_main:
         try:
-            yield
+            with interrupt.handlers():  # every rank records a stop: the safe points agree on it
+                yield
         finally:
             with _GUARD:
                 _HELD.pop(key, None)
         return
 
     held.thread.start()
-    old_term = None
-    if threading.current_thread() is threading.main_thread():
-        try:
-            if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
-                old_term = signal.signal(signal.SIGTERM, _on_sigterm)
-        except (ValueError, OSError):
-            old_term = None
     failed_user = False
     try:
-        yield
+        with interrupt.handlers():
+            yield
     except UserError:
         failed_user = True
         raise
     finally:
         held.stop.set()
         held.thread.join(timeout=5)
-        if old_term is not None:
-            try:
-                signal.signal(signal.SIGTERM, old_term)
-            except (ValueError, OSError):
-                pass
         with _GUARD:
             _HELD.pop(key, None)
         emptied = failed_user and cleanup_on_user_error and created and _empty_if_untouched(run_dir)

@@ -80,11 +80,16 @@ def load_trained(run_dir: Path, name: str, dtype: str = "float32"):
 
 def save_model(acc, model, tokenizer, path: Path) -> None:
     """Save a (possibly wrapped or sharded) model with its tokenizer as safetensors, atomically; every rank calls it
-    (ZeRO-3 and FSDP gather the shards), the main process writes."""
+    (ZeRO-3 and FSDP gather the shards), the main process writes. A model with LoRA adapters (DDP, ZeRO-1/2) is
+    saved merged, as a plain transformers model."""
+    from unlearnbench.unlearn.lora import has_adapters, merged_state_dict
+
     acc.wait_for_everyone()
-    state = acc.get_state_dict(model)
+    unwrapped = acc.unwrap_model(model)
+    lora = has_adapters(unwrapped)
+    state = None if lora else acc.get_state_dict(model)
     if acc.is_main_process:
-        unwrapped = acc.unwrap_model(model)
+        state = merged_state_dict(unwrapped) if lora else state
         with atomic_dir(path) as tmp:
             unwrapped.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
             tokenizer.save_pretrained(str(tmp))
@@ -95,11 +100,15 @@ def save_local_model(model, tokenizer, path: Path) -> None:
     """Save a model this process owns alone (job-parallel training, request-parallel unlearning) with its tokenizer,
     atomically, on any rank. transformers >= 5 `save_pretrained` writes weights and config only on torch.distributed
     rank 0 (`should_save_on_this_rank`) and silently skips the others; this process owns its model, so it answers yes
-    for this one call. The files must be there afterwards."""
+    for this one call. The files must be there afterwards. A model with LoRA adapters is saved merged (base +
+    adapters under the plain layer names), as a plain transformers model."""
+    from unlearnbench.unlearn.lora import merged_state_dict
+
+    state = merged_state_dict(model)  # None without adapters: the model's own state dict
     model.should_save_on_this_rank = lambda is_main_process=True: True  # an instance attribute shadows the method
     try:
         with atomic_dir(path) as tmp:
-            model.save_pretrained(str(tmp), safe_serialization=True)
+            model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state)
             tokenizer.save_pretrained(str(tmp))
     finally:
         del model.should_save_on_this_rank

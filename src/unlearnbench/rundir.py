@@ -356,6 +356,17 @@ def finish_stage(ctx: Context, stage: str, info: dict) -> None:
     ctx.acc.wait_for_everyone()
 
 
+def amend_record(run_dir: Path, stage: str, rel: str) -> None:
+    """A later stage rewrote one of `stage`'s recorded files on purpose (the attack stage adds its columns to
+    summary.json): record its new size and checksum, and the new outputs digest (the stages after it see a change)."""
+    rec = read_record(Path(run_dir), stage)
+    if rec is None or rec.get("invalid") or not isinstance(rec.get("files"), dict):
+        return
+    rec["files"][rel] = integrity.file_entry(Path(run_dir) / rel)
+    rec["outputs_digest"] = integrity.digest_of(rec["files"])
+    write_json(_record_path(Path(run_dir), stage), rec)
+
+
 def _verify_chain(run_dir: Path, stage: str) -> None:
     """On the main process: `stage` and every earlier stage with a record have intact outputs, else the first
     damaged one is invalidated and a CorruptFileError names the file and the command that recomputes it."""

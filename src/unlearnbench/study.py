@@ -16,8 +16,12 @@ from unlearnbench.rundir import Context, check_run_dir, contain_writes, save_res
 
 
 def check_config(cfg: Config) -> None:
-    """Checks that need the package's registries (config itself is plain data): the unlearning method exists."""
+    """Checks that need the package's registries (config itself is plain data): the unlearning method exists, the
+    trackers are installed."""
+    from unlearnbench.tracking import check_backends
     from unlearnbench.unlearn.methods import METHODS
+
+    check_backends(cfg)
 
     if cfg.unlearn.method not in METHODS:
         raise UserError(f"Unknown unlearning method '{cfg.unlearn.method}'. Available: {', '.join(sorted(METHODS))}. "

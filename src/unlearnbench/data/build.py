@@ -141,9 +141,29 @@ def load_pretrained_tokenizer(cfg: Config):
         raise UserError(f"Could not load the tokenizer of model.name_or_path='{cfg.model.name_or_path}': "
                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. Give a local "
                         "model directory or a hub name reachable from here.") from None
-    if tok.pad_token is None:
+    if tok.pad_token is None:  # GPT-2, Llama: no pad token; padded positions are masked, any id will do
         tok.pad_token = tok.eos_token
+    if tok.bos_token_id is None and tok.eos_token_id is None:
+        raise UserError(f"The tokenizer of model.name_or_path='{cfg.model.name_or_path}' has neither a BOS nor an EOS "
+                        "token: unlearnbench starts every example with one. Use a causal LM's own tokenizer.")
     return tok
+
+
+def check_positions(cfg: Config) -> None:
+    """A pretrained model must hold data.max_tokens + 1 positions (BOS + text): GPT-2 has `n_positions`, most others
+    `max_position_embeddings`. Checked before anything is tokenized, rather than an index error in training."""
+    from transformers import AutoConfig
+
+    try:
+        mc = AutoConfig.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+    except Exception:
+        return  # load_pretrained says what is wrong with the model when it is loaded
+    limit = next((getattr(mc, k) for k in ("max_position_embeddings", "n_positions", "n_ctx")
+                  if isinstance(getattr(mc, k, None), int)), None)
+    if limit is not None and cfg.data.max_tokens + 1 > limit:
+        raise UserError(f"data.max_tokens={cfg.data.max_tokens} (+1 for the BOS token) does not fit the "
+                        f"{limit} positions of model.name_or_path='{cfg.model.name_or_path}'. Set "
+                        f"data.max_tokens={limit - 1} or lower.")
 
 
 def tokenize_rows(rows: list[dict], tok, max_tokens: int) -> None:
@@ -197,6 +217,8 @@ def build_data(cfg: Config, data_dir: Path) -> dict:
     import datasets
 
     datasets.disable_progress_bars()
+    if cfg.model.name_or_path:
+        check_positions(cfg)
     rows = build_texts(cfg)
     if cfg.model.name_or_path:
         tok = load_pretrained_tokenizer(cfg)

@@ -9,6 +9,7 @@ from .exposure import (
     exposure,
     extrapolated_exposure,
     fit_skewnorm,
+    leave_one_out_exposure,
     rank_exposure,
     skewnorm_logcdf,
 )
@@ -30,14 +31,15 @@ from .quality import (
     uq_example,
     uq_with_ci,
 )
-from .crossing import interpolated_crossing, uq_auc, value_at_step
+from .crossing import UQ_TARGETS, interpolated_crossing, uq_auc, value_at_step
 from .replicates import Outcome, compare_steps, f3_verdict, log_scale_interval, paired_effect, verdict_across
 from .stats import mean_ci, spearman_with_ci
 from .survival import kaplan_meier, logrank, median_survival, stratified_cox
 from .utility import mean_nll, perplexity, token_accuracy, utility_drop
 
 __all__ = [
-    "EXPOSURE_KINDS", "SkewNormFit", "exposure", "extrapolated_exposure", "fit_skewnorm",
+    "UQ_TARGETS",
+    "EXPOSURE_KINDS", "SkewNormFit", "exposure", "extrapolated_exposure", "fit_skewnorm", "leave_one_out_exposure",
     "rank_exposure", "skewnorm_logcdf",
     "counterfactual_difficulty", "counterfactual_memorization", "difficulty",
     "exposure_memorization", "memorization",

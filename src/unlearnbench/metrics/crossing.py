@@ -11,7 +11,10 @@ import math
 
 import numpy as np
 
-__all__ = ["interpolated_crossing", "value_at_step", "uq_auc"]
+__all__ = ["UQ_TARGETS", "interpolated_crossing", "value_at_step", "uq_auc"]
+
+# The UQ targets every request's outcome and every finding are reported at, besides `metrics.uq_target`.
+UQ_TARGETS = (0.5, 0.8, 0.9)
 
 
 def _curve(steps, values) -> tuple[np.ndarray, np.ndarray]:

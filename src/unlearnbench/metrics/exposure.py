@@ -193,3 +193,19 @@ def exposure(losses, ref_losses, kind: str = "extrapolated", fit: SkewNormFit | 
     if kind == "rank":
         return rank_exposure(losses, ref_losses)
     raise ValueError(f"unknown exposure kind {kind!r}; allowed: {', '.join(EXPOSURE_KINDS)}")
+
+
+def leave_one_out_exposure(ref_losses, kind: str = "extrapolated") -> np.ndarray:
+    """Exposure of each reference against the *other* references, e(r; R \\ {r}), in bits ("extrapolated" refits
+    the skew-normal without r, once per reference; "rank" has |R| − 1 references, ceiling log2 |R|).
+
+    Their mean is the no-oracle e_r (docs/definitions.md section 11): what a model gives an example of this
+    distribution it never saw. NaN references are left out of every comparison and get NaN.
+    """
+    refs = np.asarray(ref_losses, dtype=float).ravel()
+    out = np.full(refs.shape, np.nan)
+    ok = np.flatnonzero(~np.isnan(refs))
+    for i in ok:
+        others = refs[ok[ok != i]]
+        out[i] = exposure(refs[i:i + 1], others, kind)[0]
+    return out

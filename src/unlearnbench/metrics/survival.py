@@ -157,7 +157,8 @@ def stratified_cox(df: pd.DataFrame, duration_col: str, event_col: str,
     s = cph.summary
     for c in usable:
         coef = float(s.loc[c, "coef"])
-        result[c] = {"coef": coef, "hr": math.exp(coef),
+        # near-separation can run coef past exp's range (an OverflowError): the hazard ratio is then inf
+        result[c] = {"coef": coef, "hr": math.exp(coef) if coef < 709.0 else math.inf,
                      "lo": float(s.loc[c, "coef lower 95%"]), "hi": float(s.loc[c, "coef upper 95%"]),
                      "p": float(s.loc[c, "p"]), "n": n, "events": events,
                      "error": None, "warning": warning}

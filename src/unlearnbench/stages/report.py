@@ -587,6 +587,9 @@ def attack_lines(att: dict) -> list[str]:
               "exposure gap that comes back beyond what an exactly-unlearned model picks up; [95% bootstrap interval "
               "over the request's examples]; \"no attack\": the unlearned model as saved, the level the reloads start from. AUC: "
               "forget examples (members) vs their references (non-members).", ""]
+    if any(r.get("baseline") == "held_out_references" for r in att.get("requests", [])):
+        lines += ["No oracle (`train.oracle=false`): θr was not attacked. \"ē oracle attacked\" is replaced by the "
+                  "held-out-reference e_r (unattacked), and the AUC and PrivLeak under θr are not available (–).", ""]
     f4 = att.get("findings", {}).get("F4")
     if f4:
         lines.append(f"- **F4: {f4['verdict']}** ({f4['holds']} of {f4['of']} cells). {f4['statement']}. Effect: "
@@ -634,11 +637,22 @@ def survival_lines(surv: dict) -> list[str]:
     return lines
 
 
+def e_r_line(summary: dict) -> str:
+    """Which e_r the run's UQ, forgotten rule and gaps use (`e_r_source` in summary.json)."""
+    if summary.get("e_r_source", "oracle") == "held_out_references":
+        return ("**e_r source: held-out references (no oracle, `train.oracle=false`).** No θr was trained: e_r of each "
+                "example is the mean exposure of its kind's held-out references under θ0, each against the other "
+                "references (leave-one-out); the \"θr\" columns below hold that estimate, and memorization and "
+                "difficulty (which need θr) are not available.")
+    return "e_r source: the oracle θr (retrained without the forget sets)."
+
+
 def render_markdown(summary: dict, figures: dict[str, str] | None = None, attack_summary: dict | None = None) -> str:
     """Markdown of a run's summary: per (kind, repetitions) table, F1-F3 with their numbers, then the figures."""
     lines = [f"# unlearnbench report: {summary['run']} (seed {summary['seed']})", "",
              f"Method `{summary['method']}`, lr {summary['lr']}, exposure `{summary['exposure']}`, "
              f"UQ target {summary['uq_target']}, max steps {summary['max_steps']}.", "",
+             e_r_line(summary), "",
              "## Forget requests per kind and repetitions", ""]
     lines += group_table(summary)
     lines += ["", "Outcomes: u unlearned (UQ reached the target), c censored (the budget ran out first), x collapsed "

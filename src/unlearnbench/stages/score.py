@@ -1,5 +1,9 @@
 """The score stage: one sharded pass of each trained model over the evaluation examples, then per forget example
-its exposure under original and oracle, memorization and difficulty (`scores/`)."""
+its exposure under original and oracle, memorization and difficulty (`scores/`).
+
+Without an oracle (`train.oracle=false`) e_r, the `exposure_*_oracle` columns, is the held-out-reference estimate
+(`evaluation.held_out_e_r`): per kind, the mean leave-one-out exposure of the references under θ₀; the θᵣ losses,
+memorization and difficulty are NaN, and `e_r_source` says which was used."""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import pandas as pd
 from unlearnbench import metrics
 from unlearnbench.data.build import load_examples, load_tokenizer
 from unlearnbench.distributed import inference_model, peak_memory_mib
-from unlearnbench.evaluation import eval_subset, exposures, utility_table
+from unlearnbench.evaluation import e_r_source, eval_subset, exposures, held_out_e_r, utility_table
 from unlearnbench.io import read_json, write_json, write_parquet
 from unlearnbench.models import load_trained
 from unlearnbench.rundir import Context, clear_outputs, finish_stage, require, should_run
@@ -46,7 +50,7 @@ def run(ctx: Context) -> None:
     subset = eval_subset(examples)
     meta = subset.select_columns(["example_id", "kind", "repetitions", "group", "split"]).to_pandas()
     trk = open_tracker(ctx, NAME)
-    names = ["original", "oracle"] + [f"shadow_{j}" for j in range(cfg.score.shadow_models)]
+    names = ["original"] + (["oracle"] if cfg.train.oracle else []) + [f"shadow_{j}" for j in range(cfg.score.shadow_models)]
     scores, info = {}, {}
     for name in names:
         scores[name], info[name] = score_model(ctx, name, subset, tok)
@@ -55,7 +59,7 @@ def run(ctx: Context) -> None:
         ctx.acc.print(f"[score] {name}: {info[name]['examples']} examples in {info[name]['seconds']:.1f}s "
                       f"(padding {info[name]['padding_fraction']:.1%})")
     table = build_forget_table(cfg, meta, scores, ctx.run_dir)
-    utility = {name: utility_table(scores[name], meta) for name in ("original", "oracle")}
+    utility = {name: utility_table(scores[name], meta) for name in ("original", "oracle") if name in scores}
     groups = group_summary(table)
     if ctx.is_main:
         write_parquet(ctx.run_dir / "scores" / "examples.parquet", table)
@@ -69,16 +73,29 @@ def run(ctx: Context) -> None:
     ctx.acc.print(format_group_table(groups))
     ctx.acc.print("[score] utility: " + ", ".join(f"{m} ID-holdout ppl {u.get('id_holdout_ppl', float('nan')):.1f}"
                                                   for m, u in utility.items()))
+    if not cfg.train.oracle:
+        ctx.acc.print("[score] no oracle (train.oracle=false): e_r is the mean leave-one-out exposure of each kind's "
+                      "held-out references under θ₀; memorization and difficulty need θᵣ and are not computed")
     trk.finish()
-    finish_stage(ctx, NAME, {"passes": info, **peak_memory_mib()})
+    finish_stage(ctx, NAME, {"passes": info, "e_r_source": e_r_source(cfg), **peak_memory_mib()})
 
 
 def build_forget_table(cfg, meta: pd.DataFrame, scores: dict, run_dir: Path) -> pd.DataFrame:
-    """One row per forget example: losses and exposures under original and oracle, memorization, difficulty."""
+    """One row per forget example: losses and exposures under original and oracle, memorization, difficulty.
+
+    Without oracle scores (no-oracle mode) the oracle columns hold e_r from the held-out references (one value per
+    kind, `held_out_e_r` under θ₀) and NaN losses."""
     loss = cfg.metrics.loss
     forget = meta[meta.split == "forget"][["example_id", "kind", "repetitions", "group"]].reset_index(drop=True)
     table = forget.copy()
-    for name in ("original", "oracle"):
+    if "oracle" not in scores:
+        e_r = held_out_e_r(meta.merge(scores["original"], on="example_id"), loss).set_index("kind")
+        for col in ("nll_oracle", "loss_oracle", "accuracy_oracle"):
+            table[col] = np.nan
+        for form in ("rank", "extrapolated"):
+            table[f"exposure_{form}_oracle"] = e_r.loc[table.kind, f"exposure_{form}"].to_numpy(dtype=float)
+        table["exposure_oracle"] = table[f"exposure_{cfg.metrics.exposure}_oracle"]
+    for name in [n for n in ("original", "oracle") if n in scores]:
         s = scores[name].set_index("example_id")
         table[f"nll_{name}"] = s.loc[table.example_id, "nll"].to_numpy()
         table[f"loss_{name}"] = s.loc[table.example_id, loss].to_numpy()
@@ -87,6 +104,7 @@ def build_forget_table(cfg, meta: pd.DataFrame, scores: dict, run_dir: Path) -> 
         for form in ("rank", "extrapolated"):
             table[f"exposure_{form}_{name}"] = exp.loc[table.example_id, f"exposure_{form}"].to_numpy()
         table[f"exposure_{name}"] = table[f"exposure_{cfg.metrics.exposure}_{name}"]
+    table["e_r_source"] = "oracle" if "oracle" in scores else "held_out_references"
     table["memorization"] = metrics.memorization(table.nll_original.to_numpy(), table.nll_oracle.to_numpy())
     table["exposure_memorization"] = metrics.exposure_memorization(table.exposure_original.to_numpy(),
                                                                    table.exposure_oracle.to_numpy())

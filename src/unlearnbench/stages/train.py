@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from unlearnbench.batching import collate, shard_batch, token_logprobs, training_schedule
-from unlearnbench import integrity
+from unlearnbench import integrity, interrupt
 from unlearnbench.config import Config
 from unlearnbench.data.build import load_examples, load_tokenizer
 from unlearnbench.distributed import configure_deepspeed_batch, peak_memory_mib, zero_stage
@@ -90,7 +90,8 @@ def run(ctx: Context) -> None:
     masks = shadow_masks(examples, ctx.cfg.score.shadow_models, ctx.cfg.run.seed) if ctx.cfg.score.shadow_models else []
     if masks and ctx.is_main:
         write_json(ctx.run_dir / "models" / "shadow_masks.json", masks)
-    names = ["original", "oracle"] + [f"shadow_{j}" for j in range(len(masks))]
+    # train.oracle=false (no-oracle mode): no θᵣ; the score stage takes e_r from held-out references instead
+    names = ["original"] + (["oracle"] if ctx.cfg.train.oracle else []) + [f"shadow_{j}" for j in range(len(masks))]
     todo = []
     for name in names:
         if (ctx.run_dir / "models" / name / "config.json").exists():
@@ -111,7 +112,9 @@ def run(ctx: Context) -> None:
     for name in mine:
         mask = masks[int(name.split("_")[1])] if name.startswith("shadow_") else None
         offset = 1000 + int(name.split("_")[1]) if mask is not None else 0
-        infos[name] = train_model(acc, ctx.cfg, ctx.run_dir, name, examples, tok, trk, mask, offset, local=local)
+        # a stop (SIGINT / SIGTERM) is taken after an optimizer step: checkpoint, then `Interrupted` (interrupt.py)
+        with interrupt.safe_points(acc, collective=not local, stage="train", what=name):
+            infos[name] = train_model(acc, ctx.cfg, ctx.run_dir, name, examples, tok, trk, mask, offset, local=local)
     trk.finish()
     acc.wait_for_everyone()  # only once every process has finished its models
     if local:
@@ -268,7 +271,7 @@ def train_model(acc, cfg: Config, run_dir: Path, name: str, examples, tokenizer,
             else:
                 total_loss = acc.reduce(torch.tensor(loss_acc, device=acc.device), reduction="sum").item()
                 tok_s = acc.reduce(torch.tensor(float(tokens), device=acc.device), reduction="sum").item() / elapsed
-            n_logged = (step + 1) % t.log_every or t.log_every
+            n_logged = min((step + 1) % t.log_every or t.log_every, step + 1 - start)  # fewer after a resume
             if tracker is not None:
                 tracker.log({f"train/{name}/loss": total_loss / n_logged, f"train/{name}/lr": sched.get_last_lr()[0],
                              f"train/{name}/tokens_per_s": tok_s}, step=step + 1, model=name)
@@ -279,6 +282,17 @@ def train_model(acc, cfg: Config, run_dir: Path, name: str, examples, tokenizer,
                 _local_checkpoint(model, opt, ckpt_root, step + 1, max(1, t.keep_checkpoints))
             else:
                 _checkpoint(acc, ckpt_root, step + 1, max(1, t.keep_checkpoints))
+        # Safe point: every rank of a data-parallel model agrees (one scalar all-reduce); job-parallel asks itself.
+        # After the last step the model is saved first (the stop is taken when train_model returns).
+        if step + 1 < t.steps and interrupt.should_stop(acc, collective=not local):
+            path = ckpt_root / f"step_{step + 1:07d}"
+            if (step + 1) % t.checkpoint_every:  # not written just above
+                if local:
+                    _local_checkpoint(model, opt, ckpt_root, step + 1, max(1, t.keep_checkpoints))
+                else:
+                    _checkpoint(acc, ckpt_root, step + 1, max(1, t.keep_checkpoints))
+            bar.close()
+            raise interrupt.Interrupted(stage="train", step=step + 1, checkpoint=path, what=name, local=local)
     bar.close()
     info["train_seconds"] = time.perf_counter() - t0
     if local:

@@ -82,7 +82,8 @@ def run(ctx: Context) -> None:
     columns = examples.select_columns(["example_id", "input_ids", "score_start", "score_end", "split"]).to_dict()
     meta = subset.select_columns(["example_id", "kind", "repetitions", "group", "split"]).to_pandas()
     forget_table = pd.read_parquet(ctx.run_dir / "scores" / "examples.parquet")
-    oracle_scores = pd.read_parquet(ctx.run_dir / "scores" / "oracle.parquet")
+    oracle_path = ctx.run_dir / "scores" / "oracle.parquet"  # absent in the no-oracle mode (train.oracle=false)
+    oracle_scores = pd.read_parquet(oracle_path) if oracle_path.exists() else None
     requests = build_requests(cfg, forget_table)
     if not requests or any(not r.example_ids for r in requests):
         raise UserError("The forget request is empty: no forget example matches unlearn.requests / request_kinds. "

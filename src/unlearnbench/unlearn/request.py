@@ -10,8 +10,11 @@ evaluations, on divergence (non-finite loss, exploding gradient, perplexity past
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from unlearnbench import metrics
+from unlearnbench import interrupt, metrics
 from unlearnbench.batching import collate, shard_batch, token_logprobs
 from unlearnbench.config import Config
 from unlearnbench.distributed import configure_deepspeed_batch, inference_model, zero_stage
@@ -182,6 +185,15 @@ class Unlearner:
     reference: Any = None
     head: Any = None
     ref_head: Any = None
+    lora: Any = None  # the PeftModel around `model` when unlearn.lora.rank > 0 (unlearn/lora.py)
+
+    def reference_mode(self):
+        """The context θ₀'s forward runs in: with LoRA, the model itself with its adapters disabled."""
+        if self.lora is None:
+            return nullcontext()
+        from unlearnbench.unlearn.lora import adapters_off
+
+        return adapters_off(self.lora, self.reference)
 
 
 def make_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
@@ -219,19 +231,30 @@ def setup(cfg: Config, worker: Worker, model, data: RequestData, load_reference=
     """Optimizer, schedule and backend for unlearning `model` (θ₀, freshly loaded) on a request's data.
 
     `load_reference()`: frozen θ₀ for methods that compare with it (npo, ga_kl, ...), called after the model is
-    wrapped (under ZeRO-3 both are partitioned in that order).
+    wrapped (under ZeRO-3 both are partitioned in that order). With LoRA (`unlearn.lora.rank` > 0) only adapters
+    are trained and θ₀ is the same model with its adapters disabled: `load_reference` is not called.
     """
     spec = get_method(cfg.unlearn.method)
     model.config.use_cache = False
+    adapter = None
+    if cfg.unlearn.lora.rank > 0:
+        from unlearnbench.unlearn import lora
+
+        lora.check_backend(worker.acc)
+        adapter = lora.attach(cfg.unlearn.lora, model, cfg.run.seed)  # in place: `model` stays the transformers model
     opt = make_optimizer(cfg, model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg))
     per_rank = max(1, math.ceil(min(cfg.unlearn.batch_size, len(data.forget_rows)) / worker.world))
     model, opt = worker.prepare(model, opt, per_rank, cfg.unlearn.grad_clip)
-    reference = load_reference() if spec.needs_reference and load_reference is not None else None
+    if adapter is not None:
+        reference = worker.eval_model(model) if spec.needs_reference else None
+    else:
+        reference = load_reference() if spec.needs_reference and load_reference is not None else None
     # output layer on the scored positions only, where the model is not wrapped (one process, request-parallel)
     head = split_head(worker.acc, model, worker.local)
     ref_head = split_head(worker.acc, reference, worker.local) if reference is not None else None
-    return Unlearner(cfg, worker, data, model, opt, sched, spec, method_params(cfg), reference, head, ref_head)
+    return Unlearner(cfg, worker, data, model, opt, sched, spec, method_params(cfg), reference, head, ref_head,
+                     adapter)
 
 
 # ----------------------------------------------------------------------------------------------- step
@@ -303,7 +326,7 @@ def _forget_inputs(u: Unlearner, fb: dict) -> dict:
     f_logp, f_mask = scored_logprobs(u.model, fb, u.head)
     out = {"forget_logp": f_logp, "forget_mask": f_mask}
     if u.spec.needs_reference:
-        with torch.no_grad():
+        with torch.no_grad(), u.reference_mode():
             out["forget_ref_logp"], _ = scored_logprobs(u.reference, fb, u.ref_head)
     return out
 
@@ -314,7 +337,7 @@ def _retain_inputs(u: Unlearner, rb: dict) -> dict:
         return {"retain_logp": r_logp, "retain_mask": r_mask}
     r_logits = _full_logits(u.model, rb)
     r_logp, r_mask = token_logprobs(r_logits, rb["labels"])
-    with torch.no_grad():
+    with torch.no_grad(), u.reference_mode():
         ref = torch.log_softmax(_full_logits(u.reference, rb)[:, :-1].float(), -1)
     return {"retain_logp": r_logp, "retain_mask": r_mask,
             "retain_logprobs": torch.log_softmax(r_logits[:, :-1].float(), -1), "retain_ref_logprobs": ref}
@@ -362,8 +385,18 @@ def unlearn_request(ctx, request: Request, columns: dict, subset, meta: pd.DataF
     """Run the configured method on one request from θ₀; write its trajectory, curve and result.
 
     `columns`: every prepared example as plain column lists; `forget_table`: the score stage's per-example table.
+    On SIGINT / SIGTERM the request stops between two steps (every rank at the same step when data-parallel),
+    writes a request checkpoint (`unlearn/<name>/checkpoint/`) and raises `interrupt.Interrupted`; the next run
+    resumes from it to the same numbers. The checkpoint goes once the request's result is written.
     """
+    with interrupt.safe_points(worker.acc, not worker.local, stage="unlearn", what=request.name):
+        return _run_request(ctx, request, columns, subset, meta, forget_table, tok, trk, worker, oracle_scores)
+
+
+def _run_request(ctx, request: Request, columns: dict, subset, meta: pd.DataFrame, forget_table: pd.DataFrame,
+                 tok, trk, worker: Worker, oracle_scores: pd.DataFrame | None) -> dict:
     cfg = ctx.cfg
+    out_dir = ctx.run_dir / "unlearn" / request.name
     pad_id = tok.pad_token_id or 0
     evaluator = RequestEvaluator(worker.acc, cfg, request.example_ids, subset, meta, forget_table, pad_id,
                                  worker.local, oracle_scores)
@@ -376,6 +409,12 @@ def unlearn_request(ctx, request: Request, columns: dict, subset, meta: pd.DataF
     status, reason = "max_steps", ""
     t_start, train_time, tokens = time.perf_counter(), 0.0, 0
     step_index = 0
+    resumed = load_request_checkpoint(out_dir, u, evaluator, rule)
+    if resumed is not None:
+        step_index, curve, trajs, window, saved = (resumed[k] for k in ("step", "curve", "trajs", "window", "saved"))
+        train_time, tokens, t_start = resumed["train_time"], resumed["tokens"], t_start - resumed["elapsed_seconds"]
+        msg = f"[unlearn] {request.name}: resuming at step {step_index} ({resumed['path']})"
+        print(msg, flush=True) if worker.local else worker.acc.print(msg)
     while True:
         if step_index in schedule:
             row, traj = evaluator.evaluate(worker.eval_model(u.model), step_index)
@@ -404,8 +443,153 @@ def unlearn_request(ctx, request: Request, columns: dict, subset, meta: pd.DataF
         tokens += res.tokens
         train_time += time.perf_counter() - t0
         step_index += 1
-    return finish(ctx, request, u, evaluator, curve, trajs, status, reason, step_index, t_start, forget_table, tok,
-                  trk)
+        if interrupt.should_stop(worker.acc, collective=not worker.local):  # safe point: between two steps
+            path = save_request_checkpoint(out_dir, u, evaluator, rule, {
+                "step": step_index, "curve": curve, "trajs": trajs, "window": window, "saved": saved,
+                "train_time": train_time, "tokens": tokens, "elapsed_seconds": time.perf_counter() - t_start})
+            raise interrupt.Interrupted(stage="unlearn", step=step_index, checkpoint=path, what=request.name,
+                                        local=worker.local)
+    result = finish(ctx, request, u, evaluator, curve, trajs, status, reason, step_index, t_start, forget_table, tok,
+                    trk)
+    if worker.writes:
+        shutil.rmtree(out_dir / CHECKPOINT, ignore_errors=True)  # the result is written: nothing to resume
+    return result
+
+
+# ----------------------------------------------------------------------------------------------- request checkpoint
+
+CHECKPOINT = "checkpoint"  # unlearn/<request>/checkpoint/step_<N>/: written on SIGINT / SIGTERM, gone once done
+
+
+def _sharded(worker: Worker) -> bool:
+    acc = worker.acc
+    return not worker.local and (zero_stage(acc) > 0 or "FSDP" in str(acc.distributed_type))
+
+
+def _json_default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+def save_request_checkpoint(out_dir: Path, u: Unlearner, evaluator: RequestEvaluator, rule: StopRule,
+                            state: dict) -> Path:
+    """Write the request's state after `state["step"]` steps under `<out_dir>/checkpoint/step_<N>`: trained
+    parameters and optimizer (a DDP or 1-process model: the trainable parameters as safetensors, whatever a LoRA
+    adapter or a full model trains; ZeRO / FSDP: accelerate's sharded state), scheduler, RNG, the loop's counters,
+    its curve rows and trajectories so far and the evaluator's state. `complete.json` last (sizes and checksums),
+    then older request checkpoints go. Every rank of a data-parallel request calls it."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from unlearnbench import integrity
+    from unlearnbench.io import write_text
+
+    w, acc = u.worker, u.worker.acc
+    root = out_dir / CHECKPOINT
+    path = root / f"step_{int(state['step']):07d}"
+    if w.writes:
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+    if not w.local:
+        acc.wait_for_everyone()
+    if _sharded(w):
+        acc.save_state(str(path / "state"))
+    elif w.writes:
+        model = u.model if w.local else acc.unwrap_model(u.model)
+        save_file({n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad},
+                  str(path / "trainable.safetensors"), metadata={"format": "pt"})
+        torch.save(u.opt.state_dict(), path / "optimizer.bin")
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, path / (f"rng_{acc.process_index}.pt" if not w.local else "rng.pt"))
+    if w.writes:
+        torch.save({"scheduler": u.sched.state_dict()}, path / "scheduler.pt")
+        last = evaluator._last
+        theta0 = evaluator._theta0 is not None and last is evaluator._theta0["scores"]
+        loop = {k: v for k, v in state.items() if k not in ("trajs", "window")}
+        loop.update(window=[dataclasses.asdict(r) for r in state["window"]], n_trajs=len(state["trajs"]),
+                    rule={"held": rule.held, "reached": rule.reached}, sharded=_sharded(w),
+                    evaluator={"seconds": evaluator.seconds, "tokens_scored": evaluator.tokens_scored,
+                               "e_0": None if evaluator.e_0 is None else [float(x) for x in evaluator.e_0],
+                               "ppl_0": evaluator.ppl_0, "last": "theta0" if theta0 else (None if last is None
+                                                                                          else "file")})
+        write_text(path / "loop.json", json.dumps(loop, default=_json_default, indent=1) + "\n")  # NaN kept as NaN
+        if state["trajs"]:
+            write_parquet(path / "trajectory.parquet", pd.concat(
+                [t.assign(_eval=i) for i, t in enumerate(state["trajs"])], ignore_index=True))
+        if last is not None and not theta0:
+            write_parquet(path / "last_scores.parquet", last)
+    if not w.local:
+        acc.wait_for_everyone()
+    if w.writes:
+        integrity.mark_complete(path, int(state["step"]))
+        for old in root.glob("step_*"):
+            if old != path:
+                shutil.rmtree(old, ignore_errors=True)
+    if not w.local:
+        acc.wait_for_everyone()
+    return path
+
+
+def load_request_checkpoint(out_dir: Path, u: Unlearner, evaluator: RequestEvaluator, rule: StopRule) -> dict | None:
+    """Restore the newest complete request checkpoint into the freshly set-up `u`, `evaluator` and `rule`; the loop
+    state it saved (with "path"), or None when there is none to resume from (then the request starts at step 0)."""
+    import json
+
+    from accelerate.utils import load as safe_torch_load  # torch.load with weights_only=True, as accelerate reads it
+    from safetensors.torch import load_file
+
+    from unlearnbench import integrity
+
+    w, acc = u.worker, u.worker.acc
+    path = None
+    for cand in sorted((out_dir / CHECKPOINT).glob("step_*"), reverse=True):
+        step, why = integrity.check_checkpoint(cand)
+        if step is not None:
+            path = cand
+            break
+        if w.writes and (cand / integrity.COMPLETE).exists():
+            print(f"[unlearn] not resuming from {cand}: {why}. It is ignored.", flush=True)
+    if path is None:
+        return None
+    loop = json.loads((path / "loop.json").read_text(encoding="utf-8"))
+    if loop.get("sharded") != _sharded(w):
+        if w.writes:
+            print(f"[unlearn] not resuming from {path}: it was written by a {'sharded' if loop.get('sharded') else 'DDP or 1-process'} "
+                  "launch; this request starts again from θ₀.", flush=True)
+        return None
+    if _sharded(w):
+        acc.load_state(str(path / "state"))
+    else:
+        model = u.model if w.local else acc.unwrap_model(u.model)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in load_file(str(path / "trainable.safetensors")).items():
+                params[name].copy_(tensor.to(params[name].device))
+        u.opt.load_state_dict(safe_torch_load(path / "optimizer.bin", map_location="cpu", weights_only=True))
+    u.sched.load_state_dict(safe_torch_load(path / "scheduler.pt", weights_only=True)["scheduler"])
+    rng_file = path / (f"rng_{acc.process_index}.pt" if not w.local else "rng.pt")
+    if rng_file.exists():
+        rng = safe_torch_load(rng_file, weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    ev = loop["evaluator"]
+    evaluator.seconds, evaluator.tokens_scored, evaluator.ppl_0 = ev["seconds"], ev["tokens_scored"], ev["ppl_0"]
+    evaluator.e_0 = None if ev["e_0"] is None else np.asarray(ev["e_0"], dtype=float)
+    if ev["last"] == "theta0":
+        evaluator._last = evaluator._theta0["scores"]
+    elif ev["last"] == "file":
+        evaluator._last = pd.read_parquet(path / "last_scores.parquet")
+    rule.held, rule.reached = loop["rule"]["held"], loop["rule"]["reached"]
+    trajs = []
+    if loop["n_trajs"]:
+        frame = pd.read_parquet(path / "trajectory.parquet")
+        trajs = [frame[frame._eval == i].drop(columns="_eval").reset_index(drop=True) for i in range(loop["n_trajs"])]
+    return {**loop, "trajs": trajs, "window": [StepResult(**r) for r in loop["window"]], "path": path}
 
 
 def _window_summary(window: list[StepResult]) -> dict:
@@ -446,12 +630,16 @@ def finish(ctx, request: Request, u: Unlearner, evaluator: RequestEvaluator, cur
 
 
 def request_cost(u: Unlearner, evaluator: RequestEvaluator, n_evals: int, steps_run: int, wall: float) -> dict:
-    """What the request cost: estimated FLOPs (6·N per trained token, 2·N per scored token, plus 2·N per token of the
-    frozen θ₀ for methods that use it; N = parameters), device-seconds (wall time x devices it held) and peak memory."""
+    """What the request cost: estimated FLOPs (4·N + 2·N_trained per trained token, i.e. 6·N when every weight is
+    trained, 2·N per scored token, plus 2·N per token of the frozen θ₀ for methods that use it; N = parameters),
+    device-seconds (wall time x devices it held), peak memory, the trained parameters and the bytes of this process's
+    optimizer state (what LoRA saves)."""
     from unlearnbench.distributed import peak_memory_mib
     from unlearnbench.models import n_params
+    from unlearnbench.unlearn.lora import optimizer_state_bytes, trainable_params
 
-    n = n_params(u.worker.acc.unwrap_model(u.model) if not u.worker.local else u.model)
+    unwrapped = u.worker.acc.unwrap_model(u.model) if not u.worker.local else u.model
+    n, trained = n_params(unwrapped), trainable_params(unwrapped)
     per_eval = sum(len(x) for x in evaluator.data["input_ids"])
     full = sum(len(x) for x in evaluator.full_data["input_ids"]) if evaluator.sampled else 0
     bsz = min(u.cfg.unlearn.batch_size, len(u.data.forget_rows))
@@ -459,12 +647,14 @@ def request_cost(u: Unlearner, evaluator: RequestEvaluator, n_evals: int, steps_
     if u.spec.needs_retain:
         train_tokens += steps_run * min(u.cfg.unlearn.retain_batch_size, len(u.data.retain_rows)) * float(
             np.mean([len(u.data.all_ids[r]) for r in u.data.retain_rows]))
-    flops = 6 * n * train_tokens + 2 * n * (n_evals * per_eval + full)
+    flops = (4 * n + 2 * trained) * train_tokens + 2 * n * (n_evals * per_eval + full)
     if u.spec.needs_reference:
         flops += 2 * n * train_tokens
     mem = peak_memory_mib()
     return {"flops": float(flops), "device_seconds": wall * u.worker.world,
-            "peak_memory_mib": float(mem.get("cuda_max_allocated_mib", mem["cpu_max_rss_mib"]))}
+            "peak_memory_mib": float(mem.get("cuda_max_allocated_mib", mem["cpu_max_rss_mib"])),
+            "params": int(n), "trainable_params": int(trained), "optimizer_state_bytes": optimizer_state_bytes(u.opt),
+            "lora_rank": u.cfg.unlearn.lora.rank}
 
 
 def summarize_request(cfg: Config, request: Request, curve: pd.DataFrame, traj: pd.DataFrame,
@@ -497,8 +687,7 @@ def summarize_request(cfg: Config, request: Request, curve: pd.DataFrame, traj: 
     at = curve[curve.step == unlearned_step].iloc[0] if unlearned_step is not None else None
     first = curve.iloc[0]
     nothing = bool(first.nothing_to_forget)
-    outcomes = {f"{t:g}": request_outcome(valid, t, status == "diverged", int(curve.step.iloc[-1]))
-                for t in sorted({0.5, 0.8, cfg.metrics.uq_target})}
+    outcomes = request_outcomes(valid, cfg.metrics.uq_target, status == "diverged", int(curve.step.iloc[-1]))
     auc = metrics.uq_auc(v_steps, uq, cfg.unlearn.max_steps) if len(v_steps) else float("nan")
     result = {
         "request": request.name, "kind": request.kind, "repetitions": request.repetitions,
@@ -524,6 +713,12 @@ def summarize_request(cfg: Config, request: Request, curve: pd.DataFrame, traj: 
         "eval_share": evaluator.seconds / wall if wall else None,
     }
     return result, per_example
+
+
+def request_outcomes(curve: pd.DataFrame, uq_target: float, diverged: bool, last_step: int) -> dict[str, dict]:
+    """`request_outcome` at 0.5, 0.8, 0.9 and the configured target, keyed by the target as `f"{t:g}"`."""
+    return {f"{t:g}": request_outcome(curve, t, diverged, last_step)
+            for t in sorted({*metrics.UQ_TARGETS, float(uq_target)})}
 
 
 def request_outcome(curve: pd.DataFrame, target: float, diverged: bool, last_step: int) -> dict:
