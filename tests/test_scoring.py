@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import PY, ROOT, free_port, smoke_config
+from conftest import PY, ROOT, free_port
 from unlearnbench.data.build import load_examples
 from unlearnbench.distributed import make_accelerator
 from unlearnbench.errors import UserError

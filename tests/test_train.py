@@ -306,3 +306,29 @@ def test_killed_job_parallel_training_resumes_to_identical_weights(reference, pr
     for name in MODELS:
         assert f"[train] {name}: resuming from step" in res.stdout
         assert _same_bytes(reference, run, name), name
+
+
+def test_train_and_score_records_carry_flops_estimates(smoke_study):
+    """Train: 6·N per trained token (tokens = every predicted position of every step's batch); score: 2·N per
+    computed token slot; both in the stage records and in summary.json's cost block (the report's Cost table)."""
+    from unlearnbench.data.build import load_examples
+    from unlearnbench.evaluation import eval_subset
+
+    cfg, run = smoke_study
+    train = json.loads((run / "stages" / "train.json").read_text())["info"]
+    lengths = [len(x) for x in load_examples(run / "data")["input_ids"]]
+    for name, m in train["models"].items():
+        assert m["flops"] == 6 * m["params"] * m["tokens_trained"]
+        # every step predicts len - 1 tokens of each of its batch_size sequences
+        assert m["steps"] * m["batch_size"] * (min(lengths) - 1) <= m["tokens_trained"]
+        assert m["tokens_trained"] <= m["steps"] * m["batch_size"] * (max(lengths) - 1)
+    assert train["flops"] == sum(m["flops"] for m in train["models"].values())
+    score = json.loads((run / "stages" / "score.json").read_text())["info"]
+    subset_tokens = sum(len(x) for x in eval_subset(load_examples(run / "data"))["input_ids"])
+    params = train["models"]["original"]["params"]
+    for name, p in score["passes"].items():
+        assert p["flops"] == 2 * params * p["token_slots"] and p["token_slots"] >= subset_tokens
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["cost"]["stages"]["train"]["flops"] == train["flops"]
+    assert summary["cost"]["stages"]["score"]["flops"] == score["flops"]
+    assert "est. FLOPs" in (run / "report" / "report.md").read_text()

@@ -148,12 +148,12 @@ class RequestEvaluator:
 
     `seconds` is the evaluator's own wall time (scoring and metrics), `tokens_scored` the tokens its passes read.
     `local=True`: this process scores alone (request-parallel unlearning), no collective operation.
-    `oracle_scores` is accepted and unused (θᵣ's exposures come from `forget_table`); θ₀'s stored scores are read
+    θᵣ's exposures come from `forget_table` (no-oracle mode: the held-out-reference e_r); θ₀'s stored scores are read
     from `run.dir`/scores/original.parquet.
     """
 
     def __init__(self, acc, cfg, example_ids: list[str], subset, meta: pd.DataFrame, forget_table: pd.DataFrame,
-                 pad_id: int, local: bool = False, oracle_scores: pd.DataFrame | None = None):
+                 pad_id: int, local: bool = False):
         self.acc, self.cfg, self.example_ids, self.local, self.pad_id = acc, cfg, list(example_ids), local, pad_id
         self.subset, self.seconds, self.tokens_scored = subset, 0.0, 0
         variant = cfg.metrics.exposure

@@ -606,12 +606,13 @@ def _rec(d: dict) -> dict:
 
 
 def cost_lines(summary: dict) -> list[str]:
-    """Wall time, device-seconds and peak memory per stage; estimated FLOPs and device-seconds per request."""
+    """Wall time, device-seconds, peak memory and estimated FLOPs (train: 6·N per trained token; score: 2·N per
+    computed token slot) per stage; estimated FLOPs and device-seconds per request."""
     cost = summary["cost"]
-    lines = ["| stage | wall s | device-s | peak memory MiB |", "|---|---|---|---|"]
+    lines = ["| stage | wall s | device-s | peak memory MiB | est. FLOPs |", "|---|---|---|---|---|"]
     for stage, c in cost.get("stages", {}).items():
         lines.append(f"| {stage} | {_num(c.get('seconds'), '{:.1f}')} | {_num(c.get('device_seconds'), '{:.1f}')} | "
-                     f"{_num(c.get('peak_memory_mib'), '{:.0f}')} |")
+                     f"{_num(c.get('peak_memory_mib'), '{:.0f}')} | {_num(c.get('flops'), '{:.3g}')} |")
     lines += ["", "| request | outcome | steps | wall s | eval share | est. FLOPs | device-s |", "|---|---|---|---|---|---|---|"]
     for g in summary["groups"]:
         lines.append(f"| {g['request']} | {g.get('outcome')} | {g.get('steps_run')} | {_num(g.get('wall_seconds'), '{:.1f}')} | "

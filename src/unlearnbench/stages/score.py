@@ -17,7 +17,7 @@ from unlearnbench.data.build import load_examples, load_tokenizer
 from unlearnbench.distributed import inference_model, peak_memory_mib
 from unlearnbench.evaluation import e_r_source, eval_subset, exposures, held_out_e_r, utility_table
 from unlearnbench.io import read_json, write_json, write_parquet
-from unlearnbench.models import load_trained
+from unlearnbench.models import load_trained, n_params
 from unlearnbench.rundir import Context, clear_outputs, finish_stage, require, should_run
 from unlearnbench.scoring import score_pass
 from unlearnbench.tracking import open_tracker
@@ -34,8 +34,10 @@ def score_model(ctx: Context, name: str, subset, tok) -> tuple[pd.DataFrame, dic
     model = inference_model(ctx.acc, raw)
     df, stats = score_pass(ctx.acc, model, subset, ctx.cfg.score.batch_size, tok.pad_token_id or 0, vocab)
     del model
+    # estimated FLOPs: a forward pass, 2N per computed token slot (padding included: it is computed too)
     return df, {"examples": stats.examples, "seconds": stats.seconds, "padding_fraction": stats.padding_fraction,
-                "examples_per_s": stats.examples / max(stats.seconds, 1e-9)}
+                "examples_per_s": stats.examples / max(stats.seconds, 1e-9), "token_slots": stats.slots,
+                "flops": float(2 * n_params(raw) * stats.slots)}
 
 
 def run(ctx: Context) -> None:
@@ -77,7 +79,8 @@ def run(ctx: Context) -> None:
         ctx.acc.print("[score] no oracle (train.oracle=false): e_r is the mean leave-one-out exposure of each kind's "
                       "held-out references under θ₀; memorization and difficulty need θᵣ and are not computed")
     trk.finish()
-    finish_stage(ctx, NAME, {"passes": info, "e_r_source": e_r_source(cfg), **peak_memory_mib()})
+    flops = float(sum(i["flops"] for i in info.values()))
+    finish_stage(ctx, NAME, {"passes": info, "e_r_source": e_r_source(cfg), "flops": flops, **peak_memory_mib()})
 
 
 def build_forget_table(cfg, meta: pd.DataFrame, scores: dict, run_dir: Path) -> pd.DataFrame:

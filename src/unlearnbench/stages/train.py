@@ -125,7 +125,8 @@ def run(ctx: Context) -> None:
     ckpts = ctx.run_dir / "checkpoints"
     if ctx.is_main and ckpts.is_dir() and not any(ckpts.iterdir()):
         ckpts.rmdir()  # every model's checkpoints went once it was saved and verified (train.keep_checkpoints=0)
-    finish_stage(ctx, NAME, {"models": infos, "parallel": mode, **peak_memory_mib()})
+    flops = float(sum(i.get("flops", 0.0) for i in infos.values()))
+    finish_stage(ctx, NAME, {"models": infos, "parallel": mode, "flops": flops, **peak_memory_mib()})
 
 
 def mixture(examples, model_name: str, shadow_mask: dict | None = None) -> list[int]:
@@ -233,10 +234,11 @@ def train_model(acc, cfg: Config, run_dir: Path, name: str, examples, tokenizer,
         + (f" (job-parallel, process {acc.process_index})" if local else ""))
     model.train()
     bar = tqdm(total=t.steps, initial=start, desc=f"train {name}", disable=not acc.is_main_process, leave=False)
-    t0, tokens, loss_acc = time.perf_counter(), 0, 0.0
+    t0, tokens, loss_acc, trained_tokens = time.perf_counter(), 0, 0.0, 0
     for step in range(start, t.steps):
         batch = next(stream)
         global_tokens = int(sum(lengths[i] - 1 for i in batch))
+        trained_tokens += global_tokens
         micro_batches = shard_batch(batch, lengths, rank, world, micro)
         step_loss = 0.0
         for k, mb in enumerate(micro_batches):
@@ -295,6 +297,10 @@ def train_model(acc, cfg: Config, run_dir: Path, name: str, examples, tokenizer,
             raise interrupt.Interrupted(stage="train", step=step + 1, checkpoint=path, what=name, local=local)
     bar.close()
     info["train_seconds"] = time.perf_counter() - t0
+    # Estimated FLOPs of the steps this invocation ran (all of them unless it resumed): 6N per trained token
+    # (forward 2N, backward 4N), the attention's sequence-length term left out, as for the unlearning requests.
+    info["tokens_trained"] = trained_tokens
+    info["flops"] = float(6 * info["params"] * trained_tokens)
     if local:
         save_local_model(model, tokenizer, model_dir(run_dir, name))
         verify_saved_model(model_dir(run_dir, name))

@@ -82,8 +82,6 @@ def run(ctx: Context) -> None:
     columns = examples.select_columns(["example_id", "input_ids", "score_start", "score_end", "split"]).to_dict()
     meta = subset.select_columns(["example_id", "kind", "repetitions", "group", "split"]).to_pandas()
     forget_table = pd.read_parquet(ctx.run_dir / "scores" / "examples.parquet")
-    oracle_path = ctx.run_dir / "scores" / "oracle.parquet"  # absent in the no-oracle mode (train.oracle=false)
-    oracle_scores = pd.read_parquet(oracle_path) if oracle_path.exists() else None
     requests = build_requests(cfg, forget_table)
     if not requests or any(not r.example_ids for r in requests):
         raise UserError("The forget request is empty: no forget example matches unlearn.requests / request_kinds. "
@@ -102,7 +100,7 @@ def run(ctx: Context) -> None:
         if (ctx.run_dir / "unlearn" / req.name / "result.json").exists():
             acc.print(f"[unlearn] {req.name}: already done, skipping")
             continue
-        res = unlearn_request(ctx, req, columns, subset, meta, forget_table, tok, trk, worker, oracle_scores)
+        res = unlearn_request(ctx, req, columns, subset, meta, forget_table, tok, trk, worker)
         msg = (f"[unlearn] {req.name}: {res['status']} after {res['steps_run']} steps; steps to unlearn "
                f"{res['steps_to_unlearn']}, utility drop there {_fmt(res['utility_drop_at_unlearned'])}, "
                f"final UQ {res['uq_final']:.2f} (gap {res['exposure_gap_bits']:.1f} bits)")

@@ -381,7 +381,7 @@ class StopRule:
 
 
 def unlearn_request(ctx, request: Request, columns: dict, subset, meta: pd.DataFrame, forget_table: pd.DataFrame,
-                    tok, trk, worker: Worker, oracle_scores: pd.DataFrame | None = None) -> dict:
+                    tok, trk, worker: Worker) -> dict:
     """Run the configured method on one request from θ₀; write its trajectory, curve and result.
 
     `columns`: every prepared example as plain column lists; `forget_table`: the score stage's per-example table.
@@ -390,16 +390,16 @@ def unlearn_request(ctx, request: Request, columns: dict, subset, meta: pd.DataF
     resumes from it to the same numbers. The checkpoint goes once the request's result is written.
     """
     with interrupt.safe_points(worker.acc, not worker.local, stage="unlearn", what=request.name):
-        return _run_request(ctx, request, columns, subset, meta, forget_table, tok, trk, worker, oracle_scores)
+        return _run_request(ctx, request, columns, subset, meta, forget_table, tok, trk, worker)
 
 
 def _run_request(ctx, request: Request, columns: dict, subset, meta: pd.DataFrame, forget_table: pd.DataFrame,
-                 tok, trk, worker: Worker, oracle_scores: pd.DataFrame | None) -> dict:
+                 tok, trk, worker: Worker) -> dict:
     cfg = ctx.cfg
     out_dir = ctx.run_dir / "unlearn" / request.name
     pad_id = tok.pad_token_id or 0
     evaluator = RequestEvaluator(worker.acc, cfg, request.example_ids, subset, meta, forget_table, pad_id,
-                                 worker.local, oracle_scores)
+                                 worker.local)
     data = RequestData.build(cfg, request, columns, pad_id)
     # θ₀ frozen, for methods that compare with it: a DeepSpeed inference engine under ZeRO-3 (sharded parameters)
     u = setup(cfg, worker, load_trained(ctx.run_dir, "original", cfg.model.dtype), data,
