@@ -265,16 +265,23 @@ def _merge(base: Any, other: Any, origin: str) -> Any:
 
 def _explain_omegaconf(exc: OmegaConfBaseException, origin: str) -> str:
     key = getattr(exc, "full_key", None) or "?"
-    msg = str(exc).splitlines()[0]
+    msg = str(exc).splitlines()[0].rstrip(".")
     if isinstance(exc, ConfigKeyError) or "not in struct" in msg or "Key '" in msg and "not" in msg:
         section = key.rsplit(".", 1)[0] if "." in key else ""
         allowed = _allowed_keys(section)
         return (f"Unknown config key '{key}' in {origin}. Allowed keys"
                 f"{' in ' + section if section else ''}: {', '.join(allowed)}. "
                 "Fix the spelling, or see the README's config reference.")
+    if key == "?" and origin.startswith("override '") and "=" in origin:
+        key = origin[len("override '"):].split("=", 1)[0]  # OmegaConf names no key when a section gets a scalar
+    section = _section_fields(key)
+    if section is not None:
+        return (f"Invalid value in {origin}: '{key}' is a section of the config, not a value. Set its keys one by one, "
+                f"e.g. `{key}.{section[0]}=...` (its keys: {', '.join(section)}).")
     expected = _expected_type(key)
+    example = f"{key}=[a,b]" if expected.startswith("List") else f"{key}=<{expected}>"
     return (f"Invalid value for config key '{key}' in {origin}: {msg}. "
-            f"Expected {expected}. Fix the value, e.g. `{key}=<{expected}>`.")
+            f"Expected {expected}. Fix the value, e.g. `{example}`.")
 
 
 def _allowed_keys(section: str) -> list[str]:
@@ -285,6 +292,18 @@ def _allowed_keys(section: str) -> list[str]:
             if part not in fields:
                 return [f.name for f in dataclasses.fields(Config)]
             cls = fields[part].default_factory  # type: ignore[assignment]
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _section_fields(key: str) -> list[str] | None:
+    """The field names of the config section at `key`, or None when `key` is not a section."""
+    cls: Any = Config
+    for part in key.split("."):
+        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        factory = getattr(fields.get(part), "default_factory", None)
+        if part not in fields or not dataclasses.is_dataclass(factory):
+            return None
+        cls = factory
     return [f.name for f in dataclasses.fields(cls)]
 
 

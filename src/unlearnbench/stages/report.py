@@ -707,8 +707,10 @@ def run(ctx: Context) -> None:
         trk.log_images({f"report/{name}": out / p.name for name, p in paths.items()})
         trk.summary(flatten_findings(summary))
     trk.finish()
+    ctx.acc.wait_for_everyone()  # the main process has written the report (another node's would list it early)
     figures = sorted(p.name for p in out.glob("*.png"))
-    ctx.acc.print(f"[report] wrote {out / 'report.md'} and {len(figures)} figures")
+    if ctx.is_main:
+        print(f"[report] wrote {out / 'report.md'} and {len(figures)} figures", flush=True)
     finish_stage(ctx, NAME, {"figures": figures})
 
 
