@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from unlearnbench.findings import (aggregate_seeds, finding_f1, finding_f2, finding_f3, overall_verdict,
+from unlearnbench.findings import (aggregate_seeds, finding_f1, finding_f2, finding_f3, finding_f4, overall_verdict,
                                    replicate_pairs, survival)
 
 
@@ -210,3 +210,27 @@ def test_a_target_off_the_reported_grid_gets_outcomes_everywhere_the_findings_lo
     assert cell["main"] == "uq_0.95" and set(cell["by_target"]) >= {"uq_0.5", "uq_0.8", "uq_0.9", "uq_0.95"}
     assert cell["by_target"]["uq_0.95"]["counts"]["tie"] == 3  # identical sides: three ties, no evidence
     assert finding_f2(results, 0.95)["cells"][0]["main"] == "uq_0.95"
+
+
+def _attack_result(kind, j, recovered, baseline="oracle"):
+    share = {"recovered": recovered}
+    return {"kind": kind, "repetitions": 16, "replicate": j, "baseline": baseline,
+            "relearn_forget_fraction": share, "relearn_retain": share, "quantization": {"int8": share, "int4": share}}
+
+
+def test_f4_paired_recovered_share_and_no_oracle_results_left_out():
+    # OOD recovers 0.2, 0.25, 0.3 more than ID in three replicate pairs: t-interval by hand (half-width
+    # 4.303 x 0.05 / sqrt 3 = 0.124), excludes 0; with 0.1, 0.2, 0.3 (half-width 0.248) it would not
+    res = [_attack_result("id", j, 0.2) for j in range(3)] + \
+          [_attack_result("canary", j, 0.2 + d) for j, d in enumerate((0.2, 0.25, 0.3))]
+    f4 = finding_f4(res)
+    cell = f4["cells"][0]["by_attack"]["relearn_forget_fraction"]
+    half = stats.t.ppf(0.975, 2) * np.std([0.2, 0.25, 0.3], ddof=1) / np.sqrt(3)
+    assert half == pytest.approx(0.124, abs=1e-3)
+    assert cell["mean"] == pytest.approx(0.25) and cell["lo"] == pytest.approx(0.25 - half)
+    assert cell["verdict"] == "reproduced" and cell["direction"] == "OOD recovers more"
+    assert f4["excluded_without_oracle"] == 0
+    # the same numbers measured against the unattacked held-out-reference e_r (no oracle): not evidence
+    blind = [{**r, "baseline": "held_out_references"} for r in res]
+    f4 = finding_f4(blind)
+    assert f4["cells"] == [] and f4["verdict"] == "inconclusive" and f4["excluded_without_oracle"] == 6

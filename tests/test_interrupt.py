@@ -150,6 +150,16 @@ def test_sigterm_in_unlearn_checkpoints_and_resumes_identically(smoke_study, tmp
     assert (run / "unlearn" / "canary_r4" / "checkpoint" / "step_0000001" / "complete.json").exists()
     assert not (run / "unlearn" / "canary_r4" / "result.json").exists()
 
+    # The same run with another unlearning config: the checkpoint and the finished request were computed for the
+    # old one, so neither is reused (a trajectory resumed under a new lr would be silently wrong)
+    fire_at[0] = -1
+    main([*argv, "unlearn.lr=0.002"])  # returns: the stage finished
+    out = capsys.readouterr().out
+    assert f"[unlearn] {first}: its result was computed for another config; recomputing it" in out
+    assert "canary_r4/checkpoint/step_0000001: it was written for another config; this request starts again" in out
+    assert "resuming at step" not in out and not (run / "unlearn" / "canary_r4" / "checkpoint").exists()
+    assert json.loads((run / "unlearn" / first / "result.json").read_text())["lr"] == 0.002
+
 
 def _launch_and_signal(args, ready, sig=signal.SIGTERM, timeout=600):
     """`accelerate launch` 2 CPU processes of `python -m unlearnbench *args`; `sig` to the launcher once `ready()`.

@@ -194,12 +194,11 @@ def test_in_loop_reference_sample_is_consistent(smoke_study, tmp_path):
     subset = eval_subset(load_examples(run / "data"))
     meta = subset.select_columns(["example_id", "kind", "repetitions", "split"]).to_pandas()
     table = pd.read_parquet(run / "scores/examples.parquet")
-    osc = pd.read_parquet(run / "scores/oracle.parquet")
     ids = sorted(table[(table.kind == "canary") & (table.repetitions == 16)].example_id)
     ctx = Context(cfg=cfg, run_dir=run, acc=make_accelerator())
 
     def evaluator():
-        return RequestEvaluator(ctx.acc, cfg, ids, subset, meta, table, 0, True, osc)
+        return RequestEvaluator(ctx.acc, cfg, ids, subset, meta, table, 0, True)
 
     ev = evaluator()
     m = ev.meta

@@ -214,8 +214,11 @@ def _recovered(res: dict, attack: str) -> float | None:
 
 def finding_f4(attack_results: list[dict], alpha: float = 0.05) -> dict:
     """F4 per (repetitions, OOD kind) and attack: the paired difference OOD − ID in the recovered share of the
-    exposure gap; "reproduced" when the interval excludes 0 in either direction (the direction is reported)."""
-    pairs = replicate_pairs([{**r, "nothing_to_forget": False} for r in attack_results])
+    exposure gap; "reproduced" when the interval excludes 0 in either direction (the direction is reported).
+    Only requests measured against the oracle attacked the same way count: without θᵣ (no-oracle mode) the
+    unattacked held-out-reference e_r is no yardstick, as θᵣ would also gain exposure from the attack."""
+    usable = [r for r in attack_results if r.get("baseline", "oracle") == "oracle"]
+    pairs = replicate_pairs([{**r, "nothing_to_forget": False} for r in usable])
     rows, verdicts = [], []
     for (reps, kind), ps in pairs.items():
         by_attack = {}
@@ -236,7 +239,7 @@ def finding_f4(attack_results: list[dict], alpha: float = 0.05) -> dict:
                      "by_attack": by_attack})
     return {"statement": F4_STATEMENT, "effect": "OOD − ID recovered share of the exposure gap", "attacks": F4_ATTACKS,
             "cells": rows, "holds": sum(v == "reproduced" for v in verdicts), "of": len(verdicts),
-            "verdict": overall_verdict(verdicts)}
+            "verdict": overall_verdict(verdicts), "excluded_without_oracle": len(attack_results) - len(usable)}
 
 
 # ----------------------------------------------------------------------------------------------- run summary

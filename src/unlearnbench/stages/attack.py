@@ -22,7 +22,7 @@ from unlearnbench.evaluation import eval_subset
 from unlearnbench.findings import finding_f4
 from unlearnbench.io import read_json, write_json, write_parquet
 from unlearnbench.models import load_pretrained, load_trained
-from unlearnbench.rundir import Context, clear_outputs, finish_stage, require, should_run
+from unlearnbench.rundir import Context, clear_outputs, finish_stage, require, should_run, stage_fingerprint
 from unlearnbench.tracking import open_tracker
 
 NAME = "attack"
@@ -103,7 +103,7 @@ def attack_request(ctx: Context, r: dict, sets: attacks.RequestSets, columns: di
     res["mia"] = membership(ctx, sets, {"original": original, "unlearned": unlearned, **with_oracle}, pad)
     # request-parallel: each process writes the requests it ran; result.json last marks the request done
     write_parquet(out_dir / "relearning.parquet", pd.concat(curves, ignore_index=True))
-    write_json(out_dir / "result.json", res)
+    write_json(out_dir / "result.json", {**res, "fingerprint": stage_fingerprint(cfg, NAME)})
     return res
 
 
@@ -182,8 +182,10 @@ def run(ctx: Context) -> None:
     results = [read_json(ctx.run_dir / "unlearn" / g["request"] / "result.json") for g in summary["groups"]]
     trk = open_tracker(ctx, NAME, writer=True)
     mine = selected(cfg, results)[acc.process_index::acc.num_processes]
+    fingerprint = stage_fingerprint(cfg, NAME)
     for r in mine:
-        if (ctx.run_dir / "attacks" / r["request"] / "result.json").exists():
+        done = ctx.run_dir / "attacks" / r["request"] / "result.json"
+        if done.exists() and read_json(done).get("fingerprint") == fingerprint:  # finished for this config
             print(f"[attack] {r['request']}: already done, skipping", flush=True)
             continue
         model_dir = ctx.run_dir / "unlearn" / r["request"] / "model_unlearned"

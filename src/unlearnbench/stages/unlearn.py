@@ -16,7 +16,7 @@ from unlearnbench.errors import UserError
 from unlearnbench.evaluation import eval_subset
 from unlearnbench.findings import flatten_findings, format_findings, summarize_run
 from unlearnbench.io import read_json, write_json
-from unlearnbench.rundir import Context, clear_outputs, finish_stage, require, should_run
+from unlearnbench.rundir import Context, clear_outputs, finish_stage, require, should_run, stage_fingerprint
 from unlearnbench.tracking import open_tracker
 from unlearnbench.unlearn.request import Request, Worker, unlearn_request
 
@@ -96,10 +96,16 @@ def run(ctx: Context) -> None:
               + ("request-parallel: each process runs whole requests on its own model copy" if worker.local
                  else f"data-parallel over {acc.num_processes} process(es)"))
     mine = requests[acc.process_index::acc.num_processes] if worker.local else requests
+    fingerprint = stage_fingerprint(cfg, NAME)
     for req in mine:
-        if (ctx.run_dir / "unlearn" / req.name / "result.json").exists():
-            acc.print(f"[unlearn] {req.name}: already done, skipping")
-            continue
+        done = ctx.run_dir / "unlearn" / req.name / "result.json"
+        if done.exists():
+            # a request finished by an interrupted invocation counts only for the config it was computed for
+            if read_json(done).get("fingerprint") == fingerprint:
+                acc.print(f"[unlearn] {req.name}: already done, skipping")
+                continue
+            msg = f"[unlearn] {req.name}: its result was computed for another config; recomputing it"
+            print(msg, flush=True) if worker.local else acc.print(msg)
         res = unlearn_request(ctx, req, columns, subset, meta, forget_table, tok, trk, worker)
         msg = (f"[unlearn] {req.name}: {res['status']} after {res['steps_run']} steps; steps to unlearn "
                f"{res['steps_to_unlearn']}, utility drop there {_fmt(res['utility_drop_at_unlearned'])}, "

@@ -14,6 +14,7 @@ import dataclasses
 import math
 import shutil
 import time
+import zlib
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -402,6 +403,12 @@ def _run_request(ctx, request: Request, columns: dict, subset, meta: pd.DataFram
                                  worker.local)
     data = RequestData.build(cfg, request, columns, pad_id)
     # θ₀ frozen, for methods that compare with it: a DeepSpeed inference engine under ZeRO-3 (sharded parameters)
+    # The random state is the request's own (dropout in LoRA or a pretrained model's config; any method that
+    # samples): the same whichever requests this process ran before, and in any process layout or resume order.
+    seed = zlib.crc32(f"{cfg.run.seed}/{request.name}".encode())
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
     u = setup(cfg, worker, load_trained(ctx.run_dir, "original", cfg.model.dtype), data,
               lambda: inference_model(worker.acc, load_trained(ctx.run_dir, "original", cfg.model.dtype)))
     schedule, rule, saved = set(eval_steps(cfg)), StopRule(cfg), False
@@ -449,16 +456,26 @@ def _run_request(ctx, request: Request, columns: dict, subset, meta: pd.DataFram
                 "train_time": train_time, "tokens": tokens, "elapsed_seconds": time.perf_counter() - t_start})
             raise interrupt.Interrupted(stage="unlearn", step=step_index, checkpoint=path, what=request.name,
                                         local=worker.local)
-    result = finish(ctx, request, u, evaluator, curve, trajs, status, reason, step_index, t_start, forget_table, tok,
-                    trk)
     if worker.writes:
-        shutil.rmtree(out_dir / CHECKPOINT, ignore_errors=True)  # the result is written: nothing to resume
-    return result
+        # before result.json: a kill in between loses only a finished trajectory (rerun, bit for bit), while a
+        # checkpoint left beside a result would never be removed
+        shutil.rmtree(out_dir / CHECKPOINT, ignore_errors=True)
+    return finish(ctx, request, u, evaluator, curve, trajs, status, reason, step_index, t_start, forget_table, tok,
+                  trk)
 
 
 # ----------------------------------------------------------------------------------------------- request checkpoint
 
 CHECKPOINT = "checkpoint"  # unlearn/<request>/checkpoint/step_<N>/: written on SIGINT / SIGTERM, gone once done
+
+
+def _checkpoint_identity(cfg: Config, worker: Worker) -> dict:
+    """What a request checkpoint must share with the run resuming it: the unlearn stage's fingerprint (every
+    setting the trajectory depends on) and the process layout (request-parallel or not, and how many ranks)."""
+    from unlearnbench.rundir import stage_fingerprint
+
+    return {"fingerprint": stage_fingerprint(cfg, "unlearn"), "local": bool(worker.local),
+            "world": 1 if worker.local else int(worker.acc.num_processes)}
 
 
 def _sharded(worker: Worker) -> bool:
@@ -512,6 +529,7 @@ def save_request_checkpoint(out_dir: Path, u: Unlearner, evaluator: RequestEvalu
         loop = {k: v for k, v in state.items() if k not in ("trajs", "window")}
         loop.update(window=[dataclasses.asdict(r) for r in state["window"]], n_trajs=len(state["trajs"]),
                     rule={"held": rule.held, "reached": rule.reached}, sharded=_sharded(w),
+                    **_checkpoint_identity(evaluator.cfg, w),
                     evaluator={"seconds": evaluator.seconds, "tokens_scored": evaluator.tokens_scored,
                                "e_0": None if evaluator.e_0 is None else [float(x) for x in evaluator.e_0],
                                "ppl_0": evaluator.ppl_0, "last": "theta0" if theta0 else (None if last is None
@@ -556,6 +574,20 @@ def load_request_checkpoint(out_dir: Path, u: Unlearner, evaluator: RequestEvalu
     if path is None:
         return None
     loop = json.loads((path / "loop.json").read_text(encoding="utf-8"))
+    mine = _checkpoint_identity(evaluator.cfg, w)
+    changed = [k for k, v in mine.items() if loop.get(k) != v]
+    if changed:
+        # an interrupted stage has no record to compare: a checkpoint of another config (lr, method, LoRA) or
+        # process layout would resume the wrong trajectory, or fail to load
+        if w.writes:
+            what = "config" if "fingerprint" in changed else "process layout (" + ", ".join(changed) + ")"
+            print(f"[unlearn] not resuming from {path}: it was written for another {what}; this request starts "
+                  "again from θ₀ and the checkpoint is removed.", flush=True)
+        if not w.local:
+            w.acc.wait_for_everyone()  # every rank has read it before it goes
+        if w.writes:
+            shutil.rmtree(out_dir / CHECKPOINT, ignore_errors=True)
+        return None
     if loop.get("sharded") != _sharded(w):
         if w.writes:
             print(f"[unlearn] not resuming from {path}: it was written by a {'sharded' if loop.get('sharded') else 'DDP or 1-process'} "
@@ -624,7 +656,8 @@ def finish(ctx, request: Request, u: Unlearner, evaluator: RequestEvaluator, cur
     if cfg.unlearn.save_model:
         w.save(u.model, tok, out_dir / "model")
     if w.writes:
-        write_json(out_dir / "result.json", result)  # last: its presence marks the request as done
+        # last: its presence marks the request as done, for the config whose fingerprint it carries
+        write_json(out_dir / "result.json", {**result, "fingerprint": _checkpoint_identity(cfg, w)["fingerprint"]})
     w.done()
     return result
 
