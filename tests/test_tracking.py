@@ -257,3 +257,18 @@ def test_unknown_or_missing_tracker_exits_2_before_any_stage(tmp_path):
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
     assert f"asks for {absent[0]}" in res.stderr and f"pip install {TRACKERS[absent[0]]}" in res.stderr
     assert not (run / "data").exists() and not (run / "stages").exists()  # refused before the first stage
+
+
+def test_a_session_a_stop_left_open_is_finished_on_the_way_out(tmp_path, monkeypatch):
+    """A stage stopped by SIGTERM raises past its tracker's finish(): the CLI's `finish_open` closes the session,
+    so the TensorBoard writer is flushed and closed (its scalars readable) and nothing stays open."""
+    pytest.importorskip("tensorboard")
+    monkeypatch.setattr(tracking, "_FAILED", set())
+    trk = Tracker(smoke_config(tmp_path, "tracking.backends=[tensorboard]"), tmp_path, "unlearn", True)
+    trk.log({"unlearn/canary_r16/uq": 0.75}, step=3)
+    assert trk in tracking._OPEN
+    tracking.finish_open()
+    assert trk.trackers == {} and trk not in tracking._OPEN
+    logdir = next((tmp_path / "tensorboard" / "unlearn").iterdir())
+    assert _scalars(logdir)["unlearn/canary_r16/uq"] == [(3, 0.75)]
+    tracking.finish_open()  # nothing left: a second call is a no-op

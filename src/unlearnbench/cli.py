@@ -54,7 +54,12 @@ def main(argv: list[str] | None = None) -> None:
 
     args = parser().parse_intermixed_args(argv)
     try:
-        _main(args, argv)
+        try:
+            _main(args, argv)
+        finally:  # a stage that raised (a stop, an error) did not reach its tracker's finish()
+            from unlearnbench.tracking import finish_open
+
+            finish_open()
     except interrupt.Interrupted as exc:  # SIGINT / SIGTERM: stopped at a safe point (checkpoint written) or at once
         if not exc.reported and (exc.local or os.environ.get("RANK", "0") in ("", "0")):
             print(f"unlearnbench: {exc.message()}", file=sys.stderr, flush=True)

@@ -31,6 +31,7 @@ import numbers
 import os
 import time
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -45,6 +46,16 @@ INIT_TIMEOUT_S = 30.0
 # Tracker setups (name, and for W&B its mode, host, key) that already failed in this process: warn once, then stay
 # quiet and local.
 _FAILED: set[tuple] = set()
+
+# Sessions not finished yet: a stage stopped by SIGINT / SIGTERM (or an error) raises past its `finish()`; the CLI
+# closes them on the way out (`finish_open`), so TensorBoard flushes its last events and MLflow/W&B runs end.
+_OPEN: "weakref.WeakSet[Tracker]" = weakref.WeakSet()
+
+
+def finish_open() -> None:
+    """Finish every tracking session still open in this process."""
+    for trk in list(_OPEN):
+        trk.finish()
 
 LABELS = {"wandb": "W&B", "tensorboard": "TensorBoard", "mlflow": "MLflow", "comet_ml": "Comet ML", "aim": "Aim",
           "clearml": "ClearML", "dvclive": "DVCLive", "swanlab": "SwanLab", "trackio": "Trackio"}
@@ -133,6 +144,7 @@ class Tracker:
         self._setups: dict[str, tuple] = {}
         self._axes: list[tuple[str, str]] = []  # (prefix, step key) from define_step
         self._calls = 0
+        _OPEN.add(self)
         if not is_main:
             return
         self.jsonl.parent.mkdir(parents=True, exist_ok=True)
@@ -297,6 +309,7 @@ class Tracker:
 
     def finish(self) -> None:
         """Close every tracker's run and say how to sync an offline W&B one."""
+        _OPEN.discard(self)
         for name in list(self.trackers):
             try:
                 self.trackers[name].finish()
