@@ -17,3 +17,8 @@ if __name__ == "__main__":
     if acc.is_main_process:
         df["world"] = acc.num_processes
         write_parquet(out, df)
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # leave together: a gloo group left to interpreter shutdown can abort a rank
+        dist.barrier()
+        dist.destroy_process_group()
