@@ -84,13 +84,19 @@ def write_result(name: str, body: dict, quick: bool, out_dir: Path | None = None
     path = out_dir / f"{name}{'.quick' if quick else ''}.json"
     doc = {"benchmark": name, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "command": shlex.join([Path(sys.executable).name] + [os.path.relpath(sys.argv[0], ROOT)]
-                                 + [a.replace(str(ROOT) + os.sep, "") for a in sys.argv[1:]]),
+                                 + [_portable_arg(a) for a in sys.argv[1:]]),
            "settings_kind": "quick (tiny settings, a logic check, not a measurement)" if quick else "full",
            "machine": machine(), "versions": versions(), **body}
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=2, default=_default))
     tmp.replace(path)
     return path
+
+
+def _portable_arg(arg: str) -> str:
+    """A command-line argument as a result records it: an absolute path (alone or as key=value) made portable."""
+    key, sep, value = arg.rpartition("=") if "=" in arg and not arg.startswith("/") else ("", "", arg)
+    return key + sep + (portable_path(value) if os.path.isabs(value) else value)
 
 
 def _default(x):

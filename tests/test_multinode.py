@@ -373,7 +373,7 @@ def test_time_limit_signal_stops_both_nodes_and_the_resubmission_resumes(smoke_s
     # each node's process stopped at a safe point of its own model's training, checkpoint written (the line may
     # follow a progress bar's carriage return, so it is not always at the start of a labelled line)
     for model in ("original", "oracle"):
-        assert any(f"unlearnbench: interrupted (SIGTERM) at train step" in ln and f"({model}), checkpoint written" in ln
+        assert any("unlearnbench: interrupted (SIGTERM) at train step" in ln and f"({model}), checkpoint written" in ln
                    for ln in out.splitlines()), _tail(res)
     assert not (run / "stages" / "train.json").exists()
 

@@ -37,10 +37,11 @@ def _tmp_path(path: Path) -> Path:
     return Path(name)
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file's data to stable storage (best effort: some filesystems refuse fsync)."""
+def _fsync(path: Path, flags: int = os.O_RDONLY) -> None:
+    """Flush a file's data (or, with O_DIRECTORY, a rename in a directory) to stable storage (best effort: some
+    filesystems refuse fsync)."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, flags)
     except OSError:
         return
     try:
@@ -53,16 +54,7 @@ def _fsync(path: Path) -> None:
 
 def _fsync_dir(path: Path) -> None:
     """Make a rename in `path` durable (best effort)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    _fsync(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
 
 
 def _replace(tmp: Path, path: Path) -> None:

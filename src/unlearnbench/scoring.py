@@ -133,6 +133,19 @@ def _per_example(model, batch: dict, head) -> torch.Tensor:
     return torch.stack([batch["row"].double(), nll, mask.sum(1).double(), correct.double()], dim=1)
 
 
+def _scoring_loader(acc, dataset, batch_size: int, pad_id: int, vocab_size: int | None, local: bool):
+    """The checked columns of `dataset` as plain lists, its input ids, and the length-sorted loader over it
+    (sharded over the processes unless `local`)."""
+    # Plain lists once, in one bulk Arrow conversion: a lazy `datasets` column costs ~0.2 ms a row lookup
+    if not isinstance(dataset, dict) and all(c in dataset.column_names for c in REQUIRED):
+        dataset = dataset.select_columns(list(REQUIRED)).to_dict()
+    check_scorable(dataset, vocab_size)
+    ids = list(dataset["input_ids"])
+    data = _Sorted(ids, list(dataset["score_start"]), list(dataset["score_end"]))
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=lambda items: _collate(items, pad_id))
+    return dataset, ids, (loader if local else acc.prepare_data_loader(loader))
+
+
 @torch.no_grad()  # not inference_mode: ZeRO-3 gathers parameters here that a later training forward reuses
 def score_pass(acc, model, dataset, batch_size: int = 64, pad_id: int = 0,
                vocab_size: int | None = None, local: bool = False) -> tuple[pd.DataFrame, PassStats]:
@@ -142,15 +155,7 @@ def score_pass(acc, model, dataset, batch_size: int = 64, pad_id: int = 0,
     unlearning, where each process evaluates its own model copy.
     """
     t0 = time.perf_counter()
-    # Plain lists once, in one bulk Arrow conversion: a lazy `datasets` column costs ~0.2 ms a row lookup
-    if not isinstance(dataset, dict) and all(c in dataset.column_names for c in REQUIRED):
-        dataset = dataset.select_columns(list(REQUIRED)).to_dict()
-    check_scorable(dataset, vocab_size)
-    ids = list(dataset["input_ids"])
-    data = _Sorted(ids, list(dataset["score_start"]), list(dataset["score_end"]))
-    loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=lambda items: _collate(items, pad_id))
-    if not local:
-        loader = acc.prepare_data_loader(loader)
+    dataset, ids, loader = _scoring_loader(acc, dataset, batch_size, pad_id, vocab_size, local)
     was_training = model.training
     model.eval()
     gathered, slots = [], 0
@@ -226,14 +231,7 @@ def token_score_pass(acc, model, dataset, batch_size: int = 64, pad_id: int = 0,
     of log p over the vocabulary under the model's next-token distribution there, for Min-K%++). `local` as in
     `score_pass`. The same for any number of processes.
     """
-    if not isinstance(dataset, dict) and all(c in dataset.column_names for c in REQUIRED):
-        dataset = dataset.select_columns(list(REQUIRED)).to_dict()
-    check_scorable(dataset, vocab_size)
-    ids = list(dataset["input_ids"])
-    data = _Sorted(ids, list(dataset["score_start"]), list(dataset["score_end"]))
-    loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=lambda items: _collate(items, pad_id))
-    if not local:
-        loader = acc.prepare_data_loader(loader)
+    dataset, ids, loader = _scoring_loader(acc, dataset, batch_size, pad_id, vocab_size, local)
     was_training = model.training
     model.eval()
     head = split_head(acc, model, local)
