@@ -130,3 +130,84 @@ def test_attack_columns_in_summary_json_and_curves_in_metrics_jsonl(smoke_study)
                 assert any(f"attack/relearn/{name}/{v}/{start}/exposure_mean" in rec for rec in records)
         assert any(rec.get("record") == "summary" and f"attack/{name}/attack_mia_loss_auc_unlearned" in rec
                    for rec in records)
+
+
+def test_assign_keeps_kinds_together_and_covers_every_request_once():
+    """Request-parallel attacks: contiguous runs of the kind-sorted requests, near-equal in length, so a process
+    meets few kinds (each kind's θ₀/θᵣ work is done once per process that meets it)."""
+    from unlearnbench.stages.attack import assign
+
+    names = ["id_r16_g2", "canary_r16_g1", "domain_r16_g0", "id_r16_g0", "canary_r16_g0", "domain_r16_g2",
+             "canary_r16_g2", "id_r16_g1"]
+    reqs = [{"request": n} for n in names]
+    kinds = {n: (n.split("_")[0],) for n in names}
+    got = [[r["request"] for r in assign(reqs, kinds, 2, rank)] for rank in range(2)]
+    assert got == [["canary_r16_g0", "canary_r16_g1", "canary_r16_g2", "domain_r16_g0"],
+                   ["domain_r16_g2", "id_r16_g0", "id_r16_g1", "id_r16_g2"]]
+    got3 = [[r["request"] for r in assign(reqs, kinds, 3, rank)] for rank in range(3)]
+    assert [len(g) for g in got3] == [3, 3, 2]
+    assert got3[0] == ["canary_r16_g0", "canary_r16_g1", "canary_r16_g2"]
+    assert sorted(sum(got3, [])) == sorted(names)
+    assert [len(assign(reqs[:1], kinds, 4, rank)) for rank in range(4)] == [1, 0, 0, 0]
+    assert [r["request"] for r in assign(reqs, kinds, 1, 0)] == sorted(names, key=lambda n: (n.split("_")[0], n))
+
+
+def test_shared_baselines_match_a_per_request_computation(smoke_study, tmp_path):
+    """θᵣ's retain relearning, quantized θ₀ and θ₀'s MIA scores are measured once per kind on the union of its
+    attacked requests; what a request records from that union equals the same attacks run on the request alone."""
+    import shutil
+
+    from unlearnbench import attacks
+    from unlearnbench.data.build import load_examples, load_tokenizer
+    from unlearnbench.distributed import make_accelerator
+    from unlearnbench.evaluation import eval_subset
+    from unlearnbench.metrics import mia
+    from unlearnbench.models import load_trained
+    from unlearnbench.quantize import quantize_model
+    from unlearnbench.rundir import Context
+    from unlearnbench.scoring import token_score_pass
+    from unlearnbench.stages.attack import Attacker, kinds_of, request_sets
+
+    cfg, smoke_run = smoke_study
+    run = tmp_path / "run"  # a copy: the request's files are rewritten
+    shutil.copytree(smoke_run, run, symlinks=True)
+    cfg = smoke_config(run)
+    r = json.loads((run / "attacks" / "summary.json").read_text())["requests"][0]
+    ex = load_examples(run / "data")
+    columns = ex.select_columns(["example_id", "input_ids", "score_start", "score_end", "split", "text"]).to_dict()
+    meta = eval_subset(ex).select_columns(["example_id", "kind", "split"]).to_pandas()
+    table = pd.read_parquet(run / "scores/examples.parquet")
+    ids = list(pd.read_parquet(run / "unlearn" / r["request"] / "examples.parquet").example_id)
+    kinds = kinds_of(table, ids)
+    others = list(table[(table.kind == r["kind"]) & ~table.example_id.isin(ids)].example_id)
+    assert others, "another group of the same kind makes the union larger than the request"
+    sets = request_sets(cfg, ids, columns, meta, table)
+    acc, tok = make_accelerator(), load_tokenizer(run / "data")
+    pad = tok.pad_token_id or 0
+    res = Attacker(Context(cfg=cfg, run_dir=run, acc=acc), columns, meta, table, tok,
+                   {kinds: others[:8] + ids + others[8:]}).request(r, sets, kinds)
+    oracle, original = load_trained(run, "oracle"), load_trained(run, "original")
+
+    retain = [i for i, s in enumerate(columns["split"]) if s == "retain"]
+    alone = attacks.relearning_curve(acc, oracle, sets, [columns["input_ids"][i] for i in retain],
+                                     [(columns["score_start"][i], columns["score_end"][i]) for i in retain], cfg, pad)
+    curve = pd.read_parquet(run / "attacks" / r["request"] / "relearning.parquet")
+    shared = curve[(curve.variant == "retain") & (curve.start == "oracle")]
+    assert list(shared.step) == list(alone.step) == [0, 1, 2, 4]
+    np.testing.assert_allclose(shared.exposure_mean, alone.exposure_mean, atol=1e-5)
+    np.testing.assert_allclose(shared.exposure_held_out_mean, alone.exposure_held_out_mean, atol=1e-5)
+
+    m = cfg.metrics
+    e8 = attacks.exposure_of(acc, quantize_model(original, 8), sets, m.loss, m.exposure, cfg.score.batch_size, pad)
+    assert res["quantization"]["int8"]["exposure_original_mean"] == pytest.approx(float(e8.mean()), abs=1e-5)
+
+    scored = sets.meta[["example_id"]].merge(token_score_pass(acc, original, sets.data, cfg.score.batch_size, pad,
+                                                              local=True), on="example_id")
+    member = scored.example_id.isin(ids).to_numpy()
+    nll = scored.nll.to_numpy()
+    assert res["mia"]["original"]["loss"] == pytest.approx(mia.auc(-nll[member], -nll[~member]), abs=1e-9)
+    # and the whole result is the one the stage recorded when the union was the request itself
+    for key in ("relearn_retain", "relearn_forget_fraction"):
+        assert res[key]["recovered"] == pytest.approx(r[key]["recovered"], abs=1e-5)
+    for model, aucs in r["mia"].items():
+        assert res["mia"][model] == pytest.approx(aucs, abs=1e-9), model

@@ -88,10 +88,18 @@ def finetune(model, rows: list[list[int]], spans: list[tuple[int, int]], steps: 
     model.eval()
 
 
+def curve_row(step: int, e: np.ndarray, held: np.ndarray) -> dict:
+    """One row of a relearning curve: the request's exposures at this step, their mean, and its held-out part's."""
+    return {"step": step, "exposure_mean": float(e.mean()),
+            "exposure_held_out_mean": float(e[held].mean()) if held.any() else float("nan"), "exposures": e}
+
+
 def relearning_curve(acc, start_model, sets: RequestSets, train_rows: list[list[int]],
-                     train_spans: list[tuple[int, int]], cfg, pad_id: int) -> pd.DataFrame:
+                     train_spans: list[tuple[int, int]], cfg, pad_id: int,
+                     start_exposures: np.ndarray | None = None) -> pd.DataFrame:
     """Exposure of the whole request and of its held-out part along k relearning steps from `start_model`
-    (a copy: the start model is not changed)."""
+    (a copy: the start model is not changed). `start_exposures`: the request's exposures under `start_model`
+    when already measured (step 0 is then not scored again)."""
     a, m = cfg.attack, cfg.metrics
     model = copy.deepcopy(start_model).to(acc.device)
     schedule = set(relearn_schedule(a.relearn_steps))
@@ -99,12 +107,37 @@ def relearning_curve(acc, start_model, sets: RequestSets, train_rows: list[list[
     rows = []
 
     def score(step: int) -> None:
-        if step in schedule:
-            e = exposure_of(acc, model, sets, m.loss, m.exposure, cfg.score.batch_size, pad_id)
-            rows.append({"step": step, "exposure_mean": float(e.mean()),
-                         "exposure_held_out_mean": float(e[held].mean()) if held.any() else float("nan"),
-                         "exposures": e})
+        if step == 0 and start_exposures is not None:
+            rows.append(curve_row(0, np.asarray(start_exposures, dtype=float), held))
+        elif step in schedule:
+            rows.append(curve_row(step, exposure_of(acc, model, sets, m.loss, m.exposure, cfg.score.batch_size,
+                                                    pad_id), held))
 
     finetune(model, train_rows, train_spans, a.relearn_steps, a.relearn_lr, a.relearn_batch_size, cfg.run.seed,
              acc.device, pad_id, score)
     return pd.DataFrame(rows)
+
+
+def mia_scores(acc, model, sets: RequestSets, k: float, batch_size: int, pad_id: int) -> pd.DataFrame:
+    """The four membership-inference member scores (LOSS, zlib, Min-K%, Min-K%++; metrics.mia) of every row of
+    `sets.data` under `model`, from one token-level pass; indexed by example_id."""
+    from unlearnbench.metrics import mia
+    from unlearnbench.scoring import token_score_pass
+
+    text_of = dict(zip(sets.data["example_id"], sets.texts))
+    tok = token_score_pass(acc, model, sets.data, batch_size, pad_id, local=True)
+    tok = sets.meta[["example_id"]].merge(tok, on="example_id")
+    return pd.DataFrame({
+        "loss": mia.loss_score(tok.nll.to_numpy()),
+        "zlib": mia.zlib_score(tok.nll_sum.to_numpy(), [text_of[e] for e in tok.example_id]),
+        "min_k": mia.min_k(list(tok.token_logp), k),
+        "min_k_pp": mia.min_k_plus_plus(list(tok.token_logp), list(tok.token_mu), list(tok.token_sigma), k)},
+        index=pd.Index(tok.example_id.to_numpy(), name="example_id"))
+
+
+def mia_aucs(scores: pd.DataFrame, members: list[str], nonmembers: list[str]) -> dict[str, float]:
+    """AUC of each attack's member scores: the request's examples (members) against its references."""
+    from unlearnbench.metrics import mia
+
+    m, n = scores.loc[list(members)], scores.loc[list(nonmembers)]
+    return {att: float(mia.auc(m[att].to_numpy(), n[att].to_numpy())) for att in scores.columns}

@@ -10,6 +10,8 @@ is one message, and the other attacks go on.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 
@@ -58,103 +60,175 @@ def request_sets(cfg: Config, ids: list[str], columns: dict, meta: pd.DataFrame,
                                t[f"exposure_{form}_oracle"].to_numpy(), texts)
 
 
-def attack_request(ctx: Context, r: dict, sets: attacks.RequestSets, columns: dict, tok) -> dict:
-    """Relearning (retain, forget fraction) and quantization of one unlearned request, with θᵣ as the yardstick."""
-    cfg, acc = ctx.cfg, ctx.acc
-    a, m = cfg.attack, cfg.metrics
-    pad = tok.pad_token_id or 0
-    out_dir = ctx.run_dir / "attacks" / r["request"]
-    unlearned = load_pretrained(str(ctx.run_dir / "unlearn" / r["request"] / "model_unlearned"), cfg.model.dtype)
-    # No-oracle mode (train.oracle=false): no θᵣ to attack; the held-out-reference e_r is the (unattacked) baseline
-    oracle = load_trained(ctx.run_dir, "oracle", cfg.model.dtype) if cfg.train.oracle else None
-    if oracle is None:
-        print(f"[attack] {r['request']}: no oracle (train.oracle=false): the θr baseline is skipped; recovered shares "
-              "are measured against the held-out-reference e_r, and MIA AUC / PrivLeak under θr are not available",
-              flush=True)
-    original = load_trained(ctx.run_dir, "original", cfg.model.dtype)
-    row_of = {e: i for i, e in enumerate(columns["example_id"])}
-    retain = [i for i, s in enumerate(columns["split"]) if s == "retain"]
-    seen = [row_of[e] for e in sets.seen]
-    res = {"request": r["request"], "kind": r["kind"], "repetitions": r["repetitions"],
-           "replicate": r.get("replicate", 0), "n_examples": len(sets.example_ids), "n_seen": len(sets.seen),
-           "n_held_out": len(sets.held_out), "gap_bits": float(np.mean(sets.e_0 - sets.e_r)),
-           "baseline": "oracle" if oracle is not None else "held_out_references"}
-    curves = []
-    for variant, rows in (("retain", retain), ("forget_fraction", seen)):
-        ids = [columns["input_ids"][i] for i in rows]
-        spans = [(columns["score_start"][i], columns["score_end"][i]) for i in rows]
-        per = {}
-        for start, model in (("unlearned", unlearned), ("oracle", oracle)):
-            if model is None:
-                continue
-            c = attacks.relearning_curve(acc, model, sets, ids, spans, cfg, pad)
-            per[start] = c
-            curves.append(c.drop(columns="exposures").assign(variant=variant, start=start))
-        last_u = per["unlearned"].iloc[-1]
-        base = per["oracle"].iloc[-1].exposures if oracle is not None else sets.e_r
-        share = attacks.recovered_share(last_u.exposures, base, sets.e_0, sets.e_r, m.n_boot, cfg.run.seed, m.alpha)
+def kinds_of(forget_table: pd.DataFrame, ids: list[str]) -> tuple[str, ...]:
+    """The kinds a request's examples are of (one for the built-in requests)."""
+    return tuple(sorted(set(forget_table.set_index("example_id").loc[ids, "kind"])))
+
+
+def assign(requests: list[dict], kinds: dict[str, tuple], n: int, rank: int) -> list[dict]:
+    """The attacked requests one process runs in request-parallel order: the requests sorted by kind, cut into
+    `n` contiguous runs of near-equal length, so that a process meets as few kinds as possible (each kind's θ₀/θᵣ
+    work is computed once per process that meets it: `Baselines`)."""
+    order = sorted(requests, key=lambda r: (kinds[r["request"]], r["request"]))
+    size, extra = divmod(len(order), n)
+    start = rank * size + min(rank, extra)
+    return order[start:start + size + (rank < extra)]
+
+
+@dataclass
+class Baselines:
+    """The attack work on θ₀ and θᵣ, which is the same for every attacked request of one kind: θᵣ relearned on
+    retain data, θ₀ and θᵣ after quantization, their membership-inference scores. Measured once (per process) on
+    the union of the kind's attacked requests and its references, then read per request: an example's exposure
+    depends only on its own loss and its kind's references, so the union gives each request the numbers its own
+    pass would (up to float rounding in the batching)."""
+
+    sets: attacks.RequestSets  # the union: every attacked request of these kinds, and their references
+    oracle_retain: list[tuple[int, np.ndarray]]  # θᵣ relearned on retain data: (step, exposures of sets.example_ids)
+    quant: dict[int, dict[str, np.ndarray] | str]  # bits -> {"original": e, "oracle": e}, or why it failed
+    mia: dict[str, pd.DataFrame]  # model -> membership scores of every row of sets.data
+
+    def take(self, e: np.ndarray, ids: list[str]) -> np.ndarray:
+        """The exposures of a request's examples out of an array over the union."""
+        pos = {x: i for i, x in enumerate(self.sets.example_ids)}
+        return e[[pos[x] for x in ids]]
+
+
+class Attacker:
+    """Runs the attacks of one process's requests; loads θ₀ / θᵣ once and keeps each kind's `Baselines`."""
+
+    def __init__(self, ctx: Context, columns: dict, meta: pd.DataFrame, forget_table: pd.DataFrame, tok,
+                 unions: dict[tuple, list[str]]):
+        self.ctx, self.columns, self.meta, self.forget_table = ctx, columns, meta, forget_table
+        self.pad, self.unions, self._baselines = tok.pad_token_id or 0, unions, {}
+        self.row_of = {e: i for i, e in enumerate(columns["example_id"])}
+        self.retain = [i for i, s in enumerate(columns["split"]) if s == "retain"]
+        cfg = ctx.cfg
+        self.original = load_trained(ctx.run_dir, "original", cfg.model.dtype)
+        # No-oracle mode (train.oracle=false): no θᵣ to attack; the held-out-reference e_r is the (unattacked) baseline
+        self.oracle = load_trained(ctx.run_dir, "oracle", cfg.model.dtype) if cfg.train.oracle else None
+
+    def rows(self, rows: list[int]) -> tuple[list[list[int]], list[tuple[int, int]]]:
+        c = self.columns
+        return [c["input_ids"][i] for i in rows], [(c["score_start"][i], c["score_end"][i]) for i in rows]
+
+    def models(self, unlearned=None) -> dict:
+        out = {"original": self.original, **({"oracle": self.oracle} if self.oracle is not None else {})}
+        return {"unlearned": unlearned, **out} if unlearned is not None else out
+
+    def baselines(self, kinds: tuple) -> Baselines:
+        """This kind's θ₀ / θᵣ work, computed the first time a request of it comes."""
+        if kinds not in self._baselines:
+            cfg, acc = self.ctx.cfg, self.ctx.acc
+            sets = request_sets(cfg, self.unions[kinds], self.columns, self.meta, self.forget_table)
+            retain = []
+            if self.oracle is not None:
+                c = attacks.relearning_curve(acc, self.oracle, sets, *self.rows(self.retain), cfg, self.pad)
+                retain = [(int(s), e) for s, e in zip(c.step, c.exposures)]
+            quant = {}
+            for bits in cfg.attack.quant_bits:
+                try:
+                    quant[bits] = {name: self._quantized_exposures(model, bits, sets)
+                                   for name, model in self.models().items()}
+                except UserError as exc:
+                    quant[bits] = str(exc)
+            mia = {name: attacks.mia_scores(acc, model, sets, cfg.attack.mia_k, cfg.score.batch_size, self.pad)
+                   for name, model in self.models().items()}
+            self._baselines[kinds] = Baselines(sets, retain, quant, mia)
+        return self._baselines[kinds]
+
+    def _quantized_exposures(self, model, bits: int, sets: attacks.RequestSets) -> np.ndarray:
+        from unlearnbench.quantize import quantize_model
+
+        cfg, m = self.ctx.cfg, self.ctx.cfg.metrics
+        return attacks.exposure_of(self.ctx.acc, quantize_model(model, bits), sets, m.loss, m.exposure,
+                                   cfg.score.batch_size, self.pad)
+
+    def request(self, r: dict, sets: attacks.RequestSets, kinds: tuple) -> dict:
+        """Relearning (retain, forget fraction), quantization and membership inference of one unlearned request,
+        with θᵣ as the yardstick."""
+        ctx = self.ctx
+        cfg, acc, a, m = ctx.cfg, ctx.acc, ctx.cfg.attack, ctx.cfg.metrics
+        out_dir = ctx.run_dir / "attacks" / r["request"]
+        if self.oracle is None:
+            print(f"[attack] {r['request']}: no oracle (train.oracle=false): the θr baseline is skipped; recovered "
+                  "shares are measured against the held-out-reference e_r, and MIA AUC / PrivLeak under θr are not "
+                  "available", flush=True)
+        base = self.baselines(kinds)
+        unlearned = load_pretrained(str(ctx.run_dir / "unlearn" / r["request"] / "model_unlearned"), cfg.model.dtype)
+        e_u = attacks.exposure_of(acc, unlearned, sets, m.loss, m.exposure, cfg.score.batch_size, self.pad)
         held = np.isin(sets.example_ids, sets.held_out)
-        held_share = (attacks.recovered_share(last_u.exposures[held], base[held], sets.e_0[held],
-                                              sets.e_r[held], m.n_boot, cfg.run.seed, m.alpha)
-                      if variant == "forget_fraction" and held.any() else None)
-        res[f"relearn_{variant}"] = {**share, "held_out": held_share, "steps": a.relearn_steps}
-    with_oracle = {"oracle": oracle} if oracle is not None else {}
-    res["quantization"] = quantization(ctx, sets, {"unlearned": unlearned, "original": original, **with_oracle}, pad)
-    res["mia"] = membership(ctx, sets, {"original": original, "unlearned": unlearned, **with_oracle}, pad)
-    # request-parallel: each process writes the requests it ran; result.json last marks the request done
-    write_parquet(out_dir / "relearning.parquet", pd.concat(curves, ignore_index=True))
-    write_json(out_dir / "result.json", {**res, "fingerprint": stage_fingerprint(cfg, NAME)})
-    return res
+        res = {"request": r["request"], "kind": r["kind"], "repetitions": r["repetitions"],
+               "replicate": r.get("replicate", 0), "n_examples": len(sets.example_ids), "n_seen": len(sets.seen),
+               "n_held_out": len(sets.held_out), "gap_bits": float(np.mean(sets.e_0 - sets.e_r)),
+               "baseline": "oracle" if self.oracle is not None else "held_out_references"}
+        curves = []
+        for variant, rows in (("retain", self.retain), ("forget_fraction", [self.row_of[e] for e in sets.seen])):
+            per = {"unlearned": attacks.relearning_curve(acc, unlearned, sets, *self.rows(rows), cfg, self.pad,
+                                                         start_exposures=e_u)}
+            if self.oracle is not None and variant == "retain":  # the same for every request of the kind
+                per["oracle"] = pd.DataFrame([attacks.curve_row(s, base.take(e, sets.example_ids), held)
+                                              for s, e in base.oracle_retain])
+            elif self.oracle is not None:
+                per["oracle"] = attacks.relearning_curve(acc, self.oracle, sets, *self.rows(rows), cfg, self.pad,
+                                                         start_exposures=base.take(base.oracle_retain[0][1],
+                                                                                   sets.example_ids))
+            curves += [c.drop(columns="exposures").assign(variant=variant, start=start) for start, c in per.items()]
+            last_u = per["unlearned"].iloc[-1]
+            b = per["oracle"].iloc[-1].exposures if self.oracle is not None else sets.e_r
+            share = attacks.recovered_share(last_u.exposures, b, sets.e_0, sets.e_r, m.n_boot, cfg.run.seed, m.alpha)
+            held_share = (attacks.recovered_share(last_u.exposures[held], b[held], sets.e_0[held], sets.e_r[held],
+                                                  m.n_boot, cfg.run.seed, m.alpha)
+                          if variant == "forget_fraction" and held.any() else None)
+            res[f"relearn_{variant}"] = {**share, "held_out": held_share, "steps": a.relearn_steps}
+        res["quantization"] = self.quantization(sets, base, unlearned, e_u)
+        res["mia"] = self.membership(sets, base, unlearned)
+        # request-parallel: each process writes the requests it ran; result.json last marks the request done
+        write_parquet(out_dir / "relearning.parquet", pd.concat(curves, ignore_index=True))
+        write_json(out_dir / "result.json", {**res, "fingerprint": stage_fingerprint(cfg, NAME)})
+        return res
 
+    def quantization(self, sets: attacks.RequestSets, base: Baselines, unlearned, e_u: np.ndarray) -> dict:
+        """Exposure and UQ after weight-only quantization of the unlearned model, θ₀ and θᵣ quantized the same
+        way (`base`); `none` is the unquantized unlearned model (`e_u`)."""
+        cfg, m = self.ctx.cfg, self.ctx.cfg.metrics
+        out = {"none": attacks.recovered_share(e_u, sets.e_r, sets.e_0, sets.e_r, m.n_boot, cfg.run.seed, m.alpha)}
+        for bits in cfg.attack.quant_bits:
+            ends = base.quant[bits]
+            if isinstance(ends, str):
+                out[f"int{bits}"] = {"error": ends}
+                continue
+            try:
+                e = {"unlearned": self._quantized_exposures(unlearned, bits, sets),
+                     **{name: base.take(x, sets.example_ids) for name, x in ends.items()}}
+            except UserError as exc:
+                out[f"int{bits}"] = {"error": str(exc)}
+                continue
+            e_r = e.get("oracle", sets.e_r)  # no oracle: the held-out-reference e_r, unquantized
+            uq = metrics.unlearning_quality(e["unlearned"], e["original"], e_r, m.uq_min_gap_bits).uq
+            share = attacks.recovered_share(e["unlearned"], e_r, sets.e_0, sets.e_r, m.n_boot, cfg.run.seed, m.alpha)
+            out[f"int{bits}"] = {"uq": float(uq), **share, "exposure_unlearned_mean": float(e["unlearned"].mean()),
+                                 "exposure_original_mean": float(e["original"].mean()),
+                                 "exposure_oracle_mean": float(e_r.mean())}
+        return out
 
-def quantization(ctx: Context, sets: attacks.RequestSets, models: dict, pad: int) -> dict:
-    """Exposure and UQ after weight-only quantization of the unlearned model, θ₀ and θᵣ quantized the same way."""
-    from unlearnbench.quantize import quantize_model
+    def membership(self, sets: attacks.RequestSets, base: Baselines, unlearned) -> dict:
+        """AUC of the request's examples (members) against its references (non-members) for four attacks under
+        each model (θ₀ and θᵣ from `base`), one token-level pass for the unlearned model; PrivLeak relative to θᵣ."""
+        from unlearnbench.metrics import mia
 
-    cfg, acc, m = ctx.cfg, ctx.acc, ctx.cfg.metrics
-    e_t = attacks.exposure_of(acc, models["unlearned"], sets, m.loss, m.exposure, cfg.score.batch_size, pad)
-    out = {"none": attacks.recovered_share(e_t, sets.e_r, sets.e_0, sets.e_r, m.n_boot, cfg.run.seed, m.alpha)}
-    for bits in cfg.attack.quant_bits:
-        try:
-            e = {name: attacks.exposure_of(acc, quantize_model(model, bits), sets, m.loss, m.exposure,
-                                          cfg.score.batch_size, pad) for name, model in models.items()}
-        except UserError as exc:
-            out[f"int{bits}"] = {"error": str(exc)}
-            continue
-        e_r = e.get("oracle", sets.e_r)  # no oracle: the held-out-reference e_r, unquantized
-        uq = metrics.unlearning_quality(e["unlearned"], e["original"], e_r, m.uq_min_gap_bits).uq
-        share = attacks.recovered_share(e["unlearned"], e_r, sets.e_0, sets.e_r, m.n_boot, cfg.run.seed, m.alpha)
-        out[f"int{bits}"] = {"uq": float(uq), **share, "exposure_unlearned_mean": float(e["unlearned"].mean()),
-                             "exposure_original_mean": float(e["original"].mean()),
-                             "exposure_oracle_mean": float(e_r.mean())}
-    return out
-
-
-def membership(ctx: Context, sets: attacks.RequestSets, models: dict, pad: int) -> dict:
-    """AUC of the request's examples (members) against its references (non-members) for four attacks under each
-    model, from one token-level pass per model; PrivLeak relative to θᵣ."""
-    from unlearnbench.metrics import mia
-    from unlearnbench.scoring import token_score_pass
-
-    cfg, acc = ctx.cfg, ctx.acc
-    k = cfg.attack.mia_k
-    text_of = dict(zip(sets.data["example_id"], sets.texts))
-    out: dict = {}
-    member = sets.meta.example_id.isin(sets.example_ids).to_numpy()
-    for name, model in models.items():
-        tok = token_score_pass(acc, model, sets.data, cfg.score.batch_size, pad, local=True)
-        tok = sets.meta[["example_id"]].merge(tok, on="example_id")
-        scores = {
-            "loss": mia.loss_score(tok.nll.to_numpy()),
-            "zlib": mia.zlib_score(tok.nll_sum.to_numpy(), [text_of[e] for e in tok.example_id]),
-            "min_k": mia.min_k(list(tok.token_logp), k),
-            "min_k_pp": mia.min_k_plus_plus(list(tok.token_logp), list(tok.token_mu), list(tok.token_sigma), k)}
-        out[name] = {att: float(mia.auc(s[member], s[~member])) for att, s in scores.items()}
-    if "oracle" not in out:  # no-oracle mode: no AUC under θᵣ, so no PrivLeak (same keys, null values)
-        out["oracle"] = {att: None for att in out["unlearned"]}
-    out["priv_leak"] = {att: (float(mia.priv_leak(out["unlearned"][att], out["oracle"][att]))
-                              if out["oracle"][att] is not None else None) for att in out["oracle"]}
-    return out
+        cfg = self.ctx.cfg
+        refs = list(sets.meta.example_id[sets.meta.split == "reference"])
+        scores = {"original": base.mia["original"],
+                  "unlearned": attacks.mia_scores(self.ctx.acc, unlearned, sets, cfg.attack.mia_k,
+                                                  cfg.score.batch_size, self.pad),
+                  **({"oracle": base.mia["oracle"]} if "oracle" in base.mia else {})}
+        out: dict = {name: attacks.mia_aucs(s, sets.example_ids, refs) for name, s in scores.items()}
+        if "oracle" not in out:  # no-oracle mode: no AUC under θᵣ, so no PrivLeak (same keys, null values)
+            out["oracle"] = {att: None for att in out["unlearned"]}
+        out["priv_leak"] = {att: (float(mia.priv_leak(out["unlearned"][att], out["oracle"][att]))
+                                  if out["oracle"][att] is not None else None) for att in out["oracle"]}
+        return out
 
 
 def run(ctx: Context) -> None:
@@ -181,22 +255,32 @@ def run(ctx: Context) -> None:
     summary = read_json(ctx.run_dir / "summary.json")
     results = [read_json(ctx.run_dir / "unlearn" / g["request"] / "result.json") for g in summary["groups"]]
     trk = open_tracker(ctx, NAME, writer=True)
-    mine = selected(cfg, results)[acc.process_index::acc.num_processes]
-    fingerprint = stage_fingerprint(cfg, NAME)
-    for r in mine:
-        done = ctx.run_dir / "attacks" / r["request"] / "result.json"
-        if done.exists() and read_json(done).get("fingerprint") == fingerprint:  # finished for this config
-            print(f"[attack] {r['request']}: already done, skipping", flush=True)
-            continue
+    todo, ids_of = [], {}
+    for r in selected(cfg, results):
         model_dir = ctx.run_dir / "unlearn" / r["request"] / "model_unlearned"
         if r.get("outcome") != "unlearned" or r.get("nothing_to_forget") or not (model_dir / "config.json").exists():
             why = ("it had nothing to forget" if r.get("nothing_to_forget") else
                    f"it never became unlearned (outcome {r.get('outcome')})" if r.get("outcome") != "unlearned" else
                    f"no model saved at its unlearned step ({model_dir}; set unlearn.save_unlearned=true)")
-            print(f"[attack] {r['request']}: skipped, {why}", flush=True)
+            acc.print(f"[attack] {r['request']}: skipped, {why}")
             continue
-        ids = list(pd.read_parquet(ctx.run_dir / "unlearn" / r["request"] / "examples.parquet").example_id)
-        res = attack_request(ctx, r, request_sets(cfg, ids, columns, meta, forget_table), columns, tok)
+        todo.append(r)
+        ids_of[r["request"]] = list(pd.read_parquet(ctx.run_dir / "unlearn" / r["request"] / "examples.parquet")
+                                    .example_id)
+    kinds = {name: kinds_of(forget_table, ids) for name, ids in ids_of.items()}
+    unions: dict[tuple, list[str]] = {}
+    for r in todo:  # every attacked request of a kind, whichever process runs it: the same union in any layout
+        unions.setdefault(kinds[r["request"]], []).extend(ids_of[r["request"]])
+    fingerprint = stage_fingerprint(cfg, NAME)
+    attacker = None
+    for r in assign(todo, kinds, acc.num_processes, acc.process_index):
+        done = ctx.run_dir / "attacks" / r["request"] / "result.json"
+        if done.exists() and read_json(done).get("fingerprint") == fingerprint:  # finished for this config
+            print(f"[attack] {r['request']}: already done, skipping", flush=True)
+            continue
+        attacker = attacker or Attacker(ctx, columns, meta, forget_table, tok, unions)
+        res = attacker.request(r, request_sets(cfg, ids_of[r["request"]], columns, meta, forget_table),
+                               kinds[r["request"]])
         trk.log({f"attack/{r['request']}/relearn_{v}": res[f"relearn_{v}"]["recovered"]
                  for v in ("retain", "forget_fraction")}, request=r["request"])
         print(f"[attack] {r['request']}: recovered after {cfg.attack.relearn_steps} relearning steps "
