@@ -145,11 +145,16 @@ def test_assign_keeps_kinds_together_and_covers_every_request_once():
     assert got == [["canary_r16_g0", "canary_r16_g1", "canary_r16_g2", "domain_r16_g0"],
                    ["domain_r16_g2", "id_r16_g0", "id_r16_g1", "id_r16_g2"]]
     got3 = [[r["request"] for r in assign(reqs, kinds, 3, rank)] for rank in range(3)]
-    assert [len(g) for g in got3] == [3, 3, 2]
-    assert got3[0] == ["canary_r16_g0", "canary_r16_g1", "canary_r16_g2"]
-    assert sorted(sum(got3, [])) == sorted(names)
-    assert [len(assign(reqs[:1], kinds, 4, rank)) for rank in range(4)] == [1, 0, 0, 0]
+    assert got3 == [["canary_r16_g0", "canary_r16_g1", "canary_r16_g2"], ["domain_r16_g0", "domain_r16_g2"],
+                    ["id_r16_g0", "id_r16_g1", "id_r16_g2"]]  # cuts at 3 and 5, nearest to 8/3 and 16/3
+    assert [len(assign(reqs[:1], kinds, 4, rank)) for rank in range(4)] == [0, 0, 1, 0]
     assert [r["request"] for r in assign(reqs, kinds, 1, 0)] == sorted(names, key=lambda n: (n.split("_")[0], n))
+    # weighted by cost (tokens a pass reads: canary 14, domain 19, id 22; total 146): the cut nearest 73 is after
+    # the domain requests (80) rather than after the first (61)
+    cost = {n: {"canary": 14, "domain": 19, "id": 22}[n.split("_")[0]] for n in names}
+    got_w = [[r["request"] for r in assign(reqs, kinds, 2, rank, cost)] for rank in range(2)]
+    assert got_w == [["canary_r16_g0", "canary_r16_g1", "canary_r16_g2", "domain_r16_g0", "domain_r16_g2"],
+                     ["id_r16_g0", "id_r16_g1", "id_r16_g2"]]
 
 
 def test_shared_baselines_match_a_per_request_computation(smoke_study, tmp_path):

@@ -65,14 +65,19 @@ def kinds_of(forget_table: pd.DataFrame, ids: list[str]) -> tuple[str, ...]:
     return tuple(sorted(set(forget_table.set_index("example_id").loc[ids, "kind"])))
 
 
-def assign(requests: list[dict], kinds: dict[str, tuple], n: int, rank: int) -> list[dict]:
-    """The attacked requests one process runs in request-parallel order: the requests sorted by kind, cut into
-    `n` contiguous runs of near-equal length, so that a process meets as few kinds as possible (each kind's θ₀/θᵣ
-    work is computed once per process that meets it: `Baselines`)."""
+def assign(requests: list[dict], kinds: dict[str, tuple], n: int, rank: int,
+           weights: dict[str, float] | None = None) -> list[dict]:
+    """The attacked requests one process runs in request-parallel order: the requests sorted by kind, cut into `n`
+    contiguous runs of near-equal total weight (`weights`: a request's cost, e.g. the tokens each of its scoring
+    passes reads; 1 each by default), so that a process meets as few kinds as possible (each kind's θ₀/θᵣ work is
+    done once per process that meets it: `Baselines`). Every request goes to exactly one process."""
     order = sorted(requests, key=lambda r: (kinds[r["request"]], r["request"]))
-    size, extra = divmod(len(order), n)
-    start = rank * size + min(rank, extra)
-    return order[start:start + size + (rank < extra)]
+    w = np.array([float((weights or {}).get(r["request"], 1.0)) for r in order])
+    cum = np.concatenate([[0.0], np.cumsum(w)])
+    # cut k sits where the running weight comes closest to k/n of the total (ties to the earlier cut)
+    cuts = [0] + [int(np.argmin(np.abs(cum - cum[-1] * k / n))) for k in range(1, n)] + [len(order)]
+    cuts = list(np.maximum.accumulate(cuts))
+    return order[cuts[rank]:cuts[rank + 1]]
 
 
 @dataclass
@@ -273,7 +278,11 @@ def run(ctx: Context) -> None:
         unions.setdefault(kinds[r["request"]], []).extend(ids_of[r["request"]])
     fingerprint = stage_fingerprint(cfg, NAME)
     attacker = None
-    for r in assign(todo, kinds, acc.num_processes, acc.process_index):
+    # a request's passes each read its examples and its kind's references: their tokens weigh the assignment
+    n_tokens = dict(zip(columns["example_id"], map(len, columns["input_ids"])))
+    ref_tokens = meta[meta.split == "reference"].groupby("kind").example_id.agg(lambda e: sum(n_tokens[x] for x in e))
+    weight = {n: sum(n_tokens[x] for x in ids) + sum(ref_tokens.get(k, 0) for k in kinds[n]) for n, ids in ids_of.items()}
+    for r in assign(todo, kinds, acc.num_processes, acc.process_index, weight):
         done = ctx.run_dir / "attacks" / r["request"] / "result.json"
         if done.exists() and read_json(done).get("fingerprint") == fingerprint:  # finished for this config
             print(f"[attack] {r['request']}: already done, skipping", flush=True)
