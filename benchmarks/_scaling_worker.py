@@ -6,6 +6,10 @@ main process writes the numbers to --out.
 
 With --train-run DIR: times the train stage itself (`STAGES["train"].run`, between two barriers) on a prepared
 run directory, with the given config overrides (`train.parallel=...`, `score.shadow_models=...`), instead.
+
+With --ceiling-steps N: no process group, no accelerate: N plain training steps (AdamW, batch 32 of 96 random tokens)
+of the preset's model from config, one thread, timed; bench_scaling runs one such process alone and two at once to
+measure what the machine gives two independent jobs (the ceiling of any job-parallel speed-up).
 """
 
 from __future__ import annotations
@@ -32,9 +36,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--train-run", default=None, help="a prepared run directory: time the train stage there")
     ap.add_argument("--preset", default="default")
+    ap.add_argument("--ceiling-steps", type=int, default=0, help="time N plain training steps, no process group")
     ap.add_argument("overrides", nargs="*", help="config overrides for --train-run (key=value)")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.ceiling_steps:
+        return ceiling(args)
     if args.train_run:
         return train_stage(args)
 
@@ -64,6 +71,30 @@ def main() -> None:
             json.dump({"num_processes": acc.num_processes, "threads_per_process": torch.get_num_threads(),
                        "examples": stats.examples, "tokens": stats.tokens, "score_seconds": score_s,
                        "ga_steps": ga["steps"], "ga_seconds": ga["seconds"], "ga_tokens": tokens}, fh)
+
+
+def ceiling(args) -> None:
+    """N training steps of the preset's model on random tokens in this process alone (bench_scaling's ceiling)."""
+    from unlearnbench.config import load_config
+    from unlearnbench.models import build_model
+
+    cfg = load_config(args.preset)
+    model = build_model(cfg, cfg.data.vocab_size, seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, cfg.data.vocab_size, (32, 96), generator=gen)
+    for _ in range(3):  # warm-up, untimed
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    for _ in range(args.ceiling_steps):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    with open(args.out, "w") as fh:
+        json.dump({"steps": args.ceiling_steps, "seconds": time.perf_counter() - t0,
+                   "cpu_seconds": time.process_time() - cpu0, "threads": torch.get_num_threads()}, fh)
 
 
 def train_stage(args) -> None:

@@ -15,6 +15,9 @@ freshly prepared `default` run directory, with the `default` model and batch and
       1 process training them in turn vs 2 processes job-parallel (2 each). Target: >= 1.8x.
 Launches alternate within each round (data, models / 1, 2), and the order flips every round; the load average
 is recorded before and after every launch (the targets assume an otherwise idle machine).
+  (3) the machine's ceiling for any job-parallel speed-up: the same fixed training work (plain steps of the model,
+      one thread, no process group, no accelerate) in one process alone vs two independent processes at once;
+      speed-up = 2 x (one alone) / (two at once), 2.0 on two cores that do not slow each other down.
 
     python benchmarks/bench_scaling.py                 # full settings (about 10 minutes on 2 idle cores)
     python benchmarks/bench_scaling.py --parts train   # only training; keeps the file's scoring/unlearning numbers
@@ -106,6 +109,43 @@ def train_launch(n: int, base: Path, dest: Path, out: Path, preset: str, overrid
     res = launch(n, out, ["--train-run", str(dest), "--preset", preset, *overrides], timeout)
     res["overrides"] = overrides
     return res
+
+
+def measure_ceiling(tmp: Path, rounds: int, quick: bool) -> dict:
+    """One process alone vs two independent processes at once, the same fixed work each (module docstring (3))."""
+    preset, steps = ("smoke", 5) if quick else ("default", 60)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "ACCELERATE_USE_CPU"):
+        env.pop(k, None)
+
+    def start(out: Path):
+        return subprocess.Popen([sys.executable, str(HERE / "_scaling_worker.py"), "--out", str(out), "--preset",
+                                 preset, "--ceiling-steps", str(steps)], cwd=C.ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def finish(procs, outs) -> list[dict]:
+        for p in procs:
+            _, err = p.communicate(timeout=1800)
+            if p.returncode != 0:
+                raise RuntimeError(f"ceiling worker failed ({p.returncode}):\n{err[-3000:]}")
+        return [json.loads(o.read_text()) for o in outs]
+
+    alone, together = [], []
+    for r in range(rounds):
+        for n in ((1, 2) if r % 2 == 0 else (2, 1)):
+            wait_for_quiet()
+            outs = [tmp / f"ceiling_r{r}_n{n}_{i}.json" for i in range(n)]
+            res = finish([start(o) for o in outs], outs)
+            # timed inside each process (after its warm-up): two at once finish when the slower one does
+            (alone if n == 1 else together).append(max(x["seconds"] for x in res))
+            print(f"[bench_scaling] ceiling round {r}: {n} independent process(es) x {steps} steps: "
+                  f"{max(x['seconds'] for x in res):.1f}s", flush=True)
+    one, two = C.summary(alone), C.summary(together)
+    return {"settings": {"preset": preset, "steps": steps, "batch": "32 x 96 random tokens", "rounds": rounds,
+                         "threads_per_process": 1},
+            "one_alone_seconds": one, "two_at_once_seconds": two,
+            "speedup": 2 * one["median"] / two["median"]}
 
 
 def measure_training(tmp: Path, rounds: int, quick: bool) -> dict:
@@ -232,6 +272,7 @@ def main() -> None:
         if "train" in args.parts:
             body["train"] = measure_training(Path(tmp), train_rounds, args.quick)
             targets.update(body["train"]["targets_met"])
+            body["train"]["ceiling"] = measure_ceiling(Path(tmp), train_rounds, args.quick)
     body["targets_met"] = targets
     body["parts_measured_this_run"] = args.parts
     kept = [part for part in ("processes", "train") if part not in args.parts and (part in body)]
@@ -263,6 +304,9 @@ def main() -> None:
         print(f"job-parallel: original+oracle {tr['ratios']['original_oracle_models_vs_data']:.2f}x data-parallel, "
               f"shadows {tr['ratios']['shadows_2proc_models_vs_1proc']:.2f}x one process; load average (1 min) "
               f"{tr['load_1min']['min']:.1f}-{tr['load_1min']['max']:.1f}")
+        if "ceiling" in tr:
+            print(f"the machine's ceiling: two independent processes finish the same work "
+                  f"{tr['ceiling']['speedup']:.2f}x faster than one after the other")
     print("targets: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in targets.items()))
     print(f"wrote {path}")
 
