@@ -131,6 +131,14 @@ def summary_markdown(quick: bool) -> str:
         eff = sca["efficiency"]
         lines += ["", f"Scaling efficiency (2 processes x 1 thread): scoring {eff['scoring']:.2f} (target >= 0.8, "
                   f"{_ok(sca['targets_met']['scoring_efficiency >= 0.8'])}), unlearning {eff['unlearning']:.2f}.", ""]
+        if "train" in sca:
+            tr, tm = sca["train"], sca["targets_met"]
+            lines += [f"Job-parallel training: original + oracle {tr['ratios']['original_oracle_models_vs_data']:.2f}x "
+                      f"DDP (target >= 1.5, {_ok(tm['job_parallel_original_oracle >= 1.5'])}), 4 shadows "
+                      f"{tr['ratios']['shadows_2proc_models_vs_1proc']:.2f}x one process (target >= 1.8, "
+                      f"{_ok(tm['job_parallel_shadows >= 1.8'])})"
+                      + (f"; the machine's ceiling for two independent jobs {tr['ceiling']['speedup']:.2f}x"
+                         if "ceiling" in tr else "") + ".", ""]
     if st:
         if "recorded" in st:
             rec = st["recorded"]
