@@ -130,17 +130,8 @@ def train_stage(args) -> None:
                                       "steps": v["steps"]} for k, v in info["models"].items()}}, fh)
 
 
-def _end() -> None:
-    """Leave the process group before exit: with a gloo group left to interpreter shutdown, a rank now and then
-    aborts at the very end ("terminate called without an active exception", SIGABRT; seen 2 times in ~40 launches
-    of the train stage here, in both modes), which fails the launch after its work is done."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 if __name__ == "__main__":
     main()
-    _end()
+    from unlearnbench.distributed import leave_process_group
+
+    leave_process_group()  # a gloo group left to interpreter shutdown now and then aborts a rank at the very end

@@ -17,8 +17,6 @@ if __name__ == "__main__":
     if acc.is_main_process:
         df["world"] = acc.num_processes
         write_parquet(out, df)
-    import torch.distributed as dist
+    from unlearnbench.distributed import leave_process_group
 
-    if dist.is_initialized():  # leave together: a gloo group left to interpreter shutdown can abort a rank
-        dist.barrier()
-        dist.destroy_process_group()
+    leave_process_group()

@@ -56,7 +56,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         try:
             _main(args, argv)
-            _leave_process_group()
+            from unlearnbench.distributed import leave_process_group
+
+            leave_process_group()
         finally:  # a stage that raised (a stop, an error) did not reach its tracker's finish()
             from unlearnbench.tracking import finish_open
 
@@ -83,17 +85,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"unlearnbench: internal error: {type(exc).__name__}: {exc}\nRerun with --debug for the traceback.",
               file=sys.stderr)
         sys.exit(1)
-
-
-def _leave_process_group() -> None:
-    """After a command that finished on every rank: leave the process group together. A gloo group left to the
-    interpreter's shutdown occasionally aborts a rank ("terminate called without an active exception", exit -6),
-    which the launcher reports as a failed run."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def _one_paragraph(exc: BaseException) -> str:

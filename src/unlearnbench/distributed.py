@@ -184,3 +184,14 @@ def configure_deepspeed_batch(acc: Accelerator, micro: int, accum: int, grad_cli
     ds.update({"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
                "train_batch_size": micro * accum * acc.num_processes, "gradient_clipping": float(grad_clip or 0.0)})
     plugin.gradient_accumulation_steps = accum
+
+
+def leave_process_group() -> None:
+    """After work that finished on every rank: leave the process group together. A gloo group left to the
+    interpreter's shutdown occasionally aborts a rank ("terminate called without an active exception", exit -6),
+    which the launcher reports as a failed run. Nothing to do outside a process group."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -11,6 +11,7 @@ is one message, and the other attacks go on.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
@@ -93,10 +94,13 @@ class Baselines:
     quant: dict[int, dict[str, np.ndarray] | str]  # bits -> {"original": e, "oracle": e}, or why it failed
     mia: dict[str, pd.DataFrame]  # model -> membership scores of every row of sets.data
 
+    @cached_property
+    def _position(self) -> dict[str, int]:
+        return {x: i for i, x in enumerate(self.sets.example_ids)}
+
     def take(self, e: np.ndarray, ids: list[str]) -> np.ndarray:
         """The exposures of a request's examples out of an array over the union."""
-        pos = {x: i for i, x in enumerate(self.sets.example_ids)}
-        return e[[pos[x] for x in ids]]
+        return e[[self._position[x] for x in ids]]
 
 
 class Attacker:
@@ -117,9 +121,10 @@ class Attacker:
         c = self.columns
         return [c["input_ids"][i] for i in rows], [(c["score_start"][i], c["score_end"][i]) for i in rows]
 
-    def models(self, unlearned=None) -> dict:
-        out = {"original": self.original, **({"oracle": self.oracle} if self.oracle is not None else {})}
-        return {"unlearned": unlearned, **out} if unlearned is not None else out
+    @property
+    def ends(self) -> dict:
+        """θ₀ and (unless in no-oracle mode) θᵣ, by name."""
+        return {"original": self.original, **({"oracle": self.oracle} if self.oracle is not None else {})}
 
     def baselines(self, kinds: tuple) -> Baselines:
         """This kind's θ₀ / θᵣ work, computed the first time a request of it comes."""
@@ -134,11 +139,11 @@ class Attacker:
             for bits in cfg.attack.quant_bits:
                 try:
                     quant[bits] = {name: self._quantized_exposures(model, bits, sets)
-                                   for name, model in self.models().items()}
+                                   for name, model in self.ends.items()}
                 except UserError as exc:
                     quant[bits] = str(exc)
             mia = {name: attacks.mia_scores(acc, model, sets, cfg.attack.mia_k, cfg.score.batch_size, self.pad)
-                   for name, model in self.models().items()}
+                   for name, model in self.ends.items()}
             self._baselines[kinds] = Baselines(sets, retain, quant, mia)
         return self._baselines[kinds]
 
