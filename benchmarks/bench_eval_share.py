@@ -304,7 +304,8 @@ def main() -> None:
     for arm in arms:
         names = sorted(set(data["full"]) & set(data[arm]))
         rows = [compare(n, data["full"][n], data[arm][n], schedule) for n in names] if arm != "full" else []
-        shares = [d["result"].get("eval_share") for d in data[arm].values()]
+        # a request with nothing to forget runs no step: its step-0 check is all evaluation, and says nothing
+        shares = [d["result"].get("eval_share") for d in data[arm].values() if (d["result"].get("steps_run") or 0) > 0]
         launch = {k: v for k, v in launches[arm].items() if k != "output_tail"}
         results[arm] = {"overrides": arms[arm], "launch": launch,
                         "eval_share_all_requests": share_total(arm),
@@ -325,7 +326,7 @@ def main() -> None:
         print(markdown(res["requests"]))
         print(f"\nunlearn stage: full {launches['full']['stage_seconds']:.0f} s, {arm} "
               f"{launches[arm]['stage_seconds']:.0f} s; eval share over all requests: full "
-              f"{_pct(share_total('full'))}, {arm} {_pct(share_total(arm))}; largest per request: full "
+              f"{_pct(share_total('full'))}, {arm} {_pct(share_total(arm))}; largest per request that ran steps: full "
               f"{_pct(results['full']['eval_share_max'])}, {arm} {_pct(res['eval_share_max'])}")
         print("targets: " + "; ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in res["targets_met"].items()))
     print(f"wrote {C.portable_path(path)}")

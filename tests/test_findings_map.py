@@ -25,7 +25,15 @@ def test_findings_map_reuses_the_models_and_tabulates_every_setting(smoke_study,
     f1 = summary["findings"]["F1"]
     assert rows[(rows.cell == "lr0.001_npo_rank") & (rows.finding == "F1") & (rows["where"] == "overall")
                 ].verdict.item() == f1["verdict"]
+    cell_rows = rows[(rows.cell == "lr0.001_npo_rank") & (rows.finding == "F1") & (rows["where"] != "overall")]
+    assert len(cell_rows) == len(f1["cells"]) > 0
+    for c in f1["cells"]:  # the pairs each cell's interval rests on, as the summary counts them
+        e = c["by_target"][c["main"]]
+        r = cell_rows[cell_rows["where"] == f"r{c['repetitions']} {c['ood_kind']}"].iloc[0]
+        assert (r.n_informative, r.n_pairs) == (e["n_informative"], e["n_pairs"])
     md = (out / "findings_map.md").read_text()
+    for _, r in rows[rows.n_pairs.notna() & rows.lo.notna() & rows.hi.notna()].iterrows():
+        assert f"[{r.lo:.3g}, {r.hi:.3g}], {int(r.n_informative)}/{int(r.n_pairs)} pairs" in md
     assert "| lr0.001_ga_rank |" in md and (out / "findings_map.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -73,6 +73,7 @@ def map_rows(cells: list[tuple[str, Config]]) -> pd.DataFrame:
                 e = c["by_target"][c["main"]]
                 rows.append({**base, "finding": key, "where": f"r{c['repetitions']} {c['ood_kind']}",
                              "verdict": c["verdict"], "mean": e["mean"], "lo": e["lo"], "hi": e["hi"],
+                             "n_informative": e["n_informative"], "n_pairs": e["n_pairs"],
                              "stable_across_targets": c["stable_across_targets"]})
             for c in f.get("kinds", []):
                 m = c["cox"]["memorization"]
@@ -89,7 +90,8 @@ def render(rows: pd.DataFrame, out_dir: Path) -> None:
     rows.to_csv(out_dir / "findings_map.csv", index=False)
     lines = ["# Findings map", "", "Each cell: the verdict, and the effect with its 95% interval at the main UQ target "
              "(F1: OOD − ID steps; F2: ID − OOD log perplexity ratio; F3: Cox coefficient of memorization, < 0 means "
-             "more memorized examples take longer). Settings in rows, where the finding is tested in columns.", ""]
+             "more memorized examples take longer); for F1 and F2 also the informative replicate pairs it rests on "
+             "(a cell needs at least three for a verdict). Settings in rows, where the finding is tested in columns.", ""]
     for key, part in rows.groupby("finding", sort=True):
         wheres = list(dict.fromkeys(part["where"]))
         lines += [f"## {key}", "", "| setting | " + " | ".join(wheres) + " |", "|" + "---|" * (len(wheres) + 1)]
@@ -99,7 +101,7 @@ def render(rows: pd.DataFrame, out_dir: Path) -> None:
             for w in wheres:
                 r = by.loc[w]
                 eff = "" if r["mean"] is None or pd.isna(r["mean"]) else (
-                    f" {r['mean']:.3g} [{_n(r['lo'])}, {_n(r['hi'])}]")
+                    f" {r['mean']:.3g} [{_n(r['lo'])}, {_n(r['hi'])}]{_pairs(r)}")
                 vals.append(f"{r['verdict']}{eff}")
             lines.append(f"| {cell} | " + " | ".join(vals) + " |")
         lines.append("")
@@ -133,6 +135,13 @@ def _rect(x: int, y: int, colour: str):
     from matplotlib.patches import Rectangle
 
     return Rectangle((x, y), 1, 1, facecolor=colour, edgecolor="white")
+
+
+def _pairs(r) -> str:
+    """", 2/3 pairs" for an F1/F2 cell: an interval over two informative pairs can be narrow while the cell stays
+    inconclusive (fewer pairs than the rule needs), so the table says how many pairs it rests on."""
+    n, of = r.get("n_informative"), r.get("n_pairs")
+    return "" if n is None or of is None or pd.isna(n) or pd.isna(of) else f", {int(n)}/{int(of)} pairs"
 
 
 def _n(x) -> str:
