@@ -3,8 +3,10 @@
 
 Variants, all on the same model (the `default` Llama, random init) and the same examples (prepared `default` data,
 2,000 examples of 8..128 tokens), in one process with 2 threads, repetitions alternated A B C D A B C D ...:
-  project      `unlearnbench.scoring.score_pass` (length-sorted batches of score.batch_size=64, per-example sums
-               reduced in the pass, gather_for_metrics, the DataFrame built at the end)
+  project      `unlearnbench.scoring.score_pass` as configured (length-sorted batches of at most score.batch_size=64
+               examples and the automatic token budget, 2^22 / vocabulary = 1,024 padded tokens; per-example sums
+               reduced in the pass, the DataFrame built at the end)
+  project_rows the same pass with no token budget (`batch_tokens=0`): batches of 64 examples, as before the budget
   project_dict the same `score_pass` given the columns as plain lists (a dict) instead of the `datasets.Dataset`:
                isolates what indexing the Dataset's columns row by row costs inside the pass
   per_example  batch size 1, `model(input_ids, labels=...)` and the loss read back (how MUSE scores privacy)
@@ -13,6 +15,8 @@ Variants, all on the same model (the `default` Llama, random init) and the same 
                the same FLOPs on real tokens with no padding and no per-example bookkeeping (the ceiling)
 Throughput is examples/s and tokens/s (real input tokens). Targets: project >= 0.9x packed, >= 2.5x per-example,
 >= 2.5x unbucketed. The per-example nll of the three per-example variants are compared (they must agree).
+Then a token-budget sweep in one thread (one process's share of the 2-core machine in `make run`): `score_pass` at
+batch_tokens 0 (rows of 64), 512, 1,024, 2,048 and 4,096, alternated, on the same examples (`--no-sweep` skips it).
 
     python benchmarks/bench_scoring.py            # full settings (about 2 minutes on 2 idle cores)
     python benchmarks/bench_scoring.py --quick    # tiny settings, a few seconds: checks the script works
@@ -86,6 +90,34 @@ def packed(model, ids, width=128, rows_per_batch=32):
     return total
 
 
+SWEEP = (0, 512, 1024, 2048, 4096)
+
+
+def budget_sweep(acc, model, cols: dict, batch: int, reps: int, n_tok: int) -> dict:
+    """tokens/s of `score_pass` at each token budget of SWEEP (0: no budget, rows of `batch`), in one thread."""
+    from unlearnbench.scoring import score_pass
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        times = {b: [] for b in SWEEP}
+        for _ in range(reps):
+            for b in SWEEP:  # alternated
+                t0 = time.perf_counter()
+                score_pass(acc, model, cols, batch, 0, batch_tokens=b)
+                times[b].append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    out = {}
+    for b, ts in times.items():
+        s = C.summary(ts)
+        out[f"tokens_{b}" if b else "rows_64"] = {"batch_tokens": b, "seconds": s, "tokens_per_s": n_tok / s["median"]}
+    base = out["rows_64"]["tokens_per_s"]
+    for v in out.values():
+        v["vs_rows"] = v["tokens_per_s"] / base
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny settings: prove the script works in seconds")
@@ -93,6 +125,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out-dir", default=None)
+    ap.add_argument("--no-sweep", action="store_true", help="skip the one-thread token-budget sweep")
     args = ap.parse_args()
     n = args.examples or (48 if args.quick else 2000)
     reps = args.reps or (2 if args.quick else 3)
@@ -115,6 +148,7 @@ def main() -> None:
     variants = {
         "project": lambda: score_pass(acc, model, ds, batch, 0, cfg.data.vocab_size),
         "project_dict": lambda: score_pass(acc, model, cols, batch, 0, cfg.data.vocab_size),
+        "project_rows": lambda: score_pass(acc, model, ds, batch, 0, cfg.data.vocab_size, batch_tokens=0),
         "per_example": lambda: per_example(model, ids, starts, ends),
         "unbucketed": lambda: unbucketed(model, ids, starts, ends, 32),
         "packed": lambda: packed(model, ids),
@@ -153,6 +187,7 @@ def main() -> None:
         out[name] = {"seconds": s, "examples_per_s": n / s["median"], "tokens_per_s": n_tok / s["median"]}
     out["project"]["padding_fraction"] = stats.padding_fraction
     out["project_dict"]["padding_fraction"] = stats.padding_fraction
+    out["project_rows"]["padding_fraction"] = results["project_rows"][1].padding_fraction
     slots_unb = sum(len(ids[k:k + 32]) * max(len(x) for x in ids[k:k + 32]) for k in range(0, n, 32))
     out["unbucketed"]["padding_fraction"] = 1 - n_tok / slots_unb
     tps = {k: v["tokens_per_s"] for k, v in out.items()}
@@ -161,16 +196,19 @@ def main() -> None:
               "project_vs_unbucketed": tps["project"] / tps["unbucketed"],
               "project_dict_vs_packed": tps["project_dict"] / tps["packed"],
               "project_dict_vs_project": tps["project_dict"] / tps["project"],
+              "project_vs_project_rows": tps["project"] / tps["project_rows"],
               "packed_vs_per_example": tps["packed"] / tps["per_example"],
               "packed_vs_unbucketed": tps["packed"] / tps["unbucketed"]}
     targets = {"project_vs_packed >= 0.9": ratios["project_vs_packed"] >= 0.9,
                "project_vs_per_example >= 2.5": ratios["project_vs_per_example"] >= 2.5,
                "project_vs_unbucketed >= 2.5": ratios["project_vs_unbucketed"] >= 2.5}
+    sweep = None if args.no_sweep else budget_sweep(acc, model, cols, batch, reps, n_tok)
     body = {"settings": {"examples": n, "tokens": n_tok, "reps": reps, "threads": torch.get_num_threads(),
                          "project_batch": batch, "unbucketed_batch": 32, "packed_rows": "32 x 128",
                          "model": "default llama (4 layers, hidden 128, 4 heads, ff 344, vocab 4096), random init",
                          "data": "default preset prepared examples, random subset of 8..128 tokens"},
-            "variants": out, "ratios_tokens_per_s": ratios, "targets_met": targets, "agreement": agreement}
+            "variants": out, "ratios_tokens_per_s": ratios, "targets_met": targets, "agreement": agreement,
+            "token_budget_sweep_1_thread": sweep}
     path = C.write_result("bench_scoring", body, args.quick, args.out_dir)
     rows = [[k, f"{v['examples_per_s']:.0f}", f"{v['tokens_per_s']:.0f}", f"{v['seconds']['median']:.2f}",
              f"{v['seconds']['spread_pct']:.0f}%", f"{v.get('padding_fraction', 0):.1%}"] for k, v in out.items()]
@@ -178,6 +216,9 @@ def main() -> None:
     print("ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
     print("targets: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in targets.items()))
     print(f"agreement: {agreement}")
+    if sweep:
+        print("token budget sweep (1 thread): " + ", ".join(
+            f"{k} {v['tokens_per_s']:.0f} tok/s ({v['vs_rows']:.2f}x rows of 64)" for k, v in sweep.items()))
     print(f"wrote {path}")
 
 

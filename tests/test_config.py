@@ -31,6 +31,8 @@ def test_overrides_are_typed():
     ("metrics.exposure=median", ["metrics.exposure", "extrapolated", "rank"]),
     ("data.kinds=[id,weird]", ["data.kinds"]),
     ("data.repetitions=[0]", ["data.repetitions"]),
+    ("score.batch_tokens=-1", ["score.batch_tokens", "null"]),
+    ("score.batch_tokens=0", []),  # no token budget: batches of score.batch_size examples
     ("unlearn.eval_schedule=every", []),  # valid on its own
 ])
 def test_bad_values_name_the_key(override, words):

@@ -237,7 +237,7 @@ from unlearnbench.scoring import token_score_pass
 model_dir, data_file, out = sys.argv[1:4]
 acc = make_accelerator()
 model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-df = token_score_pass(acc, model, pickle.load(open(data_file, "rb")), batch_size=3)
+df = token_score_pass(acc, model, pickle.load(open(data_file, "rb")), batch_size=5)
 if acc.is_main_process:
     df["world"] = acc.num_processes
     pickle.dump(df, open(out, "wb"))
@@ -246,9 +246,10 @@ if acc.is_main_process:
 
 def test_token_pass_two_processes_match_one(setup, tmp_path):
     """Ragged per-token arrays padded across processes and gathered: equal to one process, every example once.
-    23 examples in batches of 3 over 2 processes: the last round is padded with duplicates."""
+    23 examples in 5 batches of 5 (the last of 3) over 2 processes: every round pads the smaller batch's rows and
+    widths, and the last round gives the second process a dummy batch whose rows are dropped."""
     model, data, _ = setup
-    one = token_score_pass(make_accelerator(), model, data, batch_size=3)
+    one = token_score_pass(make_accelerator(), model, data, batch_size=5)
     model.save_pretrained(str(tmp_path / "model"))
     (tmp_path / "data.pkl").write_bytes(pickle.dumps(data))
     (tmp_path / "mp.py").write_text(textwrap.dedent(MP_SCRIPT))

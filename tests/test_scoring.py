@@ -14,7 +14,7 @@ from unlearnbench.data.build import load_examples
 from unlearnbench.distributed import make_accelerator
 from unlearnbench.errors import UserError
 from unlearnbench.models import build_model
-from unlearnbench.scoring import score_pass
+from unlearnbench.scoring import auto_batch_tokens, length_batches, score_pass
 
 N = 103  # not divisible by 2 processes x batch 8
 
@@ -74,23 +74,77 @@ def test_scored_span_is_honoured(scoring_setup):
     assert w.n_tokens[0] > narrow.n_tokens and abs(w.nll_sum[0] - narrow.nll_sum) > 1e-3
 
 
-def test_two_processes_match_one(scoring_setup):
+def _odd_budget(lengths: list[int]) -> int:
+    """A token budget that cuts these examples into an odd number of batches of at least three sizes."""
+    for t in range(64, 1025, 4):
+        sizes = [len(b) for b in length_batches(lengths, 8, t)]
+        if len(sizes) % 2 == 1 and len(set(sizes)) > 2:
+            return t
+    raise AssertionError("no such budget")
+
+
+@pytest.mark.parametrize("budget", [False, True])
+def test_two_processes_match_one(scoring_setup, budget):
+    """Every process makes the same batches and takes every other one. 103 examples in batches of 8 (13 batches), or
+    under a token budget that gives an odd number of batches of varying size: the process one batch short runs a
+    dummy batch whose rows are dropped."""
     model, subset, tmp = scoring_setup
     acc = make_accelerator()
-    one, _ = score_pass(acc, model, subset, batch_size=8)
+    tokens = _odd_budget([len(x) for x in subset["input_ids"]]) if budget else None
+    one, stats = score_pass(acc, model, subset, batch_size=8, batch_tokens=tokens)
     out = tmp / "two.parquet"
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     cmd = [str(Path(PY).parent / "accelerate"), "launch", "--config_file", str(ROOT / "accelerate_configs/cpu_ddp.yaml"),
            "--main_process_port", str(free_port()), str(ROOT / "tests" / "mp_score.py"), str(tmp / "model"),
-           str(tmp / "subset"), str(out), "8"]
+           str(tmp / "subset"), str(out), "8", *([str(tokens)] if tokens else [])]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     two = pd.read_parquet(out)
-    assert (two.world == 2).all()
+    assert (two.world == 2).all() and (two.slots == stats.slots).all()  # the same batches, no dummy counted
     assert list(two.example_id) == list(one.example_id) and two.example_id.is_unique and len(two) == N
     np.testing.assert_allclose(two.nll_sum.to_numpy(), one.nll_sum.to_numpy(), rtol=1e-5)
     assert (two.n_tokens.to_numpy() == one.n_tokens.to_numpy()).all()
     assert (two.n_correct.to_numpy() == one.n_correct.to_numpy()).all()
+
+
+def test_length_batches_by_hand():
+    lengths = [5, 3, 8, 3, 10]  # in length order (ties by index): 1, 3, 0, 2, 4
+    assert length_batches(lengths, 2, 16) == [[1, 3], [0, 2], [4]]  # 2 x 8 = 16 fits; the row cap cuts
+    assert length_batches(lengths, 2, 15) == [[1, 3], [0], [2], [4]]  # 2 x 8 = 16 does not fit 15
+    assert length_batches(lengths, 10, 0) == [[1, 3, 0, 2, 4]]  # no token cap
+    assert length_batches(lengths, 10, 12) == [[1, 3], [0], [2], [4]]  # 3 x 5 = 15 > 12; then 2 x 8, 2 x 10 > 12
+    assert length_batches([20, 2], 4, 8) == [[1], [0]]  # longer than the budget: a batch of its own
+    assert length_batches([], 4, 8) == []
+
+
+def test_batches_are_dealt_round_robin_with_a_dummy_for_the_process_one_short():
+    from types import SimpleNamespace
+
+    from unlearnbench.scoring import _my_batches
+
+    batches = [[0, 1], [2], [3, 4, 5], [6], [7]]
+    acc = lambda rank: SimpleNamespace(num_processes=2, process_index=rank)  # noqa: E731
+    assert _my_batches(batches, acc(0), local=False) == [([0, 1], True), ([3, 4, 5], True), ([7], True)]
+    assert _my_batches(batches, acc(1), local=False) == [([2], True), ([6], True), ([0, 1], False)]
+    assert _my_batches(batches, acc(1), local=True) == [(b, True) for b in batches]  # request-parallel: all its own
+    three = [_my_batches(batches[:4], SimpleNamespace(num_processes=3, process_index=r), False) for r in range(3)]
+    assert [len(m) for m in three] == [2, 2, 2] and three[0] == [([0, 1], True), ([6], True)]
+    assert three[1][1] == three[2][1] == ([0, 1], False)
+
+
+def test_token_budget_changes_batches_not_scores(scoring_setup):
+    model, subset, _ = scoring_setup
+    acc = make_accelerator()
+    base, s0 = score_pass(acc, model, subset, batch_size=64, batch_tokens=0)
+    small, s1 = score_pass(acc, model, subset, batch_size=64, batch_tokens=256)
+    np.testing.assert_allclose(small.nll_sum.to_numpy(), base.nll_sum.to_numpy(), rtol=1e-5, atol=1e-6)
+    assert (small.n_correct.to_numpy() == base.n_correct.to_numpy()).all()
+    lengths = [len(x) for x in subset["input_ids"]]
+    batches = length_batches(lengths, 64, 256)
+    assert all(len(b) * max(lengths[i] for i in b) <= 256 or len(b) == 1 for b in batches)
+    assert s1.slots == sum(len(b) * max(lengths[i] for i in b) for b in batches) < s0.slots  # less padding too
+    # the automatic budget: 2^22 logits on a CPU over the vocabulary (this model's: 2,048)
+    assert auto_batch_tokens(acc, model) == 2 ** 22 // 2048 == 2048
 
 
 def test_bad_inputs(scoring_setup):

@@ -44,9 +44,10 @@ def relearn_schedule(k: int) -> list[int]:
     return sorted(out)
 
 
-def exposure_of(acc, model, sets: RequestSets, loss: str, form: str, batch_size: int, pad_id: int) -> np.ndarray:
+def exposure_of(acc, model, sets: RequestSets, loss: str, form: str, batch_size: int, pad_id: int,
+                batch_tokens: int | None = None) -> np.ndarray:
     """The request's exposure under `model` against its references (one local pass, no collective)."""
-    scores, _ = score_pass(acc, model, sets.data, batch_size, pad_id, local=True)
+    scores, _ = score_pass(acc, model, sets.data, batch_size, pad_id, local=True, batch_tokens=batch_tokens)
     exp = exposures(sets.meta.merge(scores, on="example_id"), loss, sets.example_ids)
     return exp[f"exposure_{form}"].to_numpy()
 
@@ -111,21 +112,22 @@ def relearning_curve(acc, start_model, sets: RequestSets, train_rows: list[list[
             rows.append(curve_row(0, np.asarray(start_exposures, dtype=float), held))
         elif step in schedule:
             rows.append(curve_row(step, exposure_of(acc, model, sets, m.loss, m.exposure, cfg.score.batch_size,
-                                                    pad_id), held))
+                                                    pad_id, cfg.score.batch_tokens), held))
 
     finetune(model, train_rows, train_spans, a.relearn_steps, a.relearn_lr, a.relearn_batch_size, cfg.run.seed,
              acc.device, pad_id, score)
     return pd.DataFrame(rows)
 
 
-def mia_scores(acc, model, sets: RequestSets, k: float, batch_size: int, pad_id: int) -> pd.DataFrame:
+def mia_scores(acc, model, sets: RequestSets, k: float, batch_size: int, pad_id: int,
+               batch_tokens: int | None = None) -> pd.DataFrame:
     """The four membership-inference member scores (LOSS, zlib, Min-K%, Min-K%++; metrics.mia) of every row of
     `sets.data` under `model`, from one token-level pass; indexed by example_id."""
     from unlearnbench.metrics import mia
     from unlearnbench.scoring import token_score_pass
 
     text_of = dict(zip(sets.data["example_id"], sets.texts))
-    tok = token_score_pass(acc, model, sets.data, batch_size, pad_id, local=True)
+    tok = token_score_pass(acc, model, sets.data, batch_size, pad_id, local=True, batch_tokens=batch_tokens)
     tok = sets.meta[["example_id"]].merge(tok, on="example_id")
     return pd.DataFrame({
         "loss": mia.loss_score(tok.nll.to_numpy()),

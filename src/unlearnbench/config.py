@@ -88,7 +88,8 @@ class TrainConfig:
 class ScoreConfig:
     """The sharded scoring passes of the score stage (and the in-loop evaluations)."""
 
-    batch_size: int = 64  # examples per device per forward
+    batch_size: int = 64  # examples per device per forward, at most
+    batch_tokens: Optional[int] = None  # padded tokens per forward, at most (null: 2^22 / vocab on CPU, 2^28 / vocab on GPU; 0: no cap)
     shadow_models: int = 0  # K > 0 trains K models on random halves: counterfactual memorization
 
 
@@ -439,6 +440,9 @@ def validate(cfg: Config) -> None:
     if t.backend is not None:  # the deprecated single-backend key wins over the list: it is what older files set
         t.backends, t.backend = ([] if t.backend == "none" else [t.backend]), None
     t.backends = list(dict.fromkeys(t.backends))
+    if cfg.score.batch_tokens is not None and cfg.score.batch_tokens < 0:
+        raise UserError(f"score.batch_tokens={cfg.score.batch_tokens}: the token budget per forward must be a positive "
+                        "number of tokens, 0 (no budget: batches of score.batch_size examples) or null (automatic).")
     if cfg.train.micro_batch_size is not None and cfg.train.micro_batch_size <= 0:
         raise UserError("train.micro_batch_size must be a positive integer or null.")
 

@@ -212,7 +212,8 @@ class RequestEvaluator:
         return self._part("check")[0]
 
     def _score(self, model, data: dict) -> pd.DataFrame:
-        scores, _ = score_pass(self.acc, model, data, self.cfg.score.batch_size, self.pad_id, local=self.local)
+        scores, _ = score_pass(self.acc, model, data, self.cfg.score.batch_size, self.pad_id, local=self.local,
+                               batch_tokens=self.cfg.score.batch_tokens)
         self.tokens_scored += sum(len(x) for x in data["input_ids"])
         return scores
 

@@ -1,9 +1,10 @@
 """The sharded scoring pass: per-example losses for every example, identical for any number of processes.
 
 It knows nothing of exposure or unlearning: it turns (model, examples with scored spans) into per-example
-`nll_sum`, `n_tokens`, `nll` and `accuracy` (token accuracy). Examples are sorted by length (little padding), dealt to processes
-in batches by Accelerate's sharded data loader, reduced per example on the device, and gathered with
-`gather_for_metrics`, which drops the duplicates that pad the last round of batches.
+`nll_sum`, `n_tokens`, `nll` and `accuracy` (token accuracy). Examples are sorted by length (little padding) and cut
+into batches of at most `batch_size` examples and `batch_tokens` padded tokens (`length_batches`); every process
+makes the same batches and scores every `world`-th of them, so an example's batch, and with it its numbers, is the
+same for any number of processes. Per-example sums are reduced on the device and gathered once at the end.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from unlearnbench.batching import IGNORE, collate
 from unlearnbench.errors import UserError
@@ -37,24 +37,47 @@ class PassStats:
         return 1.0 - self.tokens / max(1, self.slots)
 
 
-class _Sorted(Dataset):
-    """Examples in length order; each item carries its row index so results can be keyed back."""
-
-    def __init__(self, ids: list, starts: list, ends: list):
-        order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))
-        self.items = [(i, ids[i], starts[i], ends[i]) for i in order]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, k: int):
-        return self.items[k]
+def auto_batch_tokens(acc, model) -> int:
+    """The token budget per forward when `score.batch_tokens` is not set: 2**22 logits (16 MiB in float32) on a CPU,
+    2**28 on a GPU, divided by the vocabulary. On a CPU the output layer's logits of a batch must stay in cache:
+    measured on the default model (vocabulary 4,096, one thread), a canary evaluation scores fastest at 512-2,048
+    padded tokens per forward and an ID one at 1,024, both 18-26% faster than 64 examples a batch, and 4,096 tokens is
+    slower again (benchmarks/README.md). A GPU wants large batches; its number is a memory bound, not yet measured."""
+    config = getattr(acc.unwrap_model(model), "config", None)
+    vocab = int(getattr(config, "vocab_size", None) or 32_000)
+    return max(1, (1 << (28 if acc.device.type == "cuda" else 22)) // vocab)
 
 
-def _collate(items, pad_id: int) -> dict:
-    batch = collate([x[1] for x in items], [x[2] for x in items], [x[3] for x in items], pad_id)
-    batch["row"] = torch.tensor([x[0] for x in items], dtype=torch.long)
+def length_batches(lengths: list[int], max_rows: int, max_tokens: int) -> list[list[int]]:
+    """Indices in length order (ties by index), cut into batches of at most `max_rows` examples and `max_tokens`
+    padded tokens (examples x the longest, which is the last one added); 0 = no token cap. An example longer than
+    `max_tokens` is a batch of its own."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    batches, cur = [], []
+    for i in order:
+        if cur and (len(cur) == max_rows or (max_tokens and (len(cur) + 1) * lengths[i] > max_tokens)):
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    return batches + [cur] if cur else batches
+
+
+def _collate(idx: list[int], ids: list, starts: list, ends: list, pad_id: int, real: bool) -> dict:
+    batch = collate([ids[i] for i in idx], [starts[i] for i in idx], [ends[i] for i in idx], pad_id)
+    # a dummy batch (see `_my_batches`) carries row -1: its results are dropped after the gather
+    batch["row"] = torch.tensor(idx if real else [-1] * len(idx), dtype=torch.long)
     return batch
+
+
+def _my_batches(batches: list[list[int]], acc, local: bool) -> list[tuple[list[int], bool]]:
+    """This process's (batch, real) pairs: all of them when `local`, else every `world`-th from its rank. Every
+    process runs the same number of forwards (DeepSpeed ZeRO-3 and FSDP gather parameters inside each one, and the
+    token pass gathers per round): a process one batch short repeats the smallest batch as a dummy."""
+    if local or acc.num_processes == 1:
+        return [(b, True) for b in batches]
+    mine = [(b, True) for b in batches[acc.process_index::acc.num_processes]]
+    rounds = -(-len(batches) // acc.num_processes)
+    return mine + [(batches[0], False)] * (rounds - len(mine))
 
 
 def check_scorable(dataset, vocab_size: int | None = None) -> None:
@@ -133,42 +156,56 @@ def _per_example(model, batch: dict, head) -> torch.Tensor:
     return torch.stack([batch["row"].double(), nll, mask.sum(1).double(), correct.double()], dim=1)
 
 
-def _scoring_loader(acc, dataset, batch_size: int, pad_id: int, vocab_size: int | None, local: bool):
-    """The checked columns of `dataset` as plain lists, its input ids, and the length-sorted loader over it
-    (sharded over the processes unless `local`)."""
+def _scoring_batches(acc, model, dataset, batch_size: int, batch_tokens: int | None, pad_id: int,
+                     vocab_size: int | None, local: bool):
+    """The checked columns of `dataset` as plain lists, its input ids, and this process's collated batches (a
+    generator of (batch on the device, real))."""
     # Plain lists once, in one bulk Arrow conversion: a lazy `datasets` column costs ~0.2 ms a row lookup
     if not isinstance(dataset, dict) and all(c in dataset.column_names for c in REQUIRED):
         dataset = dataset.select_columns(list(REQUIRED)).to_dict()
     check_scorable(dataset, vocab_size)
+    if batch_size < 1 or (batch_tokens is not None and batch_tokens < 0):
+        raise UserError(f"score.batch_size={batch_size} and score.batch_tokens={batch_tokens}: the batch size must be "
+                        "a positive number of examples and the token budget a positive number of tokens, 0 (no "
+                        "budget) or null (automatic).")
     ids = list(dataset["input_ids"])
-    data = _Sorted(ids, list(dataset["score_start"]), list(dataset["score_end"]))
-    loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=lambda items: _collate(items, pad_id))
-    return dataset, ids, (loader if local else acc.prepare_data_loader(loader))
+    starts, ends = list(dataset["score_start"]), list(dataset["score_end"])
+    budget = auto_batch_tokens(acc, model) if batch_tokens is None else batch_tokens
+    mine = _my_batches(length_batches([len(x) for x in ids], batch_size, budget), acc, local)
+    batches = (({k: v.to(acc.device) for k, v in _collate(b, ids, starts, ends, pad_id, real).items()}, real)
+               for b, real in mine)
+    return dataset, ids, batches
+
+
+def _gather_rows(acc, table: torch.Tensor, local: bool) -> torch.Tensor:
+    """Every process's per-example rows (column 0 the row index) on every process, dummy rows (-1) dropped."""
+    if not local and acc.num_processes > 1:
+        table = acc.gather(acc.pad_across_processes(table, dim=0, pad_index=-1))
+    return table[table[:, 0] >= 0]
 
 
 @torch.no_grad()  # not inference_mode: ZeRO-3 gathers parameters here that a later training forward reuses
-def score_pass(acc, model, dataset, batch_size: int = 64, pad_id: int = 0,
-               vocab_size: int | None = None, local: bool = False) -> tuple[pd.DataFrame, PassStats]:
+def score_pass(acc, model, dataset, batch_size: int = 64, pad_id: int = 0, vocab_size: int | None = None,
+               local: bool = False, batch_tokens: int | None = None) -> tuple[pd.DataFrame, PassStats]:
     """Per-example scores of `model` on every example of `dataset`, sorted by example_id, on all processes.
 
-    `local=True` scores everything in this process alone (no sharding, no collectives): request-parallel
+    Batches hold at most `batch_size` examples and `batch_tokens` padded tokens (None: `auto_batch_tokens`; 0: no
+    budget). `local=True` scores everything in this process alone (no sharding, no collectives): request-parallel
     unlearning, where each process evaluates its own model copy.
     """
     t0 = time.perf_counter()
-    dataset, ids, loader = _scoring_loader(acc, dataset, batch_size, pad_id, vocab_size, local)
+    dataset, ids, batches = _scoring_batches(acc, model, dataset, batch_size, batch_tokens, pad_id, vocab_size, local)
     was_training = model.training
     model.eval()
-    gathered, slots = [], 0
+    parts, slots = [], 0
     head = split_head(acc, model, local)
-    for batch in loader:
-        if local:
-            batch = {k: v.to(acc.device) for k, v in batch.items()}
-        per_example = _per_example(model, batch, head)
-        gathered.append((per_example if local else acc.gather_for_metrics(per_example)).cpu())
-        slots += batch["input_ids"].numel()
+    for batch, real in batches:
+        parts.append(_per_example(model, batch, head))
+        slots += batch["input_ids"].numel() if real else 0
     if was_training:
         model.train()
-    table = torch.cat(gathered).numpy() if gathered else np.zeros((0, 4))
+    mine = torch.cat(parts) if parts else torch.zeros((0, 4), dtype=torch.float64, device=acc.device)
+    table = _gather_rows(acc, mine, local).cpu().numpy()
     rows = table[:, 0].astype(np.int64)
     if len(rows) != len(ids) or len(np.unique(rows)) != len(ids):
         raise RuntimeError(f"scoring pass returned {len(rows)} rows ({len(np.unique(rows))} unique) for "
@@ -222,29 +259,30 @@ def _per_example_tokens(model, batch: dict, head) -> tuple[torch.Tensor, torch.T
 
 @torch.no_grad()
 def token_score_pass(acc, model, dataset, batch_size: int = 64, pad_id: int = 0, vocab_size: int | None = None,
-                     local: bool = False) -> pd.DataFrame:
+                     local: bool = False, batch_tokens: int | None = None) -> pd.DataFrame:
     """Per-example losses and per-token statistics of `model` on every example of `dataset`, for the
     membership-inference attacks (metrics.mia), in one sharded pass; sorted by example_id, on all processes.
 
     Columns: `example_id`, `nll_sum`, `n_tokens`, `nll` (as `score_pass`), and per scored position, in order,
     float32 arrays `token_logp` (log p of the token), `token_mu` and `token_sigma` (mean and standard deviation
-    of log p over the vocabulary under the model's next-token distribution there, for Min-K%++). `local` as in
-    `score_pass`. The same for any number of processes.
+    of log p over the vocabulary under the model's next-token distribution there, for Min-K%++). Batches, `local`
+    and `batch_tokens` as in `score_pass`. The same for any number of processes.
     """
-    dataset, ids, loader = _scoring_loader(acc, dataset, batch_size, pad_id, vocab_size, local)
+    dataset, ids, batches = _scoring_batches(acc, model, dataset, batch_size, batch_tokens, pad_id, vocab_size, local)
     was_training = model.training
     model.eval()
     head = split_head(acc, model, local)
     tables, tokens = [], []
-    for batch in loader:
-        if local:
-            batch = {k: v.to(acc.device) for k, v in batch.items()}
+    for batch, _ in batches:
         per_example, per_tok = _per_example_tokens(model, batch, head)
-        if not local:  # ragged: every process pads to the widest span of this round, then the gather drops dupes
-            per_tok = acc.pad_across_processes(per_tok, dim=2)
-            per_example, per_tok = acc.gather_for_metrics((per_example, per_tok))
-        tables.append(per_example.cpu().numpy())
-        tokens += [t[:, : int(n)] for t, n in zip(per_tok.cpu().numpy(), per_example[:, 2].cpu().numpy())]
+        if not local and acc.num_processes > 1:  # ragged: pad to this round's widest span and most rows, gather
+            per_tok = acc.pad_across_processes(acc.pad_across_processes(per_tok, dim=2), dim=0)
+            per_example = acc.pad_across_processes(per_example, dim=0, pad_index=-1)
+            per_example, per_tok = acc.gather((per_example, per_tok))
+        keep = per_example[:, 0] >= 0  # dummy and padding rows carry row -1
+        per_example, per_tok = per_example[keep].cpu().numpy(), per_tok[keep].cpu().numpy()
+        tables.append(per_example)
+        tokens += [t[:, : int(n)] for t, n in zip(per_tok, per_example[:, 2])]
     if was_training:
         model.train()
     table = np.concatenate(tables) if tables else np.zeros((0, 3))

@@ -142,7 +142,8 @@ class Attacker:
                                    for name, model in self.ends.items()}
                 except UserError as exc:
                     quant[bits] = str(exc)
-            mia = {name: attacks.mia_scores(acc, model, sets, cfg.attack.mia_k, cfg.score.batch_size, self.pad)
+            mia = {name: attacks.mia_scores(acc, model, sets, cfg.attack.mia_k, cfg.score.batch_size, self.pad,
+                                            cfg.score.batch_tokens)
                    for name, model in self.ends.items()}
             self._baselines[kinds] = Baselines(sets, retain, quant, mia)
         return self._baselines[kinds]
@@ -152,7 +153,7 @@ class Attacker:
 
         cfg, m = self.ctx.cfg, self.ctx.cfg.metrics
         return attacks.exposure_of(self.ctx.acc, quantize_model(model, bits), sets, m.loss, m.exposure,
-                                   cfg.score.batch_size, self.pad)
+                                   cfg.score.batch_size, self.pad, cfg.score.batch_tokens)
 
     def request(self, r: dict, sets: attacks.RequestSets, kinds: tuple) -> dict:
         """Relearning (retain, forget fraction), quantization and membership inference of one unlearned request,
@@ -166,7 +167,8 @@ class Attacker:
                   "available", flush=True)
         base = self.baselines(kinds)
         unlearned = load_pretrained(str(ctx.run_dir / "unlearn" / r["request"] / "model_unlearned"), cfg.model.dtype)
-        e_u = attacks.exposure_of(acc, unlearned, sets, m.loss, m.exposure, cfg.score.batch_size, self.pad)
+        e_u = attacks.exposure_of(acc, unlearned, sets, m.loss, m.exposure, cfg.score.batch_size, self.pad,
+                                  cfg.score.batch_tokens)
         held = np.isin(sets.example_ids, sets.held_out)
         res = {"request": r["request"], "kind": r["kind"], "repetitions": r["repetitions"],
                "replicate": r.get("replicate", 0), "n_examples": len(sets.example_ids), "n_seen": len(sets.seen),
@@ -231,7 +233,7 @@ class Attacker:
         refs = list(sets.meta.example_id[sets.meta.split == "reference"])
         scores = {"original": base.mia["original"],
                   "unlearned": attacks.mia_scores(self.ctx.acc, unlearned, sets, cfg.attack.mia_k,
-                                                  cfg.score.batch_size, self.pad),
+                                                  cfg.score.batch_size, self.pad, cfg.score.batch_tokens),
                   **({"oracle": base.mia["oracle"]} if "oracle" in base.mia else {})}
         out: dict = {name: attacks.mia_aucs(s, sets.example_ids, refs) for name, s in scores.items()}
         if "oracle" not in out:  # no-oracle mode: no AUC under θᵣ, so no PrivLeak (same keys, null values)

@@ -32,7 +32,8 @@ def score_model(ctx: Context, name: str, subset, tok) -> tuple[pd.DataFrame, dic
     raw = load_trained(ctx.run_dir, name, ctx.cfg.model.dtype)
     vocab = raw.config.vocab_size
     model = inference_model(ctx.acc, raw)
-    df, stats = score_pass(ctx.acc, model, subset, ctx.cfg.score.batch_size, tok.pad_token_id or 0, vocab)
+    df, stats = score_pass(ctx.acc, model, subset, ctx.cfg.score.batch_size, tok.pad_token_id or 0, vocab,
+                           batch_tokens=ctx.cfg.score.batch_tokens)
     del model
     # estimated FLOPs: a forward pass, 2N per computed token slot (padding included: it is computed too)
     return df, {"examples": stats.examples, "seconds": stats.seconds, "padding_fraction": stats.padding_fraction,
