@@ -9,9 +9,11 @@ No omegaconf, datasets, pandas, accelerate, deepspeed or wandb.
 
 Measured (all in one process, the scoring variants alternated A B C D A B C D ...):
   * bf16 matmul peak: a big torch.matmul loop (8192^3), the denominator of MFU;
-  * scoring: the project's pass (length-sorted, padded batches of `--score-batch` examples, per-example sums
-    reduced on the device and copied back per batch, as `unlearnbench.scoring.score_pass`), the same at a larger
-    batch, an unbucketed padded loop (original order), a per-example loop (batch 1, `model(ids, labels=ids)`, as
+  * scoring: the project's earlier pass (length-sorted, padded batches of `score_batch` examples, per-example sums
+    reduced on the device and copied back per batch), the same at a larger batch, the project's pass now
+    (`project_token_budget`: `batching.length_batches` with the automatic GPU budget of 2^28 logits / vocabulary
+    padded tokens and no row cap, the output layer on the scored positions only, per-example sums kept on the
+    device and copied back once, as `unlearnbench.scoring.score_pass`), an unbucketed padded loop (original order), a per-example loop (batch 1, `model(ids, labels=ids)`, as
     MUSE scores) on a subset, and the packed ceiling (all tokens concatenated into rows of 128, causal mask only);
   * gradient ascent: the project's step (collate, forward, `token_logprobs`, the `ga` loss, backward, gradient
     norm, AdamW) against a `transformers.Trainer` whose `compute_loss` negates the loss, same model init and batch;
@@ -45,7 +47,7 @@ TINY = os.environ.get("GPU_SUITE_TINY", "") == "1"
 # --------------------------------------------------------------------------- the project's pure pieces
 # batching and unlearn.methods import with torch alone (no omegaconf/datasets/pandas), so the GPU image runs them.
 sys.path.insert(0, str(ROOT / "src"))
-from unlearnbench.batching import IGNORE, collate, token_logprobs  # noqa: E402
+from unlearnbench.batching import IGNORE, collate, length_batches, token_logprobs  # noqa: E402
 from unlearnbench.unlearn.methods import LossInputs, MethodParams, get_method  # noqa: E402
 
 GA = get_method("ga").fn
@@ -140,6 +142,37 @@ def score_batched(model, data, batch, device, bucket: bool):
     res = torch.empty_like(table)
     res[torch.tensor(order)] = table
     return res, slots
+
+
+@torch.inference_mode()
+def score_token_budget(model, data, budget, device):
+    """As `scoring.score_pass` with `score.batch_tokens`: length-sorted batches of at most `budget` padded tokens
+    (`batching.length_batches`, no row cap), the body's hidden states at the scored positions only through the
+    output layer, per-example sums on the device, one copy to the host at the end."""
+    ids, starts, ends = data
+    batches = length_batches([len(x) for x in ids], len(ids), budget)
+    body, head = model.model, model.lm_head
+    parts, slots = [], 0
+    for rows in batches:
+        b = collate([ids[i] for i in rows], [starts[i] for i in rows], [ends[i] for i in rows], 0)
+        b = {key: v.to(device, non_blocking=True) for key, v in b.items()}
+        targets = b["labels"][:, 1:]
+        mask = targets != IGNORE
+        hidden = body(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state[:, :-1]
+        logits = head(hidden[mask]).float()
+        wanted = targets[mask]
+        owner = mask.nonzero()[:, 0]
+        nll = torch.zeros(len(rows), dtype=torch.float64, device=device).index_add_(
+            0, owner, torch.nn.functional.cross_entropy(logits, wanted, reduction="none").double())
+        correct = torch.zeros(len(rows), dtype=torch.float64, device=device).index_add_(
+            0, owner, (logits.argmax(-1) == wanted).double())
+        parts.append(torch.stack([torch.tensor(rows, device=device, dtype=torch.float64), nll,
+                                  mask.sum(1).double(), correct], dim=1))
+        slots += b["input_ids"].numel()
+    table = torch.cat(parts).cpu()
+    res = torch.empty((len(ids), 3), dtype=torch.float64)
+    res[table[:, 0].long()] = table[:, 1:]
+    return res, slots, len(batches)
 
 
 @torch.inference_mode()
@@ -341,9 +374,11 @@ def main() -> None:
 
     # ---- scoring
     model.eval()
+    budget = max(1, (1 << 28) // s["vocab"])  # scoring.auto_batch_tokens on a GPU
     variants = {
         "project_bucketed": lambda: score_batched(model, data, s["score_batch"], device, True),
         "project_bucketed_bigbatch": lambda: score_batched(model, data, s["big_batch"], device, True),
+        "project_token_budget": lambda: score_token_budget(model, data, budget, device),
         "unbucketed": lambda: score_batched(model, data, s["score_batch"], device, False),
         "packed": lambda: score_packed(model, data, s["pack_rows"], device),
         "per_example": lambda: score_per_example(model, data, n_pe, device),
@@ -374,9 +409,12 @@ def main() -> None:
     b_tab, slots_b = outputs["project_bucketed"]
     u_tab, slots_u = outputs["unbucketed"]
     _, slots_big = outputs["project_bucketed_bigbatch"]
+    t_tab, slots_t, n_batches_t = outputs["project_token_budget"]
     pe = np.array(outputs["per_example"])
     tol = {"max_abs_diff_bucketed_vs_unbucketed_nll_per_token":
            float((b_tab[:, 0] / b_tab[:, 1] - u_tab[:, 0] / u_tab[:, 1]).abs().max()),
+           "max_abs_diff_token_budget_vs_bucketed_nll_per_token":
+           float((t_tab[:, 0] / t_tab[:, 1] - b_tab[:, 0] / b_tab[:, 1]).abs().max()),
            "max_abs_diff_bucketed_vs_per_example_nll_per_token":
            float(np.abs(b_tab[:n_pe, 0].numpy() / b_tab[:n_pe, 1].numpy()
                         - pe / b_tab[:n_pe, 1].numpy()).max())}
@@ -389,12 +427,16 @@ def main() -> None:
                          "mfu": 2 * n_mm * toks / med / peak, "peak_memory_mib": mems[name]}
     scoring["project_bucketed"]["padding_fraction"] = 1 - n_tok / slots_b
     scoring["project_bucketed_bigbatch"]["padding_fraction"] = 1 - n_tok / slots_big
+    scoring["project_token_budget"].update(padding_fraction=1 - n_tok / slots_t, batch_tokens=budget,
+                                           batches=n_batches_t)
     scoring["unbucketed"]["padding_fraction"] = 1 - n_tok / slots_u
     tps = {k: v["tokens_per_s"] for k, v in scoring.items()}
     ratios = {"project_vs_packed": tps["project_bucketed"] / tps["packed"],
               "project_vs_per_example": tps["project_bucketed"] / tps["per_example"],
               "project_vs_unbucketed": tps["project_bucketed"] / tps["unbucketed"],
               "project_bigbatch_vs_packed": tps["project_bucketed_bigbatch"] / tps["packed"],
+              "project_token_budget_vs_packed": tps["project_token_budget"] / tps["packed"],
+              "project_token_budget_vs_bucketed": tps["project_token_budget"] / tps["project_bucketed"],
               "packed_vs_per_example": tps["packed"] / tps["per_example"],
               "packed_vs_unbucketed": tps["packed"] / tps["unbucketed"]}
     res["scoring"] = {"variants": scoring, "ratios_tokens_per_s": ratios, "agreement": tol}
@@ -402,7 +444,7 @@ def main() -> None:
         print(f"[gpu_bench] score {k:27s} {v['tokens_per_s']:12.0f} tok/s {v['examples_per_s']:9.1f} ex/s "
               f"MFU {v['mfu']:.3f} peak {v['peak_memory_mib']} MiB", flush=True)
     print("[gpu_bench] ratios " + json.dumps({k: round(v, 3) for k, v in ratios.items()}), flush=True)
-    del outputs, b_tab, u_tab
+    del outputs, b_tab, u_tab, t_tab
     try:  # where the project pass spends its time, on the first 16 batches
         sub = (data[0][: 16 * s["score_batch"]], data[1], data[2])
         res["scoring"]["profile_project_bucketed_16_batches"] = profile_top(

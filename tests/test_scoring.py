@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from conftest import PY, ROOT, free_port
+from unlearnbench.batching import length_batches
 from unlearnbench.data.build import load_examples
 from unlearnbench.distributed import make_accelerator
 from unlearnbench.errors import UserError
 from unlearnbench.models import build_model
-from unlearnbench.scoring import auto_batch_tokens, length_batches, score_pass
+from unlearnbench.scoring import auto_batch_tokens, score_pass
 
 N = 103  # not divisible by 2 processes x batch 8
 

@@ -23,6 +23,20 @@ def collate(seqs: Sequence[Sequence[int]], starts: Sequence[int], ends: Sequence
     return {"input_ids": ids, "attention_mask": attn, "labels": labels}
 
 
+def length_batches(lengths: list[int], max_rows: int, max_tokens: int) -> list[list[int]]:
+    """Indices in length order (ties by index), cut into batches of at most `max_rows` examples and `max_tokens`
+    padded tokens (examples x the longest, which is the last one added); 0 = no token cap. An example longer than
+    `max_tokens` is a batch of its own."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    batches, cur = [], []
+    for i in order:
+        if cur and (len(cur) == max_rows or (max_tokens and (len(cur) + 1) * lengths[i] > max_tokens)):
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    return batches + [cur] if cur else batches
+
+
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of each label token (shifted: position i predicts token i+1) and the float mask."""
     logits = logits[:, :-1].float()

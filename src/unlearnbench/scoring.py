@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from unlearnbench.batching import IGNORE, collate
+from unlearnbench.batching import IGNORE, collate, length_batches
 from unlearnbench.errors import UserError
 
 REQUIRED = ("example_id", "input_ids", "score_start", "score_end")
@@ -46,20 +46,6 @@ def auto_batch_tokens(acc, model) -> int:
     config = getattr(acc.unwrap_model(model), "config", None)
     vocab = int(getattr(config, "vocab_size", None) or 32_000)
     return max(1, (1 << (28 if acc.device.type == "cuda" else 22)) // vocab)
-
-
-def length_batches(lengths: list[int], max_rows: int, max_tokens: int) -> list[list[int]]:
-    """Indices in length order (ties by index), cut into batches of at most `max_rows` examples and `max_tokens`
-    padded tokens (examples x the longest, which is the last one added); 0 = no token cap. An example longer than
-    `max_tokens` is a batch of its own."""
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    batches, cur = [], []
-    for i in order:
-        if cur and (len(cur) == max_rows or (max_tokens and (len(cur) + 1) * lengths[i] > max_tokens)):
-            batches.append(cur)
-            cur = []
-        cur.append(i)
-    return batches + [cur] if cur else batches
 
 
 def _collate(idx: list[int], ids: list, starts: list, ends: list, pad_id: int, real: bool) -> dict:
