@@ -107,7 +107,14 @@ def summary_markdown(quick: bool) -> str:
                   f"{_ok(t['project_vs_packed >= 0.9'])}), {r['project_vs_per_example']:.2f}x per-example (>= 2.5, "
                   f"{_ok(t['project_vs_per_example >= 2.5'])}), {r['project_vs_unbucketed']:.2f}x unbucketed (>= 2.5, "
                   f"{_ok(t['project_vs_unbucketed >= 2.5'])}); with plain-list columns: "
-                  f"{r['project_dict_vs_packed']:.2f}x packed.", ""]
+                  f"{r['project_dict_vs_packed']:.2f}x packed."]
+        sweep = sc.get("token_budget_sweep_1_thread")
+        if "project_vs_project_rows" in r:
+            lines.append(f"Token budget: the pass {r['project_vs_project_rows']:.2f}x the same pass in batches of 64 "
+                         "examples" + ("; one thread: " + ", ".join(
+                             f"{v['batch_tokens'] or 'rows of 64'} {v['vs_rows']:.2f}x" for v in sweep.values())
+                             if sweep else "") + ".")
+        lines.append("")
     if un:
         lines += ["| unlearning loop | steps/s | tokens/s | spread |", "|---|---|---|---|"]
         for k, x in un["gradient_ascent"].items():
