@@ -31,9 +31,11 @@ BACKENDS = {  # name: (accelerate config, distributed type and ZeRO stage printe
     "zero2": ("cpu_deepspeed_zero2.yaml", "type=DEEPSPEED backend=gloo zero_stage=2"),
     "zero3": ("cpu_deepspeed_zero3.yaml", "type=DEEPSPEED backend=gloo zero_stage=3"),
 }
-# Short enough for CI; unlearn.parallel=data so that DDP runs requests data-parallel (the all-reduce path under
-# test) rather than request-parallel, which never communicates.
-OVERRIDES = ["train.steps=30", "unlearn.max_steps=4", "unlearn.request_kinds=[canary]", "unlearn.parallel=data"]
+# Short enough for CI; train.parallel=data and unlearn.parallel=data so that DDP trains both models and runs the
+# requests data-parallel (the all-reduce paths under test) rather than job- or request-parallel, which never
+# communicate (the default `auto` picks those with 2 models or 2+ requests on 2 processes).
+OVERRIDES = ["train.steps=30", "unlearn.max_steps=4", "unlearn.request_kinds=[canary]", "train.parallel=data",
+             "unlearn.parallel=data"]
 MODELS = ("original", "oracle")
 
 
