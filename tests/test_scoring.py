@@ -180,6 +180,49 @@ def test_output_layer_on_scored_positions_only_matches_full_logits(scoring_setup
     assert (fast.n_correct.to_numpy() == full.n_correct.to_numpy()).all()
 
 
+def test_ddp_wrapped_model_projects_only_the_scored_positions(scoring_setup):
+    """Data-parallel unlearning: a DDP-wrapped model runs its own forward (DDP's gradient bookkeeping), with the
+    output layer patched for that call to project the scored positions only; log-probs and gradients are the full
+    logits' (a 1-process gloo group), and the output layer is itself again afterwards."""
+    import copy
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from accelerate.utils import DistributedType
+
+    from unlearnbench.batching import collate, token_logprobs
+    from unlearnbench.scoring import scored_logprobs, split_head
+
+    model, subset, _ = scoring_setup
+    rows = subset.select(range(12))
+    batch = collate(rows["input_ids"], rows["score_start"], rows["score_end"], 0)
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        fast_model, full_model = copy.deepcopy(model).train(), copy.deepcopy(model).train()
+        ddp = torch.nn.parallel.DistributedDataParallel(fast_model)
+        head = split_head(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU), ddp, local=False)
+        assert head == (None, fast_model.lm_head)
+        shapes = []
+        hook = fast_model.lm_head.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
+        logp, mask = scored_logprobs(ddp, batch, head)
+        hook.remove()
+        assert shapes == [(int(mask.sum()), model.config.vocab_size)] and int(mask.sum()) < mask.numel()
+        assert "forward" not in fast_model.lm_head.__dict__  # the class's forward again
+        ref, ref_mask = token_logprobs(full_model(input_ids=batch["input_ids"],
+                                                  attention_mask=batch["attention_mask"]).logits, batch["labels"])
+        torch.testing.assert_close(logp, ref, rtol=1e-5, atol=1e-5)
+        assert torch.equal(mask, ref_mask)
+        (logp * mask).sum().backward()
+        (ref * ref_mask).sum().backward()
+        for (name, a), (_, b) in zip(fast_model.named_parameters(), full_model.named_parameters()):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
 def test_wrapped_or_scaled_models_take_the_full_forward():
     import unlearnbench.scoring as scoring
     from transformers import LlamaConfig, LlamaForCausalLM

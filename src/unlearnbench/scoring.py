@@ -10,6 +10,7 @@ same for any number of processes. Per-example sums are reduced on the device and
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,23 +89,44 @@ _PLAIN_HEAD = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qw
 
 
 def split_head(acc, model, local: bool):
-    """(body, lm_head) when the output layer can be applied to the scored positions alone, else None.
+    """How the output layer can run on the scored positions alone, or None (the full forward).
 
     The output layer dominates a small model's cost (vocabulary x hidden per position), and most positions of a
-    batch are not scored (padding; a canary's prefix). Only for a plain, unwrapped model on one device or under
-    DDP: a DeepSpeed engine or an FSDP-sharded model must run its own forward, which gathers the parameters.
+    batch are not scored (padding; a canary's prefix). (body, lm_head) for a plain, unwrapped model on one device
+    or under DDP: the body's hidden states at the scored positions go through lm_head. (None, lm_head) for a
+    DDP-wrapped model (data-parallel unlearning): the wrapper's own forward runs, so DDP prepares its gradient
+    all-reduce as usual, with lm_head projecting only the scored positions for that call (`_scored_only`). A
+    DeepSpeed engine or an FSDP-sharded model runs its own forward unchanged: it gathers the parameters.
     """
     from accelerate.utils import DistributedType
 
-    if type(model).__name__ not in _PLAIN_HEAD:
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    inner = model.module if ddp else model
+    if type(inner).__name__ not in _PLAIN_HEAD:
         return None
     if not local and acc.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU,
                                                   DistributedType.MULTI_GPU):
         return None
-    head = model.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear) or getattr(model.config, "final_logit_softcapping", None):
+    head = inner.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or getattr(inner.config, "final_logit_softcapping", None):
         return None
-    return getattr(model, model.base_model_prefix), head
+    return (None, head) if ddp else (getattr(inner, inner.base_model_prefix), head)
+
+
+@contextmanager
+def _scored_only(lm_head: torch.nn.Linear, mask: torch.Tensor):
+    """For the calls inside: `lm_head` takes the [batch, len, hidden] states and projects only those at `mask`'s
+    positions ([batch, len - 1]: position i predicts token i + 1), returning [n_scored, vocab]."""
+    own = lm_head.__dict__.get("forward")  # an instance-level forward someone else set, kept as it was
+    project = lm_head.forward
+    lm_head.forward = lambda hidden: project(hidden[:, :-1][mask])
+    try:
+        yield
+    finally:
+        if own is None:
+            del lm_head.forward
+        else:
+            lm_head.forward = own
 
 
 def _scored_logits(model, batch: dict, head) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -115,6 +137,9 @@ def _scored_logits(model, batch: dict, head) -> tuple[torch.Tensor, torch.Tensor
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if head is None:
         logits = model(**inputs).logits[:, :-1][mask]
+    elif head[0] is None:  # DDP-wrapped: its forward, the output layer on the scored positions
+        with _scored_only(head[1], mask):
+            logits = model(**inputs).logits
     else:
         body, lm_head = head
         logits = lm_head(body(**inputs).last_hidden_state[:, :-1][mask])
