@@ -31,6 +31,9 @@ def test_overrides_are_typed():
     ("metrics.exposure=median", ["metrics.exposure", "extrapolated", "rank"]),
     ("data.kinds=[id,weird]", ["data.kinds"]),
     ("data.repetitions=[0]", ["data.repetitions"]),
+    ("data.repetitions=[[]]", ["data.repetitions", "flat list of integers"]),  # found by test_fuzz
+    ("run.seeds=[0,[1]]", ["run.seeds", "integers"]),
+    ("data.kinds=[id,[canary]]", ["data.kinds", "strings"]),
     ("score.batch_tokens=-1", ["score.batch_tokens", "null"]),
     ("score.batch_tokens=0", []),  # no token budget: batches of score.batch_size examples
     ("unlearn.eval_schedule=every", []),  # valid on its own
@@ -45,6 +48,13 @@ def test_bad_values_name_the_key(override, words):
         check_config(load_config("smoke", None, [override]))
     for w in words:
         assert w in str(err.value)
+
+
+def test_every_list_key_has_its_item_type_checked():
+    from unlearnbench.config import LIST_ITEMS
+
+    lists = {key for key, kind, _ in config_reference() if kind.startswith("List")}
+    assert lists == set(LIST_ITEMS)
 
 
 def test_unknown_preset_and_missing_file(tmp_path):
