@@ -51,10 +51,12 @@ def test_bad_values_name_the_key(override, words):
 
 
 def test_every_list_key_has_its_item_type_checked():
-    from unlearnbench.config import LIST_ITEMS
+    from unlearnbench.config import list_items
 
-    lists = {key for key, kind, _ in config_reference() if kind.startswith("List")}
-    assert lists == set(LIST_ITEMS)
+    items = list_items()
+    assert set(items) == {key for key, kind, _ in config_reference() if kind.startswith("List")}
+    assert (items["data.repetitions"], items["run.seeds"], items["attack.quant_bits"]) == (int, int, int)
+    assert (items["data.kinds"], items["tracking.backends"], items["unlearn.lora.target_modules"]) == (str, str, str)
 
 
 def test_unknown_preset_and_missing_file(tmp_path):

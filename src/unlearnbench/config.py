@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -360,18 +361,20 @@ def load_config(preset: str | None = None, config_file: str | None = None,
     return obj
 
 
-# List fields and the type of their items: OmegaConf lets a nested list through a List[int] (`data.repetitions=[[]]`)
-LIST_ITEMS = {"data.kinds": str, "data.repetitions": int, "unlearn.lora.target_modules": str,
-              "unlearn.example_ids": str, "unlearn.request_kinds": str, "attack.quant_bits": int,
-              "tracking.backends": str, "tracking.tags": str, "run.seeds": int}
+@functools.lru_cache(maxsize=None)
+def list_items() -> dict[str, type]:
+    """Every list key and the type of its items, from the dataclasses' annotations (List[int] -> int)."""
+    kinds = {"int": int, "str": str, "float": float}
+    return {key: kinds[typ[5:-1]] for key, typ, _ in config_reference() if typ.startswith("List[")}
 
 
 def validate(cfg: Config) -> None:
     """Semantic checks the type system cannot express."""
-    for key, kind in LIST_ITEMS.items():
+    # OmegaConf lets a nested list through a List[int] (`data.repetitions=[[]]`): check the items
+    for key, kind in list_items().items():
         bad = [x for x in _get(cfg, key) if not isinstance(x, kind) or isinstance(x, bool)]
         if bad:
-            what = "integers" if kind is int else "strings"
+            what = {int: "integers", str: "strings", float: "numbers"}[kind]
             raise UserError(f"'{key}' must be a flat list of {what}; {bad[0]!r} is not one. Write it as "
                             f"{key}=[...] with {what} inside, e.g. {key}={'[1,4,16]' if kind is int else '[a,b]'}.")
     for key, allowed in CHOICES.items():
