@@ -97,3 +97,39 @@ def test_readme_lists_every_config_key():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     missing = [key for key, _, _ in config_reference() if f"`{key}`" not in readme]
     assert not missing, f"README config reference lacks {missing}; regenerate with `python -m unlearnbench.docs`"
+
+
+def test_one_schema_walk_serves_keys_types_sections_and_the_reference():
+    import dataclasses
+
+    from unlearnbench.config import Config, schema
+
+    s = schema()
+    assert s[""].fields == tuple(f.name for f in dataclasses.fields(Config))
+    assert s["unlearn.lora"].is_section and s["unlearn.lora"].fields == ("rank", "alpha", "dropout", "target_modules")
+    assert (s["train.steps"].type, s["train.steps"].default) == ("int", 1000)
+    assert (s["unlearn.grad_clip"].type, s["unlearn.grad_clip"].default) == ("Optional[float]", None)
+    assert (s["data.repetitions"].type, s["data.repetitions"].default) == ("List[int]", [1, 4, 16])
+    ref = config_reference()
+    assert [k for k, _, _ in ref] == [k for k, e in s.items() if not e.is_section and k != "preset"]
+    assert ("unlearn.lora.rank", "int", "0") in ref and ("data.corpus", "str", '"kjv"') in ref
+    assert len(ref) == len({k for k, _, _ in ref})
+
+
+def test_validate_does_not_change_its_input_and_normalize_returns_a_new_config():
+    import copy
+
+    from unlearnbench.config import Config, TrackingConfig, normalize, validate
+
+    raw = Config(tracking=TrackingConfig(backends=["tensorboard", "tensorboard"], backend="wandb"), preset="x")
+    before = copy.deepcopy(raw)
+    validate(raw)
+    assert raw == before  # a check only reads
+    out = normalize(raw)
+    assert raw == before and out is not raw and out.tracking is not raw.tracking
+    assert (out.tracking.backends, out.tracking.backend) == (["wandb"], None)  # the deprecated key wins
+    assert normalize(Config(tracking=TrackingConfig(backend="none"), preset="x")).tracking.backends == []
+    dup = Config(tracking=TrackingConfig(backends=["tensorboard", "wandb", "tensorboard"]), preset="x")
+    assert normalize(dup).tracking.backends == ["tensorboard", "wandb"] and dup.tracking.backends[2] == "tensorboard"
+    assert normalize(out) == out  # once normalised, it stays
+    assert load_config("smoke", None, ["tracking.backend=none"]).tracking.backends == []

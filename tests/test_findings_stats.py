@@ -1,4 +1,4 @@
-"""Statistics behind findings F1-F3: crossings, survival, replicate effects (DESIGN.md section 3a).
+"""Statistics behind findings F1-F3: crossings, survival, replicate effects (docs/findings.md).
 
 Expected values are worked out by hand (in the comments) or by a route independent of the code
 under test, so each assertion can fail.
@@ -15,7 +15,6 @@ from unlearnbench.metrics.replicates import (
     Outcome,
     compare_steps,
     f3_verdict,
-    log_scale_interval,
     mean_interval,
     paired_effect,
     verdict_across,
@@ -271,22 +270,6 @@ def test_mean_interval_small_n():
     assert t1 == pytest.approx(12.706204736, rel=1e-9)
     with pytest.raises(ValueError):
         mean_interval([1.0, math.nan])
-
-
-def test_log_scale_interval():
-    # log(1+s) of 0, 3, 15 = 0, 2 log 2, 4 log 2 -> mean 2 log 2 -> exp - 1 = 3.
-    r = log_scale_interval([0, 3, 15])
-    assert r["mean"] == pytest.approx(3.0, **EXACT) and r["n"] == 3
-    # sd of (0, 2, 4) log 2 = 2 log 2; se = 2 log 2 / sqrt 3.
-    half = stats.t.ppf(0.975, 2) * 2 * math.log(2) / math.sqrt(3)
-    assert r["hi"] == pytest.approx(math.expm1(2 * math.log(2) + half), **EXACT)
-    # Here the log interval dips below 0 (2 log 2 - half < 0), and the step bound is floored at 0.
-    assert 2 * math.log(2) - half < 0 and r["lo"] == 0.0
-    for steps in ([1, 1, 30], [0.5, 200, 3], [2, 2.5, 3, 1000]):
-        r = log_scale_interval(steps)
-        assert 0 <= r["lo"] <= r["mean"] <= r["hi"]
-    narrow = log_scale_interval([9, 9.5, 10])
-    assert narrow["lo"] > 0
 
 
 def test_paired_effect_single_replicate_is_inconclusive():

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from unlearnbench.unlearn.methods import (
-    DEFAULT_METHOD,
     METHODS,
     LossInputs,
     MethodParams,
@@ -47,8 +46,19 @@ def run(name, inputs, **params):
 # ------------------------------------------------------------------------------------------ ga
 
 
-def test_ga_hand_value_and_default():
-    assert DEFAULT_METHOD == "ga"
+def test_default_method_and_betas_are_the_configs():
+    from unlearnbench.config import UnlearnConfig
+
+    u = UnlearnConfig()
+    assert (u.method, u.beta, u.simnpo_beta) == ("ga", 0.1, 2.5)
+    ref = torch.tensor(FORGET_REF_LOGP, dtype=torch.float64)
+    for name, beta in (("npo", u.beta), ("npo_gd", u.beta), ("simnpo", u.simnpo_beta)):
+        inputs = with_retain(forget_ref_logp=ref)
+        assert run(name, inputs)[0].item() == run(name, inputs, beta=beta)[0].item()
+        assert run(name, inputs)[0].item() != run(name, inputs, beta=2 * beta)[0].item()
+
+
+def test_ga_hand_value():
     loss, stats = run("ga", forget_inputs())
     assert loss.item() == pytest.approx(-(1 + 2 + 0.3 + 4 + 7) / 5)  # -2.86
     assert stats["forget_nll"] == pytest.approx(14.3 / 5)

@@ -1,4 +1,8 @@
-"""Command line: `unlearnbench <stage> [--preset NAME] [--config FILE] [--force] [--debug] [key=value ...]`."""
+"""Command line: `unlearnbench COMMAND [--preset NAME] [--config FILE] [--debug] [OPTIONS] [key=value ...]`.
+
+Which commands there are and which options each reads is data (`OPTIONS`, `command_table`); `parse_args` reads a
+command line with `key=value` words as overrides wherever they stand, and refuses an option its command does not use.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +10,71 @@ import argparse
 import os
 import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from unlearnbench.errors import UserError
 
+# Every option and how argparse reads it. `--lr`, `--methods`, `--exposures` and `--compare` take a list: the words
+# after them up to the next option, key=value words excepted (those are overrides wherever they stand).
+OPTIONS: dict[str, dict] = {
+    "--preset": dict(default="default", metavar="NAME", help="the preset: {presets} (default: default)"),
+    "--config": dict(default=None, metavar="FILE", help="a YAML file merged over the preset"),
+    "--debug": dict(action="store_true", help="show tracebacks"),
+    "--force": dict(action="store_true", help="recompute stages that already finished"),
+    "--compare": dict(nargs="+", default=None, metavar="DIR", help="put these run directories side by side "
+                      "(in run.dir/compare)"),
+    "--lr": dict(nargs="+", type=float, default=None, metavar="LR", help="the grid's unlearning learning rates "
+                 "(default 1e-4 3e-4 1e-3)"),
+    "--methods": dict(nargs="+", default=None, metavar="M", help="the grid's methods (default ga npo)"),
+    "--exposures": dict(nargs="+", default=None, metavar="E", help="the grid's exposure forms (default extrapolated "
+                        "rank)"),
+}
+COMMON = ("--preset", "--config", "--debug")  # every command reads these
 
-def commands() -> tuple[str, ...]:
-    """Every stage of the STAGES table, `run` (all of them in order), `map` (the findings map over a grid of
-    unlearning settings on the run's trained models) and `config` (print the resolved config)."""
+# One line per stage of the STAGES table (the stage list itself comes from the table).
+STAGE_SUMMARIES = {
+    "prepare": "build every data set (ID corpus, canaries, OOD domain, references, holdouts) into data/",
+    "train": "train the original model (with the forget sets) and the oracle (without), and any shadow models",
+    "score": "score every example under the original and the oracle: exposure, memorization, difficulty",
+    "unlearn": "unlearn each forget request from the original model; summary.json with findings F1-F3",
+    "attack": "relearning, quantization and membership inference on each unlearned model (F4)",
+    "report": "report/report.md: tables, the findings' verdicts and figures; --compare: runs side by side",
+}
+STAGE_OPTIONS = {"report": ("--force", "--compare")}  # a stage's options besides COMMON (default: --force)
+
+
+@dataclass(frozen=True)
+class Command:
+    """A command: its name, what it does (one line) and the options it reads besides COMMON."""
+
+    name: str
+    summary: str
+    options: tuple[str, ...] = ()
+
+
+def command_table() -> dict[str, Command]:
+    """Every command: the stages of the STAGES table, then `run`, `map` and `config`."""
     from unlearnbench.stages import STAGES
 
-    return (*STAGES, "run", "map", "config")
+    rows = [Command(name, STAGE_SUMMARIES[name], STAGE_OPTIONS.get(name, ("--force",))) for name in STAGES]
+    rows += [
+        Command("run", f"every stage in order ({', '.join(STAGES)}), for each seed of run.seeds", ("--force",)),
+        Command("map", "the findings map: score and unlearn over a grid of --lr x --methods x --exposures on a run's "
+                       "trained models", ("--lr", "--methods", "--exposures")),
+        Command("config", "print the resolved config (preset < --config file < key=value overrides) and exit"),
+    ]
+    return {c.name: c for c in rows}
+
+
+def commands() -> tuple[str, ...]:
+    """The names of every command, in the order `--help` lists them."""
+    return tuple(command_table())
+
+
+def option_users(flag: str) -> list[str]:
+    """The commands that read option `flag`."""
+    return [c.name for c in command_table().values() if flag in COMMON or flag in c.options]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,32 +85,81 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"unlearnbench: error: {message}. Run `unlearnbench --help` for the commands and options.\n")
 
 
+def usage() -> str:
+    """The usage line (the README's usage block starts with it)."""
+    from unlearnbench.config import preset_names
+
+    return (f"unlearnbench COMMAND [--preset {'|'.join(preset_names())}] [--config FILE] [--debug] [OPTIONS] "
+            "[key=value ...]")
+
+
 def parser() -> argparse.ArgumentParser:
-    """The argument parser."""
+    """The argument parser; its help lists every command and which commands read each option."""
+    from unlearnbench.config import preset_names
+
+    table = command_table()
+    width = max(map(len, table)) + 2
+    lines = [f"  {c.name:<{width}}{c.summary}" for c in table.values()]
     p = _Parser(
-        prog="unlearnbench",
-        description="Machine unlearning of in- vs out-of-distribution data in causal LMs. Stages: prepare -> train -> "
-                    "score -> unlearn -> report; `run` chains them; `config` prints the resolved config.")
-    p.add_argument("stage", choices=commands(), help="the stage to run")
-    p.add_argument("overrides", nargs="*", help="config overrides as key=value, e.g. train.steps=200")
-    p.add_argument("--preset", default="default", help="smoke | default | paper (default: default)")
-    p.add_argument("--config", default=None, help="a YAML file merged over the preset")
-    p.add_argument("--force", action="store_true", help="recompute stages that already finished")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    p.add_argument("--lr", nargs="+", type=float, default=None, metavar="LR", help="map: unlearning learning rates "
-                   "(default 1e-4 3e-4 1e-3)")
-    p.add_argument("--methods", nargs="+", default=None, metavar="M", help="map: methods (default ga npo)")
-    p.add_argument("--exposures", nargs="+", default=None, metavar="E", help="map: exposure forms (default "
-                   "extrapolated rank)")
-    p.add_argument("--compare", nargs="+", default=None, metavar="DIR", help="report: put these run directories side by side")
+        prog="unlearnbench", usage=usage(), allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Machine unlearning of in- vs out-of-distribution data in causal LMs.\n\ncommands:\n"
+                    + "\n".join(lines),
+        epilog="Overrides: any config key as key=value, anywhere on the line (e.g. train.steps=200 run.dir=runs/x).\n"
+               f"A list option ({', '.join(f for f, kw in OPTIONS.items() if 'nargs' in kw)}) takes the words after "
+               "it up to the next option,\nbut never a key=value word. An option the command does not read is an "
+               "error.")
+    p.add_argument("stage", metavar="COMMAND", choices=tuple(table), help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
+    for flag, kwargs in OPTIONS.items():
+        users = option_users(flag)
+        who = "every command" if len(users) == len(table) else ", ".join(users)
+        p.add_argument(flag, **{**kwargs, "help": f"{who}: {kwargs['help'].format(presets=', '.join(preset_names()))}"})
     return p
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the words for argparse, the key=value overrides): a word with `=` that is not an option (`-x=1`, `--lr=1`)
+    nor the value of a one-value option (`--config a=b.yaml`) is an override, wherever it stands."""
+    one_value = {flag for flag, kw in OPTIONS.items() if "nargs" not in kw and "action" not in kw}
+    words, overrides, value_next = [], [], False
+    for word in argv:
+        if not value_next and "=" in word and not word.startswith("-"):
+            overrides.append(word)
+        else:
+            words.append(word)
+        value_next = not value_next and word in one_value
+    return words, overrides
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line read: `stage` (the command), `overrides` (the key=value words in their order on the line)
+    and each option; exit 2 with one paragraph when an option is given to a command that does not read it."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = parser()
+    words, overrides = split_overrides(argv)
+    args = p.parse_intermixed_args(words)
+    # positional words without `=` go first: load_config refuses the first of them by name (not key=value)
+    args.overrides = [*args.overrides, *overrides]
+    command = command_table()[args.stage]
+    unread = [flag for flag in OPTIONS if flag not in COMMON + command.options
+              and getattr(args, _dest(flag)) != p.get_default(_dest(flag))]
+    if unread:
+        where = "; ".join(f"{flag} belongs to {', '.join(option_users(flag))}" for flag in unread)
+        p.error(f"{' and '.join(unread)} {'is not an option' if len(unread) == 1 else 'are not options'} of "
+                f"`{command.name}` ({where}). Drop {'it' if len(unread) == 1 else 'them'}, or give "
+                f"{'it' if len(unread) == 1 else 'each'} to a command that reads it")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the console script and of `python -m unlearnbench`."""
     from unlearnbench import interrupt
 
-    args = parser().parse_intermixed_args(argv)
+    args = parse_args(argv)
     try:
         try:
             _main(args, argv)

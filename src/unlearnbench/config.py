@@ -1,12 +1,13 @@
-"""Typed, validated configuration: dataclasses merged by OmegaConf from preset, file and overrides."""
+"""Typed, validated configuration: dataclasses merged by OmegaConf from preset, file and overrides.
+
+The dataclasses below are the schema (`config_schema.walk` reads them once for keys, types, sections and the
+README's config reference); the semantic checks and the one normalisation step live in `config_checks`."""
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
-import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -15,10 +16,9 @@ from typing import Any, List, Optional
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from unlearnbench import config_schema
+from unlearnbench.config_checks import KINDS, TRACKERS, normalize, validate  # noqa: F401 (the config's public face)
 from unlearnbench.errors import UserError
-
-BUILTIN_CORPORA = ("kjv", "pydoc")
-KINDS = ("id", "canary", "domain")
 
 
 @dataclass
@@ -211,51 +211,9 @@ class Config:
     preset: str = MISSING
 
 
-CHOICES = {
-    "model.arch": ("llama", "gpt2"),
-    "model.dtype": ("float32", "bfloat16", "float16"),
-    "metrics.exposure": ("extrapolated", "rank"),
-    "metrics.loss": ("nll", "nll_sum"),
-    "unlearn.requests": ("groups", "per_example", "ids"),
-    "unlearn.optimizer": ("adamw", "adam", "sgd"),
-    "unlearn.scheduler": ("constant", "linear", "cosine"),
-    "unlearn.eval_schedule": ("log", "every"),
-    "train.parallel": ("auto", "models", "data"),
-    "unlearn.parallel": ("auto", "data", "requests"),
-    "attack.requests": ("all", "max_repetitions"),
-}
-OPTIONAL_CHOICES = {"tracking.mode": ("online", "offline", "disabled"), "tracking.backend": ("wandb", "none")}
-# The trackers Accelerate knows by name (accelerate.tracking.LOGGER_TYPE_TO_CLASS) and the pip package of each.
-TRACKERS = {"wandb": "wandb", "tensorboard": "tensorboard", "mlflow": "mlflow", "comet_ml": "comet-ml", "aim": "aim",
-            "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio"}
-POSITIVE_INTS = (
-    "data.group_size", "data.replicates", "data.n_train", "data.n_holdout", "data.n_id_references", "data.n_references",
-    "data.n_domain_references", "data.n_domain_holdout", "data.n_retain", "data.max_tokens",
-    "data.canary_secret_length", "data.vocab_size", "model.n_layers", "model.hidden_size",
-    "model.n_heads", "model.intermediate_size", "model.max_position_embeddings", "train.steps",
-    "train.batch_size", "train.checkpoint_every", "train.log_every", "score.batch_size",
-    "unlearn.max_steps", "unlearn.batch_size", "unlearn.retain_batch_size", "unlearn.eval_every",
-    "unlearn.patience", "metrics.n_boot", "attack.relearn_steps", "attack.relearn_batch_size",
-)
-POSITIVE_FLOATS = ("train.lr", "unlearn.lr", "attack.relearn_lr", "metrics.max_ppl_ratio", "unlearn.simnpo_beta", "unlearn.beta")
-NON_NEGATIVE = (
-    "train.warmup_steps", "train.weight_decay", "train.grad_clip", "train.min_lr_ratio",
-    "unlearn.warmup_steps", "unlearn.weight_decay", "unlearn.retain_weight", "data.min_chars",
-    "score.shadow_models", "train.keep_checkpoints", "metrics.tolerance_bits", "metrics.uq_min_gap_bits",
-    "unlearn.max_per_example_requests", "unlearn.eval_references", "unlearn.eval_utility",
-)
-
-
 def preset_names() -> list[str]:
     """Names of the presets shipped with the package."""
     return sorted(p.name[:-5] for p in resources.files("unlearnbench.presets").iterdir() if p.name.endswith(".yaml"))
-
-
-def _get(cfg: Any, dotted: str) -> Any:
-    obj = cfg
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _merge(base: Any, other: Any, origin: str) -> Any:
@@ -286,41 +244,33 @@ def _explain_omegaconf(exc: OmegaConfBaseException, origin: str) -> str:
             f"Expected {expected}. Fix the value, e.g. `{example}`.")
 
 
+def schema() -> dict[str, config_schema.Entry]:
+    """Every section and key of `Config` by dotted key (the root section under ""): one walk over the dataclasses
+    that serves the error messages, the list item types and the README's config reference."""
+    return config_schema.walk(Config)
+
+
 def _allowed_keys(section: str) -> list[str]:
-    cls: Any = Config
-    if section:
-        for part in section.split("."):
-            fields = {f.name: f for f in dataclasses.fields(cls)}
-            if part not in fields:
-                return [f.name for f in dataclasses.fields(Config)]
-            cls = fields[part].default_factory  # type: ignore[assignment]
-    return [f.name for f in dataclasses.fields(cls)]
+    """The keys of the config section `section`; the top-level sections when it is not one."""
+    entry = schema().get(section)
+    return list((entry if entry is not None and entry.is_section else schema()[""]).fields)
 
 
 def _section_fields(key: str) -> list[str] | None:
     """The field names of the config section at `key`, or None when `key` is not a section."""
-    cls: Any = Config
-    for part in key.split("."):
-        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
-        factory = getattr(fields.get(part), "default_factory", None)
-        if part not in fields or not dataclasses.is_dataclass(factory):
-            return None
-        cls = factory
-    return [f.name for f in dataclasses.fields(cls)]
+    entry = schema().get(key) if key else None
+    return list(entry.fields) if entry is not None and entry.is_section else None
 
 
 def _expected_type(key: str) -> str:
+    """The declared type of the first key on `key`'s path that holds a value (`train.steps.x` -> int)."""
     parts = key.split(".")
-    cls: Any = Config
-    for part in parts:
-        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
-        if part not in fields:
-            return "a value of the declared type"
-        f = fields[part]
-        if dataclasses.is_dataclass(getattr(f, "default_factory", None)):
-            cls = f.default_factory
-        else:
-            return str(f.type).replace("typing.", "")
+    for i in range(1, len(parts) + 1):
+        entry = schema().get(".".join(parts[:i]))
+        if entry is None:
+            break
+        if not entry.is_section:
+            return entry.type
     return "a value of the declared type"
 
 
@@ -358,127 +308,12 @@ def load_config(preset: str | None = None, config_file: str | None = None,
         cfg = _merge(cfg, dot, f"override '{item}'")
     obj: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     validate(obj)
-    return obj
+    return normalize(obj)
 
 
-@functools.lru_cache(maxsize=None)
 def list_items() -> dict[str, type]:
     """Every list key and the type of its items, from the dataclasses' annotations (List[int] -> int)."""
-    kinds = {"int": int, "str": str, "float": float}
-    return {key: kinds[typ[5:-1]] for key, typ, _ in config_reference() if typ.startswith("List[")}
-
-
-def validate(cfg: Config) -> None:
-    """Semantic checks the type system cannot express."""
-    # OmegaConf lets a nested list through a List[int] (`data.repetitions=[[]]`): check the items
-    for key, kind in list_items().items():
-        bad = [x for x in _get(cfg, key) if not isinstance(x, kind) or isinstance(x, bool)]
-        if bad:
-            what = {int: "integers", str: "strings", float: "numbers"}[kind]
-            raise UserError(f"'{key}' must be a flat list of {what}; {bad[0]!r} is not one. Write it as "
-                            f"{key}=[...] with {what} inside, e.g. {key}={'[1,4,16]' if kind is int else '[a,b]'}.")
-    for key, allowed in CHOICES.items():
-        val = _get(cfg, key)
-        if val not in allowed:
-            raise UserError(f"Invalid value '{val}' for '{key}'. Allowed: {', '.join(allowed)}.")
-    for key, allowed in OPTIONAL_CHOICES.items():
-        val = _get(cfg, key)
-        if val is not None and val not in allowed:
-            raise UserError(f"Invalid value '{val}' for '{key}'. Allowed: {', '.join(allowed)} (or null).")
-    for key in POSITIVE_INTS:
-        if _get(cfg, key) <= 0:
-            raise UserError(f"'{key}' must be a positive integer, got {_get(cfg, key)}. Set {key}=<n> with n >= 1.")
-    for key in POSITIVE_FLOATS:
-        if not _get(cfg, key) > 0:
-            raise UserError(f"'{key}' must be > 0, got {_get(cfg, key)}.")
-    for key in NON_NEGATIVE:
-        if _get(cfg, key) < 0:
-            raise UserError(f"'{key}' must be >= 0, got {_get(cfg, key)}.")
-    d = cfg.data
-    bad = [k for k in d.kinds if k not in KINDS]
-    if bad or not d.kinds or len(set(d.kinds)) != len(d.kinds):
-        raise UserError(f"data.kinds={d.kinds} is invalid: give distinct kinds from {', '.join(KINDS)}.")
-    if not d.repetitions or any(r < 1 for r in d.repetitions) or len(set(d.repetitions)) != len(d.repetitions):
-        raise UserError(f"data.repetitions={d.repetitions} is invalid: give distinct integers >= 1, e.g. [1,4,16].")
-    if "canary" in d.kinds:
-        if not d.canary_alphabet or len(set(d.canary_alphabet)) < 2:
-            raise UserError("data.canary_alphabet must hold at least 2 distinct characters for the secret.")
-        if d.canary_prefix.strip() == "":
-            raise UserError("data.canary_prefix is empty: canaries need a fixed prefix before the secret "
-                            "(e.g. 'My secret is ').")
-        symbols = len(set(d.canary_alphabet))
-        needed = 4 * (d.n_references + d.group_size * len(d.repetitions) * d.replicates)
-        # in logs: symbols ** length of a huge length would never finish computing
-        if d.canary_secret_length * math.log(symbols) < math.log(needed):
-            raise UserError(f"data.canary_secret_length={d.canary_secret_length} with {symbols} symbols allows only "
-                            f"{symbols ** d.canary_secret_length} secrets, too few for {d.n_references} references "
-                            "plus the canaries. Lengthen the secret.")
-    if d.n_retain > d.n_train:
-        raise UserError(f"data.n_retain={d.n_retain} exceeds data.n_train={d.n_train}: the retain sample is drawn "
-                        "from the train pool. Lower data.n_retain.")
-    if d.max_tokens + 1 > cfg.model.max_position_embeddings and cfg.model.name_or_path is None:
-        raise UserError(f"data.max_tokens={d.max_tokens} does not fit model.max_position_embeddings="
-                        f"{cfg.model.max_position_embeddings}. Raise the latter or lower the former.")
-    m = cfg.model
-    if m.name_or_path is None and m.hidden_size % m.n_heads:
-        raise UserError(f"model.hidden_size={m.hidden_size} is not divisible by model.n_heads={m.n_heads}.")
-    for key in ("eval_references", "eval_utility"):
-        if 0 < getattr(cfg.unlearn, key) < 32:
-            raise UserError(f"unlearn.{key}={getattr(cfg.unlearn, key)} is too small a sample for stable exposure and "
-                            f"utility estimates at each evaluation. Use at least 32, or 0 for every example.")
-    if cfg.unlearn.eval_schedule == "every" and cfg.unlearn.eval_every > cfg.unlearn.max_steps:
-        raise UserError(f"unlearn.eval_every={cfg.unlearn.eval_every} exceeds unlearn.max_steps="
-                        f"{cfg.unlearn.max_steps}: no evaluation would happen after step 0. Lower eval_every.")
-    if cfg.unlearn.requests == "ids" and not cfg.unlearn.example_ids:
-        raise UserError("unlearn.requests=ids needs unlearn.example_ids=[...] (the example_id values to forget).")
-    bad = [k for k in cfg.unlearn.request_kinds if k not in d.kinds]
-    if bad:
-        raise UserError(f"unlearn.request_kinds has {bad}, not among data.kinds={d.kinds}.")
-    _validate_lora(cfg.unlearn.lora)
-    if not 0 < cfg.attack.relearn_forget_fraction < 1:
-        raise UserError(f"attack.relearn_forget_fraction must lie strictly between 0 and 1 (some examples trained on, "
-                        f"some held out), got {cfg.attack.relearn_forget_fraction}.")
-    if not 0 < cfg.attack.mia_k <= 1:
-        raise UserError(f"attack.mia_k must lie in (0, 1], got {cfg.attack.mia_k}.")
-    if any(b not in (4, 8) for b in cfg.attack.quant_bits):
-        raise UserError(f"attack.quant_bits={cfg.attack.quant_bits}: weight-only quantization supports 8 and 4 bits.")
-    if not 0 < cfg.metrics.alpha < 1:
-        raise UserError(f"metrics.alpha must lie in (0, 1) (0.05 gives 95% intervals), got {cfg.metrics.alpha}.")
-    if not 0 < cfg.metrics.uq_target <= 1:
-        raise UserError(f"metrics.uq_target must lie in (0, 1], got {cfg.metrics.uq_target}.")
-    t = cfg.tracking
-    bad = [b for b in t.backends if b not in TRACKERS]
-    if bad:
-        raise UserError(f"tracking.backends has unknown tracker(s) {', '.join(map(repr, bad))}. Supported "
-                        f"(Accelerate's trackers): {', '.join(TRACKERS)}; e.g. tracking.backends=[wandb,tensorboard], "
-                        "or [] for metrics.jsonl only.")
-    if t.backend is not None:  # the deprecated single-backend key wins over the list: it is what older files set
-        t.backends, t.backend = ([] if t.backend == "none" else [t.backend]), None
-    t.backends = list(dict.fromkeys(t.backends))
-    if cfg.score.batch_tokens is not None and cfg.score.batch_tokens < 0:
-        raise UserError(f"score.batch_tokens={cfg.score.batch_tokens}: the token budget per forward must be a positive "
-                        "number of tokens, 0 (no budget: batches of score.batch_size examples) or null (automatic).")
-    if cfg.train.micro_batch_size is not None and cfg.train.micro_batch_size <= 0:
-        raise UserError("train.micro_batch_size must be a positive integer or null.")
-
-
-def _validate_lora(lo: LoraConfig) -> None:
-    if lo.rank < 0:
-        raise UserError(f"unlearn.lora.rank must be >= 0 (0 turns LoRA off), got {lo.rank}. Try unlearn.lora.rank=8.")
-    if not lo.rank:
-        return
-    if not (math.isfinite(lo.alpha) and lo.alpha > 0):
-        raise UserError(f"unlearn.lora.alpha must be a positive number (the update is scaled by alpha / rank), got "
-                        f"{lo.alpha}. Try unlearn.lora.alpha={2 * lo.rank}.")
-    if not 0 <= lo.dropout < 1:
-        raise UserError(f"unlearn.lora.dropout must lie in [0, 1), got {lo.dropout}.")
-    names = [str(t) for t in lo.target_modules]
-    if not names or any(not t.strip() for t in names):
-        raise UserError(f"unlearn.lora.target_modules={lo.target_modules} must name the modules to adapt, e.g. "
-                        "[all-linear] or [q_proj,k_proj,v_proj,o_proj] (Llama) or [c_attn,c_proj,c_fc] (GPT-2).")
-    if "all-linear" in names and len(names) > 1:
-        raise UserError(f"unlearn.lora.target_modules={lo.target_modules}: all-linear already adapts every linear "
-                        "layer; give it alone or list module names without it.")
+    return config_schema.list_items(Config)
 
 
 def to_dict(cfg: Config) -> dict:
@@ -502,21 +337,4 @@ def _get_dict(d: dict, dotted: str) -> Any:
 
 def config_reference() -> list[tuple[str, str, str]]:
     """(key, type, default) for every config key, for the README's reference table."""
-    rows = []
-    for sec in dataclasses.fields(Config):
-        if sec.name == "preset":
-            continue
-        rows += _reference_rows(sec.name, sec.default_factory)  # type: ignore[arg-type]
-    return rows
-
-
-def _reference_rows(prefix: str, cls: Any) -> list[tuple[str, str, str]]:
-    """Rows of one section, nested sections (unlearn.lora) flattened to dotted keys."""
-    rows, inst = [], cls()
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(getattr(f, "default_factory", None)):
-            rows += _reference_rows(f"{prefix}.{f.name}", f.default_factory)
-            continue
-        typ = str(f.type).replace("typing.", "")
-        rows.append((f"{prefix}.{f.name}", typ, json.dumps(getattr(inst, f.name))))
-    return rows
+    return [(e.key, e.type, json.dumps(e.default)) for e in config_schema.keys(Config) if e.key != "preset"]

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import sys
 from pathlib import Path
 
-from unlearnbench.config import Config, config_reference
+from unlearnbench.config import config_reference, schema
 
 START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
 
@@ -16,10 +15,7 @@ def _comments() -> dict[str, str]:
     """The trailing `# ...` comment of each field in config.py, as its description."""
     src = (Path(__file__).parent / "config.py").read_text()
     out, section = {}, None
-    names = {f.default_factory.__name__: f.name for f in dataclasses.fields(Config) if f.name != "preset"}  # type: ignore[union-attr]
-    for cls, sec in [(f.default_factory, f.name) for f in dataclasses.fields(Config) if f.name != "preset"]:
-        names.update({g.default_factory.__name__: f"{sec}.{g.name}" for g in dataclasses.fields(cls)  # type: ignore[arg-type]
-                      if dataclasses.is_dataclass(getattr(g, "default_factory", None))})  # nested: unlearn.lora
+    names = {e.cls.__name__: key for key, e in schema().items() if e.is_section and key}  # type: ignore[union-attr]
     for line in src.splitlines():
         m = re.match(r"class (\w+)\b", line)
         if m:

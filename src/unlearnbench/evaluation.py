@@ -48,9 +48,6 @@ def exposures(scored: pd.DataFrame, loss: str, example_ids) -> pd.DataFrame:
     return pd.concat(out).set_index("example_id").loc[list(example_ids)].reset_index()
 
 
-E_R_SOURCES = ("oracle", "held_out_references")
-
-
 def e_r_source(cfg) -> str:
     """Where e_r comes from: the oracle θᵣ (`train.oracle=true`) or held-out references (the no-oracle mode)."""
     return "oracle" if cfg.train.oracle else "held_out_references"

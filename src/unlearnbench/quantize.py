@@ -1,4 +1,4 @@
-"""Weight-only quantized copies of a model, for the quantization-reload attack (DESIGN §3b).
+"""Weight-only quantized copies of a model, for the quantization-reload attack (docs/findings.md, F4).
 
 Does forgetting last? An unlearned model whose weights moved only a little from θ₀ can snap back when its
 weights are rounded to a coarse grid. `quantize_model` returns a quantized **copy** (the model passed in is

@@ -65,7 +65,7 @@ TABLE_ROWS = 200  # rows of a table shown as TensorBoard text (the whole table s
 
 
 def backends(cfg: Config) -> list[str]:
-    """The trackers this config asks for (the deprecated `tracking.backend` already folded in by validation)."""
+    """The trackers this config asks for (the deprecated `tracking.backend` already folded in by config.normalize)."""
     t = cfg.tracking
     if t.backend is not None:
         return [] if t.backend == "none" else [t.backend]

@@ -1,9 +1,9 @@
 """Crossing steps and threshold-free summaries of unlearning curves, without grid artefacts.
 
-Evaluations sit on a log-spaced schedule (DESIGN.md section 3), so a crossing reported as "the
+Evaluations sit on a log-spaced schedule (docs/definitions.md, section 7), so a crossing reported as "the
 first evaluated step" jumps between grid points (8 -> 10 -> 13) and makes two requests that crossed
 a hair apart look 25% apart. Everything here interpolates linearly in x = log(1 + step), the axis
-the schedule is uniform in (section 3a, "Time without grid artefacts").
+the schedule is uniform in (docs/findings.md, "Crossing steps without grid artefacts").
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Membership-inference scores per example, their ROC AUC and MUSE's PrivLeak (DESIGN §3b).
+"""Membership-inference scores per example, their ROC AUC and MUSE's PrivLeak (docs/findings.md, F4).
 
 Every *member score* here is oriented the same way: **higher means more likely a member** (trained on). The
 per-token inputs are ragged, one 1-D array per example over its scored positions, as `scoring.token_score_pass`

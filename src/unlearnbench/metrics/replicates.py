@@ -1,4 +1,5 @@
-"""Effects over replicates, built from outcomes rather than sentinel numbers (DESIGN.md section 3a).
+"""Effects over replicates, built from outcomes rather than sentinel numbers (docs/findings.md: "Outcomes, never
+sentinel numbers", "Comparing a pair", "Effect, interval and verdict").
 
 A request ends unlearned, censored or collapsed. Writing "max_steps" (or inf) for the last two
 and averaging would turn "the budget ran out" and "the model blew up" into "needed many steps",
@@ -16,7 +17,7 @@ from scipy import stats
 
 __all__ = [
     "OUTCOME_KINDS", "COMPARISON_CLASSES", "Outcome", "compare_steps", "mean_interval",
-    "log_scale_interval", "paired_effect", "verdict_across", "f3_verdict",
+    "paired_effect", "verdict_across", "f3_verdict",
 ]
 
 OUTCOME_KINDS = ("unlearned", "censored", "collapsed")
@@ -89,25 +90,6 @@ def mean_interval(values, confidence: float = 0.95) -> dict:
         return {"mean": mean, "lo": math.nan, "hi": math.nan, "n": 1}
     half = float(stats.t.ppf((1 + confidence) / 2, n - 1)) * float(x.std(ddof=1)) / math.sqrt(n)
     return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": n}
-
-
-def log_scale_interval(steps, confidence: float = 0.95) -> dict:
-    """Center and t-interval of log(1+steps), back-transformed by exp(x)-1: {mean, lo, hi, n}.
-
-    `mean` is exp(mean log(1+s)) - 1, a geometric-style center suited to step counts that span
-    orders of magnitude. The lower bound is floored at 0: the back-transform alone can dip to
-    (-1, 0) when the log interval extends below 0, and a negative step count means nothing.
-    """
-    s = _finite_values(steps)
-    if np.any(s < 0):
-        raise ValueError("steps must be non-negative")
-    r = mean_interval(np.log1p(s), confidence)
-    if r["n"] == 0:
-        return r
-    return {"mean": math.expm1(r["mean"]),
-            "lo": max(0.0, math.expm1(r["lo"])) if not math.isnan(r["lo"]) else math.nan,
-            "hi": math.expm1(r["hi"]) if not math.isnan(r["hi"]) else math.nan,
-            "n": r["n"]}
 
 
 def paired_effect(differences: Sequence[float | None], classes: Sequence[str],

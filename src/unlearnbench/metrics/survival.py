@@ -1,4 +1,5 @@
-"""Censoring-aware statistics for steps to forget (DESIGN.md section 3a, "Example level" and F3).
+"""Censoring-aware statistics for steps to forget (docs/findings.md: "Example level: the fraction not yet
+forgotten" and "F3 — memorization and steps to forget").
 
 An example that is still not forgotten at `max_steps`, or whose request collapsed first, has a
 step count we only know a lower bound of. Treating that bound as the value (a sentinel) biases

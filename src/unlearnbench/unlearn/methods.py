@@ -28,9 +28,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-DEFAULT_METHOD = "ga"
-NPO_DEFAULT_BETA = 0.1
-SIMNPO_DEFAULT_BETA = 2.5
+from unlearnbench.config import UnlearnConfig
 
 # A global count may come straight from an all-reduce, so a 0-d tensor is accepted as well as an int.
 Count = int | torch.Tensor
@@ -92,10 +90,11 @@ class LossInputs:
 class MethodParams:
     """Hyper-parameters shared by all methods; each method reads the ones it uses.
 
-    ``beta`` None means the method's own default (npo/npo_gd 0.1, simnpo 2.5). ``gamma`` is
-    SimNPO's reward margin. ``retain_weight`` scales the retain term of ga_gd, ga_kl and npo_gd.
-    ``nll_clamp`` caps each forget token's NLL in the GA term, so tokens pushed past the cap stop
-    receiving gradient and gradient ascent cannot run off to infinity on them.
+    ``beta`` None means the method's default, the config's: ``unlearn.beta`` for npo/npo_gd,
+    ``unlearn.simnpo_beta`` for simnpo (the one place these defaults live). ``gamma`` is SimNPO's reward
+    margin. ``retain_weight`` scales the retain term of ga_gd, ga_kl and npo_gd. ``nll_clamp`` caps each
+    forget token's NLL in the GA term, so tokens pushed past the cap stop receiving gradient and gradient
+    ascent cannot run off to infinity on them.
     """
 
     beta: float | None = None
@@ -238,7 +237,7 @@ def _retain_kl(inputs: LossInputs) -> torch.Tensor:
 
 def _npo(inputs: LossInputs, params: MethodParams) -> tuple[torch.Tensor, torch.Tensor]:
     """(NPO loss, mean sequence log-ratio s_θ − s_ref for logging)."""
-    beta = params.beta_or(NPO_DEFAULT_BETA)
+    beta = params.beta_or(UnlearnConfig.beta)
     scored = inputs.forget_mask != 0
     has_tokens = scored.any(dim=-1)
     log_ratio = _seq_sum(inputs.forget_logp.float(), scored) - _seq_sum(
@@ -309,7 +308,7 @@ def npo_gd(inputs: LossInputs, params: MethodParams) -> tuple[torch.Tensor, dict
 def simnpo(inputs: LossInputs, params: MethodParams) -> tuple[torch.Tensor, dict[str, float]]:
     """SimNPO, reference-free: −(2/β)·mean log σ(−(β/|y|)·s_θ − γ), |y| = scored tokens."""
     _require(inputs, "simnpo", "forget_logp", "forget_mask")
-    beta = params.beta_or(SIMNPO_DEFAULT_BETA)
+    beta = params.beta_or(UnlearnConfig.simnpo_beta)
     scored = inputs.forget_mask != 0
     lengths = scored.sum(dim=-1)
     has_tokens = lengths > 0
