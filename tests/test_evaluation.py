@@ -227,3 +227,62 @@ def test_full_check_reuses_the_last_evaluation_of_the_same_state(study):
     ev.evaluate(study["theta0"], 2)
     other = ev.evaluate_full(study["theta_r"])  # not the last evaluated state: everything is scored
     assert other["uq_final_all"] == pytest.approx(scratch["uq_final_all"], abs=1e-6)
+
+
+def _same_row(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k] == b[k] or (a[k] != a[k] and b[k] != b[k]), k  # equal, or both NaN
+
+
+def test_state_dict_round_trip_gives_the_same_next_evaluation(study):
+    """An evaluator restored from another's `state_dict`, passed through JSON as a request checkpoint keeps it, gives
+    the next evaluation and the final check of the original to the bit: after step 0 on θ₀ (its last scores are θ₀'s
+    stored ones, named "theta0" rather than copied) and after a sampled step (the scores themselves, which let the
+    final check score only what that step did not)."""
+    ids = _ids(study)
+    ev, _ = _evaluator(study, ids, *SAMPLED)
+    ev.evaluate(study["theta0"], 0)
+    state = json.loads(json.dumps(ev.state_dict()))
+    assert state["last"] == "theta0" and state["tokens_scored"] == ev.tokens_scored > 0
+    back, _ = _evaluator(study, ids, *SAMPLED)
+    back.load_state_dict(state)
+    assert back.seconds == ev.seconds and back.tokens_scored == ev.tokens_scored and back.ppl_0 == ev.ppl_0
+    a, b = ev.evaluate(study["theta_r"], 1), back.evaluate(study["theta_r"], 1)
+    _same_row(a[0], b[0])
+    pd.testing.assert_frame_equal(a[1], b[1], check_exact=True)
+
+    state = json.loads(json.dumps(ev.state_dict()))
+    assert sorted(state["last"]) == sorted(["example_id", "nll_sum", "n_tokens", "n_correct", "nll"])
+    assert len(state["last"]["example_id"]) == len(ev.meta)
+    restored, _ = _evaluator(study, ids, *SAMPLED)
+    restored.load_state_dict(state)
+    before = restored.tokens_scored
+    _same_row(ev.evaluate_full(study["theta_r"]), restored.evaluate_full(study["theta_r"]))
+    assert restored.tokens_scored == ev.tokens_scored  # the same passes: the last scores were reused, not rescored
+    assert restored.tokens_scored - before < sum(len(x) for x in restored.full_data["input_ids"])
+
+
+def test_state_dict_carries_the_measured_theta0_numbers(study):
+    """Without the score stage's θ₀ exposures step 0 measures e₀ and ppl₀: the state carries them, and a restored
+    evaluator's next evaluation is the original's."""
+    table = study["table"].drop(columns=[c for c in study["table"] if c.endswith("_original")])
+    ids = _ids(study)
+    cfg = smoke_config(study["run"], *SAMPLED)
+
+    def make():
+        from unlearnbench.evaluation import RequestEvaluator
+
+        return RequestEvaluator(study["acc"], cfg, ids, study["subset"], study["meta"], table, 0, True)
+
+    ev = make()
+    assert ev.e_0 is None and ev.ppl_0 is None
+    ev.evaluate(study["theta0"], 0)
+    state = json.loads(json.dumps(ev.state_dict()))
+    back = make()
+    back.load_state_dict(state)
+    np.testing.assert_array_equal(back.e_0, ev.e_0)
+    assert back.ppl_0 == ev.ppl_0 is not None
+    a, b = ev.evaluate(study["theta_r"], 2), back.evaluate(study["theta_r"], 2)
+    _same_row(a[0], b[0])
+    pd.testing.assert_frame_equal(a[1], b[1], check_exact=True)

@@ -186,7 +186,7 @@ def test_aggregate_seeds_counts_every_outcome(tmp_path):
 def test_a_target_off_the_reported_grid_gets_outcomes_everywhere_the_findings_look():
     """uq_target 0.95: each request's outcomes cover 0.5, 0.8, 0.9 and 0.95, and F1/F2 decide at 0.95 (they read
     every reported target; a missing 0.9 used to raise KeyError)."""
-    from unlearnbench.unlearn.request import request_outcomes
+    from unlearnbench.unlearn.outcome import request_outcomes
 
     # UQ 0, 0.6, 0.92, 0.97 at steps 0, 1, 3, 7: 0.95 is crossed between steps 3 and 7
     curve = pd.DataFrame({"step": [0, 1, 3, 7], "uq": [0.0, 0.6, 0.92, 0.97],

@@ -150,6 +150,17 @@ def test_sigterm_in_unlearn_checkpoints_and_resumes_identically(smoke_study, tmp
     assert (run / "unlearn" / "canary_r4" / "checkpoint" / "step_0000001" / "complete.json").exists()
     assert not (run / "unlearn" / "canary_r4" / "result.json").exists()
 
+    # A checkpoint written before the evaluator had a state_dict (loop.json without "format", its evaluator's last
+    # scores named "theta0" or kept in last_scores.parquet) is refused with a message, and the request starts again
+    from unlearnbench import integrity
+
+    old = run / "unlearn" / "canary_r16" / "checkpoint" / "step_0000001"
+    shutil.copytree(run / "unlearn" / "canary_r4" / "checkpoint" / "step_0000001", old)
+    loop = json.loads((old / "loop.json").read_text())
+    assert loop.pop("format") == 2 and loop["evaluator"]["last"] == "theta0"
+    (old / "loop.json").write_text(json.dumps(loop))
+    integrity.mark_complete(old, 1)
+
     # The same run with another unlearning config: the checkpoint and the finished request were computed for the
     # old one, so neither is reused (a trajectory resumed under a new lr would be silently wrong)
     fire_at[0] = -1
@@ -157,6 +168,10 @@ def test_sigterm_in_unlearn_checkpoints_and_resumes_identically(smoke_study, tmp
     out = capsys.readouterr().out
     assert f"[unlearn] {first}: its result was computed for another config; recomputing it" in out
     assert "canary_r4/checkpoint/step_0000001: it was written for another config; this request starts again" in out
+    assert ("canary_r16/checkpoint/step_0000001: it was written by an older unlearnbench (checkpoint format 1; this "
+            "version reads format 2); this request starts again from θ₀ and the checkpoint is removed (a request "
+            "checkpoint is only a resume aid)") in out
+    assert not (run / "unlearn" / "canary_r16" / "checkpoint").exists()
     assert "resuming at step" not in out and not (run / "unlearn" / "canary_r4" / "checkpoint").exists()
     assert json.loads((run / "unlearn" / first / "result.json").read_text())["lr"] == 0.002
 

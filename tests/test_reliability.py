@@ -467,25 +467,36 @@ def _checkpoint(root: Path, step: int) -> Path:
 def test_damaged_checkpoint_is_never_resumed(tmp_path, how):
     root = tmp_path / "checkpoints" / "original"
     older, newer = _checkpoint(root, 40), _checkpoint(root, 80)
-    assert integrity.latest_checkpoint(root) == (newer, 80)
+    assert integrity.latest_checkpoint(root, "train") == (newer, 80)
     said = []
     integrity.forget_verified()
     how(newer / "optimizer.bin")
-    assert integrity.latest_checkpoint(root, say=said.append) == (older, 40)
-    assert "not resuming from" in said[0] and "optimizer.bin" in said[0]
+    assert integrity.latest_checkpoint(root, "train", say=said.append) == (older, 40)
+    assert said[0].startswith(f"[train] not resuming from {newer}: ") and "optimizer.bin" in said[0]
     how(older / "sub" / "random_states_0.pkl")
-    assert integrity.latest_checkpoint(root, say=said.append) is None
+    assert integrity.latest_checkpoint(root, "train", say=said.append) is None
     (root / "step_0000120").mkdir()  # interrupted while being written: no complete.json, skipped silently
     said.clear()
-    assert integrity.latest_checkpoint(root, say=said.append) is None
+    assert integrity.latest_checkpoint(root, "train", say=said.append) is None
     assert len(said) == 2 and "step_0000120" not in " ".join(said)
+
+
+def test_latest_checkpoint_names_its_caller(tmp_path):
+    """The skipped checkpoint is reported under the caller's label (an unlearning request's, not "[train]")."""
+    root = tmp_path / "checkpoint"
+    older, newer = _checkpoint(root, 1), _checkpoint(root, 5)
+    _truncate(newer / "optimizer.bin")
+    said = []
+    assert integrity.latest_checkpoint(root, "unlearn", say=said.append) == (older, 1)
+    assert len(said) == 1 and said[0].startswith(f"[unlearn] not resuming from {newer}: ")
+    assert said[0].endswith(". It is ignored.") and "[train]" not in said[0]
 
 
 def test_checkpoint_recorded_before_checksums_is_trusted(tmp_path):
     ckpt = tmp_path / "step_0000040"
     ckpt.mkdir()
     (ckpt / "complete.json").write_text('{"step": 40}')
-    assert integrity.latest_checkpoint(tmp_path) == (ckpt, 40)
+    assert integrity.latest_checkpoint(tmp_path, "train") == (ckpt, 40)
 
 
 def test_checkpoint_policy_and_disk_use_per_stage(tmp_path):

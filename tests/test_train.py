@@ -154,6 +154,19 @@ def test_forced_models_is_refused_on_a_sharded_launch(acc):
     assert parallel_mode(_fake_acc("DEEPSPEED", zero=0), "auto", 6) == "models"  # DeepSpeed without ZeRO: whole
 
 
+@pytest.mark.parametrize("acc, sharded, weights", [
+    (_fake_acc("MULTI_CPU"), False, False), (_fake_acc("NO", processes=1), False, False),
+    (_fake_acc("DEEPSPEED", zero=0), False, False),  # DeepSpeed without ZeRO: every rank holds the whole model
+    (_fake_acc("DEEPSPEED", zero=1), True, False), (_fake_acc("DEEPSPEED", zero=2), True, False),
+    (_fake_acc("DEEPSPEED", zero=3), True, True), (_fake_acc("FSDP"), True, True)],
+    ids=["ddp", "one", "deepspeed-no-zero", "zero1", "zero2", "zero3", "fsdp"])
+def test_is_sharded(acc, sharded, weights):
+    """ZeRO > 0 or FSDP shards the model; only ZeRO-3 and FSDP shard the weights themselves."""
+    from unlearnbench.distributed import is_sharded
+
+    assert is_sharded(acc) is sharded and is_sharded(acc, weights=True) is weights
+
+
 def test_forced_models_is_refused_with_fp16():
     from unlearnbench.errors import UserError
     from unlearnbench.stages.train import parallel_mode

@@ -319,7 +319,7 @@ def test_stop_rule_continues_past_the_target_until_every_example_is_forgotten():
 def test_request_outcome_interpolates_the_crossing_and_the_cost_there():
     """UQ 0.6 at step 8 and 1.0 at step 10: the 0.9 crossing is 3/4 of the way in log(1+step); the log
     perplexity ratio is read at the same point; never reaching the target is censored, diverging is collapsed."""
-    from unlearnbench.unlearn.request import request_outcome
+    from unlearnbench.unlearn.outcome import request_outcome
 
     curve = pd.DataFrame({"step": [0, 8, 10], "uq": [0.0, 0.6, 1.0], "utility_drop": [0.0, np.e - 1, np.e ** 3 - 1]})
     o = request_outcome(curve, 0.9, False, 10)

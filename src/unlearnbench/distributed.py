@@ -129,6 +129,12 @@ def zero_stage(acc: Accelerator) -> int:
     return int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
 
 
+def is_sharded(acc: Accelerator, weights: bool = False) -> bool:
+    """Whether this launch shards the model: DeepSpeed ZeRO (stage > 0) or FSDP. `weights=True`: only launches that
+    shard the weights themselves (ZeRO-3, FSDP), not just the optimizer state and gradients (ZeRO-1/2)."""
+    return "FSDP" in str(acc.distributed_type) or zero_stage(acc) >= (3 if weights else 1)
+
+
 def describe(acc: Accelerator) -> dict:
     """World size, backend, ZeRO stage, device and hardware, for logs and the saved config."""
     info = {

@@ -196,6 +196,32 @@ class RequestEvaluator:
             self.ppl_0 = util_0["id_holdout_ppl"]
             self.ppl_0_all = utility_table(stored, self.full_meta)["id_holdout_ppl"]
 
+    def state_dict(self) -> dict:
+        """What an interrupted request must carry to its resume, as plain data (JSON-ready, floats exact through
+        `json`): the evaluator's time and tokens, θ₀'s exposures and perplexity as measured (when not stored), and
+        the scores behind the last evaluation: `"theta0"` when they are θ₀'s stored scores, else their columns."""
+        last = self._last
+        if last is not None and self._theta0 is not None and last is self._theta0["scores"]:
+            last = "theta0"
+        elif last is not None:
+            last = {c: last[c].tolist() for c in _SCORES}
+        return {"seconds": self.seconds, "tokens_scored": self.tokens_scored,
+                "e_0": None if self.e_0 is None else [float(x) for x in self.e_0],
+                "ppl_0": None if self.ppl_0 is None else float(self.ppl_0), "last": last}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` gave, into an evaluator built for the same request and run."""
+        self.seconds, self.tokens_scored = float(state["seconds"]), int(state["tokens_scored"])
+        self.e_0 = None if state["e_0"] is None else np.asarray(state["e_0"], dtype=float)
+        self.ppl_0 = state["ppl_0"]
+        last = state["last"]
+        if last == "theta0":
+            if self._theta0 is None:
+                raise ValueError("the evaluator state refers to θ₀'s stored scores, which this evaluator has not")
+            self._last = self._theta0["scores"]
+        else:
+            self._last = None if last is None else pd.DataFrame(last, columns=_SCORES)
+
     def _part(self, name: str) -> tuple[dict, pd.DataFrame]:
         """Column lists and metadata of a named row set, converted once when first needed."""
         if name not in self._parts:

@@ -215,9 +215,10 @@ def check_checkpoint(ckpt: Path) -> tuple[int | None, str | None]:
     return step, None
 
 
-def latest_checkpoint(ckpt_root: Path, say=print) -> tuple[Path, int] | None:
+def latest_checkpoint(ckpt_root: Path, label: str, say=print) -> tuple[Path, int] | None:
     """The newest `step_*` checkpoint under `ckpt_root` that is complete and undamaged, with its step; damaged or
-    incomplete ones are reported (through `say`) and skipped, never resumed from."""
+    incomplete ones are reported (through `say`, as `[<label>] not resuming from ...`) and skipped, never resumed
+    from."""
     for p in sorted(Path(ckpt_root).glob("step_*"), reverse=True):
         if not p.is_dir():
             continue
@@ -225,7 +226,7 @@ def latest_checkpoint(ckpt_root: Path, say=print) -> tuple[Path, int] | None:
         if step is not None:
             return p, step
         if (p / COMPLETE).exists():
-            say(f"[train] not resuming from {p}: {why}. It is ignored.")
+            say(f"[{label}] not resuming from {p}: {why}. It is ignored.")
     return None
 
 

@@ -19,7 +19,7 @@ import pandas as pd
 from unlearnbench import attacks, metrics
 from unlearnbench.config import Config
 from unlearnbench.data.build import load_examples, load_tokenizer
-from unlearnbench.distributed import peak_memory_mib, zero_stage
+from unlearnbench.distributed import is_sharded, peak_memory_mib
 from unlearnbench.errors import UserError
 from unlearnbench.evaluation import eval_subset
 from unlearnbench.findings import finding_f4
@@ -253,7 +253,7 @@ def run(ctx: Context) -> None:
         acc.print("[attack] attack.enabled=false: skipping the attacks")
         finish_stage(ctx, NAME, {"skipped": True})
         return
-    if zero_stage(acc) > 0 or "FSDP" in str(acc.distributed_type):
+    if is_sharded(acc):
         raise UserError("The attack stage runs each request on one device, but this launch shards the model (DeepSpeed "
                         "ZeRO or FSDP). Run `unlearnbench attack` with a DDP or single-device accelerate config, or "
                         "set attack.enabled=false.")

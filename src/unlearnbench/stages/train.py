@@ -25,7 +25,7 @@ from unlearnbench.batching import collate, shard_batch, token_logprobs, training
 from unlearnbench import integrity, interrupt
 from unlearnbench.config import Config
 from unlearnbench.data.build import load_examples, load_tokenizer
-from unlearnbench.distributed import configure_deepspeed_batch, peak_memory_mib, zero_stage
+from unlearnbench.distributed import configure_deepspeed_batch, is_sharded, peak_memory_mib
 from unlearnbench.errors import UserError
 from unlearnbench.io import write_json
 from unlearnbench.models import build_model, model_dir, n_params, save_local_model, save_model
@@ -68,7 +68,7 @@ def parallel_rule(choice: str, processes: int, untrained: int, sharded: bool) ->
 def parallel_mode(acc, choice: str, untrained: int) -> str:
     """`parallel_rule` for this launch. fp16 needs accelerate's gradient scaler, which only the data path has:
     auto picks `data` there and a forced `models` is refused."""
-    sharded = zero_stage(acc) > 0 or "FSDP" in str(acc.distributed_type)
+    sharded = is_sharded(acc)
     if getattr(acc, "mixed_precision", "no") == "fp16":
         if choice == "models" and acc.num_processes > 1:
             raise UserError("train.parallel=models does not support mixed_precision fp16 (it needs accelerate's "
@@ -169,11 +169,6 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
     return f
 
 
-def _latest_checkpoint(ckpt_root: Path) -> tuple[Path, int] | None:
-    """The newest complete, undamaged checkpoint (a truncated or altered one is reported and never resumed from)."""
-    return integrity.latest_checkpoint(ckpt_root, say=print)
-
-
 def train_model(acc, cfg: Config, run_dir: Path, name: str, examples, tokenizer, tracker=None,
                 shadow_mask: dict | None = None, seed_offset: int = 0, local: bool = False) -> dict:
     """Train one model of the study and save it under `models/<name>` with its tokenizer.
@@ -211,7 +206,7 @@ def train_model(acc, cfg: Config, run_dir: Path, name: str, examples, tokenizer,
     ckpt_root = Path(run_dir) / "checkpoints" / name
     say = (lambda msg: print(msg, flush=True)) if local else acc.print
     start = 0
-    latest = _latest_checkpoint(ckpt_root)
+    latest = integrity.latest_checkpoint(ckpt_root, "train")  # a damaged one is reported, never resumed from
     if latest is not None:
         if local:
             _load_local_checkpoint(model, opt, latest[0])

@@ -11,7 +11,7 @@ import pandas as pd
 
 from unlearnbench.config import Config
 from unlearnbench.data.build import load_examples, load_tokenizer
-from unlearnbench.distributed import peak_memory_mib, zero_stage
+from unlearnbench.distributed import is_sharded, peak_memory_mib
 from unlearnbench.errors import UserError
 from unlearnbench.evaluation import eval_subset
 from unlearnbench.findings import flatten_findings, format_findings, summarize_run
@@ -60,7 +60,7 @@ def parallel_mode(ctx: Context, n_requests: int) -> str:
     model fits one device (plain DDP, no ZeRO or FSDP sharding); data-parallel otherwise.
     """
     acc, choice = ctx.acc, ctx.cfg.unlearn.parallel
-    sharded = zero_stage(acc) > 0 or "FSDP" in str(acc.distributed_type)
+    sharded = is_sharded(acc)
     if choice == "requests" and sharded:
         raise UserError("unlearn.parallel=requests needs a model that fits one device, but this launch shards it "
                         "(DeepSpeed ZeRO or FSDP). Use unlearn.parallel=data or a DDP accelerate config.")

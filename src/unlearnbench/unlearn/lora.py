@@ -33,9 +33,9 @@ def enabled(lora: LoraConfig) -> bool:
 def check_backend(acc) -> None:
     """LoRA runs in one process, under DDP and under DeepSpeed ZeRO-1/2; ZeRO-3 and FSDP shard the base weights,
     which the merged save and the adapter-off reference do not gather."""
-    from unlearnbench.distributed import zero_stage
+    from unlearnbench.distributed import is_sharded
 
-    if zero_stage(acc) == 3 or "FSDP" in str(acc.distributed_type):
+    if is_sharded(acc, weights=True):
         raise UserError("unlearn.lora.rank > 0 (LoRA unlearning) runs in one process, under DDP and under DeepSpeed "
                         "ZeRO-1/2, but this launch shards the base weights (ZeRO-3 or FSDP). Launch with a DDP or "
                         "ZeRO-2 accelerate config (LoRA's optimizer state is small, so ZeRO-2 already holds it "
