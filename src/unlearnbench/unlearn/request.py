@@ -472,7 +472,7 @@ CHECKPOINT = "checkpoint"  # unlearn/<request>/checkpoint/step_<N>/: written on 
 def _checkpoint_identity(cfg: Config, worker: Worker) -> dict:
     """What a request checkpoint must share with the run resuming it: the unlearn stage's fingerprint (every
     setting the trajectory depends on) and the process layout (request-parallel or not, and how many ranks)."""
-    from unlearnbench.rundir import stage_fingerprint
+    from unlearnbench.records import stage_fingerprint
 
     return {"fingerprint": stage_fingerprint(cfg, "unlearn"), "local": bool(worker.local),
             "world": 1 if worker.local else int(worker.acc.num_processes)}
