@@ -16,8 +16,8 @@ Under a multi-process launch only rank 0 touches the file; the verdict is broadc
 exits with the same message and none waits at a barrier. A command takes the lock once (`study.invocation`); a
 second take in the same process is refused like any other.
 
-This module knows locking only: which run directories nest with this one is the run directory's layout
-(`rundir.nested_runs`); what to remove after a failed invocation, and the signal handlers, are the business of the
+This module does locking only: it asks the run directory's layout which directories nest with this one
+(`rundir.nested_runs`); removing what a failed invocation left and installing the signal handlers belong to the
 command that takes the lock (`study.invocation`).
 """
 
