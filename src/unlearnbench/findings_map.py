@@ -20,7 +20,7 @@ import pandas as pd
 from unlearnbench.config import Config, validate
 from unlearnbench.errors import UserError
 from unlearnbench.io import read_json, write_text
-from unlearnbench.rundir import map_cell_dir, map_dir, record_path
+from unlearnbench.rundir import RECORDS_DIR, map_cell_dir, map_dir, record_path
 
 DEFAULT_GRID = {"lr": [1e-4, 3e-4, 1e-3], "method": ["ga", "npo"], "exposure": ["extrapolated", "rank"]}
 VERDICT_COLOURS = {"reproduced": "#1a9850", "partly reproduced": "#a6d96a", "not reproduced": "#fdae61",
@@ -52,13 +52,12 @@ def link_parent(parent: Path, cell_dir: Path) -> None:
         if not record_path(parent, stage).exists():
             raise UserError(f"The findings map reuses the trained models of {parent}, but its '{stage}' stage has not "
                             f"finished. Run `unlearnbench train run.dir={parent}` (or `run`) with the same config first.")
-    cell_dir.mkdir(parents=True, exist_ok=True)
+    (cell_dir / RECORDS_DIR).mkdir(parents=True, exist_ok=True)
     for sub in ("data", "models"):
         link = cell_dir / sub
         if not link.exists():
             os.symlink(os.path.relpath(parent / sub, cell_dir), link)
     for stage in ("prepare", "train"):
-        record_path(cell_dir, stage).parent.mkdir(exist_ok=True)
         shutil.copy(record_path(parent, stage), record_path(cell_dir, stage))
 
 
