@@ -64,7 +64,7 @@ def machine() -> dict:
 
 def versions() -> dict:
     """Package versions and the git revision, as the project records them in a run's config.yaml."""
-    from unlearnbench.rundir import git_revision, package_versions
+    from unlearnbench.records import git_revision, package_versions
 
     return {**package_versions(), "git": git_revision()}
 

@@ -89,7 +89,8 @@ def test_attack_columns_in_summary_json_and_curves_in_metrics_jsonl(smoke_study)
     recovered share is the result's."""
     from unlearnbench import integrity
     from unlearnbench.distributed import make_accelerator
-    from unlearnbench.rundir import Context, require
+    from unlearnbench.records import require
+    from unlearnbench.rundir import Context
 
     cfg, run = smoke_study
     attack_summary = json.loads((run / "attacks" / "summary.json").read_text())

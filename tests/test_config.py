@@ -3,7 +3,7 @@
 import pytest
 
 from unlearnbench.config import config_reference, load_config, preset_names
-from unlearnbench.rundir import stage_fingerprint as fingerprint
+from unlearnbench.records import stage_fingerprint as fingerprint
 from unlearnbench.errors import UserError
 
 

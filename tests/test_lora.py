@@ -92,7 +92,7 @@ def test_lora_config_is_validated(override, words, tmp_path):
 
 
 def test_lora_config_changes_the_unlearn_fingerprint(tmp_path):
-    from unlearnbench.rundir import stage_fingerprint
+    from unlearnbench.records import stage_fingerprint
 
     off, on = smoke_config(tmp_path), smoke_config(tmp_path, "unlearn.lora.rank=8")
     alpha = smoke_config(tmp_path, "unlearn.lora.rank=8", "unlearn.lora.alpha=32")

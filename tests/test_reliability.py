@@ -53,8 +53,9 @@ def one_paragraph_error(err: str) -> str:
 
 HOLDER = """
 import sys, time
+from unlearnbench import interrupt
 from unlearnbench.lock import hold_run_lock
-with hold_run_lock(sys.argv[1], command="holder --for-the-test"):
+with hold_run_lock(sys.argv[1], command="holder --for-the-test"), interrupt.handlers():  # as a command holds it
     print("held", flush=True)
     time.sleep(float(sys.argv[2]))
 """
@@ -196,21 +197,65 @@ def test_empty_lock_file_waits_for_its_writer_then_counts_as_stale(tmp_path):
     assert not path.exists()
 
 
-def test_lock_is_reentrant_refreshed_and_released(tmp_path, monkeypatch):
+def test_lock_is_taken_once_refreshed_and_released(tmp_path, monkeypatch):
     monkeypatch.setenv(STALE_ENV, str(1.2 / 3600))  # heartbeat every 0.2 s
     run = tmp_path / "run"
-    with hold_run_lock(run, command="outer"):
+    with hold_run_lock(run, command="outer") as held:
+        assert held.created and held.run_dir == run
         path = lock_path(run)
         t0 = path.stat().st_mtime
-        with hold_run_lock(run, command="inner"):  # the study runner inside the CLI: shared, not refused
-            assert json.loads(path.read_text())["command"] == "outer"
-        assert path.exists(), "the inner block does not release the outer lock"
+        # a command takes the lock once: a second take, even in the same process, is refused like any other
+        with pytest.raises(RunDirLocked, match=f"process {os.getpid()} on host"):
+            with hold_run_lock(run, command="inner"):
+                pass
+        with pytest.raises(RunDirLocked, match=f"in use through {run}"):
+            with hold_run_lock(run / "seed_0"):
+                pass
+        assert json.loads(path.read_text())["command"] == "outer", "the refused take leaves the lock alone"
         os.utime(path, (t0 - 100, t0 - 100))
         deadline = time.time() + 10
         while path.stat().st_mtime < t0 - 50 and time.time() < deadline:
             time.sleep(0.05)
         assert path.stat().st_mtime >= t0 - 50, "the holder refreshes the lock while it runs"
     assert not path.exists()
+
+
+def test_a_command_takes_the_lock_and_checks_its_config_once(capsys, prepared, tmp_path, monkeypatch):
+    from unlearnbench import lock, study
+
+    run = tmp_path / "run"
+    shutil.copytree(prepared[1], run)
+    taken, checked = [], []
+    acquire, check_config = lock.acquire, study.check_config
+    monkeypatch.setattr(lock, "acquire", lambda run_dir, *a, **k: taken.append(run_dir) or acquire(run_dir, *a, **k))
+    monkeypatch.setattr(study, "check_config", lambda cfg: checked.append(cfg.run.dir) or check_config(cfg))
+    code, out, err = run_cli(capsys, "prepare", "--preset", "smoke", f"run.dir={run}")
+    assert code == 0 and "already done" in out, err
+    assert taken == [run] and checked == [str(run)]
+    taken.clear(), checked.clear()
+    from conftest import smoke_config
+
+    study.run_study(smoke_config(run, "run.seeds=[0,1]"), "prepare")  # the library entry: one lock for both seeds
+    assert taken == [run] and checked == [str(run)]
+    assert (run / "seed_1" / "stages" / "prepare.json").exists() and not (run / LOCK_NAME).exists()
+
+
+def test_library_entry_holds_the_lock_and_cleans_up_after_a_user_error(tmp_path):
+    from conftest import smoke_config
+    from unlearnbench.study import run_study
+
+    run = tmp_path / "run"
+    holder = _start_holder(run)
+    try:
+        with pytest.raises(RunDirLocked, match=f"process {holder.pid} on host"):
+            run_study(smoke_config(run), "prepare")
+        assert (run / LOCK_NAME).exists() and not (run / "stages").exists()
+    finally:
+        holder.send_signal(signal.SIGTERM)
+        holder.wait(timeout=60)
+    with pytest.raises(UserError, match="has not run"):
+        run_study(smoke_config(tmp_path / "new"), "train")
+    assert not (tmp_path / "new").exists(), "the directory the call created is gone again"
 
 
 def test_bad_stale_hours_is_a_user_error(tmp_path, monkeypatch):
@@ -409,7 +454,8 @@ def test_changed_inputs_recompute_the_stage(capsys, smoke_study, tmp_path):
     rec["inputs"]["score"] = "0" * 16
     write_json(run / "stages" / "unlearn.json", rec)
     from conftest import smoke_config
-    from unlearnbench.rundir import Context, should_run
+    from unlearnbench.records import should_run
+    from unlearnbench.rundir import Context
 
     class Acc:
         is_main_process, num_processes = True, 1
@@ -437,17 +483,22 @@ def test_unreadable_json_and_parquet_are_named(tmp_path):
         read_parquet(p)
 
 
-def test_verified_readers(smoke_study, tmp_path):
+def test_verify_input_checks_another_stage_s_output_before_it_is_read(smoke_study, tmp_path):
+    from unlearnbench.records import verify_input
+
     run = tmp_path / "run"
     shutil.copytree(smoke_study[1], run)
-    df = integrity.read_parquet(run / "scores" / "examples.parquet")
-    assert len(df) > 0 and integrity.read_json(run / "scores" / "utility.json")
-    integrity.read_json(tmp_path / "run" / "summary.json")
+    verify_input(run / "scores" / "examples.parquet")
+    assert len(read_parquet(run / "scores" / "examples.parquet")) > 0
+    verify_input(run / "scores")  # a directory: every recorded file under it
+    verify_input(tmp_path / "run" / "summary.json")
     _truncate(run / "summary.json")
     integrity.forget_verified()
     with pytest.raises(CorruptFileError, match="summary.json has .* bytes, the record says"):
-        integrity.read_json(run / "summary.json")
+        verify_input(run / "summary.json")
     assert read_json(run / "stages" / "unlearn.json")["invalid"]["files"] == ["summary.json"]
+    assert not (run / "summary.json").exists(), "the damaged file is removed"
+    verify_input(run / "summary.json")  # its record is marked invalid: being recomputed, nothing more to say
 
 
 # ---------------------------------------------------------------------------------------------------------------

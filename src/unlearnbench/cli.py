@@ -278,25 +278,25 @@ def _main(args: argparse.Namespace, argv: list[str] | None = None) -> None:
     contain_writes(run_dir)  # before torch, matplotlib and W&B are imported: they read these variables then
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    from unlearnbench.distributed import make_accelerator
-    from unlearnbench.lock import hold_run_lock
+    from unlearnbench.distributed import make_accelerator, on_main_or_fail
     from unlearnbench.rundir import contained_tmp
+    from unlearnbench.study import invocation
 
     acc = make_accelerator(cfg.run.num_processes)
     command = shlex.join(["unlearnbench", *(sys.argv[1:] if argv is None else argv)])
-    with hold_run_lock(run_dir, acc, command=command, cfg=cfg), contained_tmp(run_dir):
+    # the run directory's lock, taken once for the whole command (the functions below do not take it again)
+    with invocation(cfg, acc, command=command), contained_tmp(run_dir):
         if args.stage == "report" and args.compare:
-            from unlearnbench.rundir import on_main_or_fail
             from unlearnbench.stages.report import compare_runs
 
             on_main_or_fail(acc, lambda: compare_runs([Path(d) for d in args.compare], run_dir / "compare"))
             return
         if args.stage == "map":
-            from unlearnbench.findings_map import run_map
+            from unlearnbench.findings_map import map_cells
 
             grid = {k: v for k, v in (("lr", args.lr), ("method", args.methods), ("exposure", args.exposures)) if v}
-            run_map(cfg, grid, acc=acc)
+            map_cells(cfg, grid, acc)
             return
-        from unlearnbench.study import run_study
+        from unlearnbench.study import run_stages
 
-        run_study(cfg, args.stage, force=args.force, acc=acc)
+        run_stages(cfg, args.stage, args.force, acc)

@@ -1,11 +1,12 @@
-"""The Accelerator, its guards against silent misconfiguration, and a description of the setup."""
+"""The Accelerator, its guards against silent misconfiguration, a description of the setup, and running a step on
+the main process with its answer (or its refusal) on every process."""
 
 from __future__ import annotations
 
 import os
 import platform
 import shlex
-from typing import Any
+from typing import Any, Callable
 
 import psutil
 import torch
@@ -201,3 +202,30 @@ def leave_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def on_main_or_fail(acc, fn: Callable[[], Any]) -> Any:
+    """Run `fn` on the main process only; a UserError there is raised on every process (no hung barrier)."""
+    from accelerate.utils import broadcast_object_list
+
+    result: list[Any] = [None]
+    own: UserError | None = None
+    if acc.is_main_process:
+        try:
+            result = [("ok", fn())]
+        except UserError as exc:
+            result, own = [("error", str(exc))], exc
+        except Exception as exc:  # anything else must not leave the other processes waiting at a barrier
+            result = [("crash", f"{type(exc).__name__}: {exc}")]
+            if acc.num_processes == 1:
+                raise
+    if acc.num_processes > 1:
+        broadcast_object_list(result, from_process=0)
+    status, value = result[0]
+    if status == "error":
+        if own is not None:
+            raise own  # the main process keeps the exception's own type (CorruptFileError, RunDirLocked, ...)
+        raise UserError(value)
+    if status == "crash":
+        raise RuntimeError(f"the main process failed: {value}")
+    return value

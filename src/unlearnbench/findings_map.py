@@ -20,6 +20,7 @@ import pandas as pd
 from unlearnbench.config import Config, validate
 from unlearnbench.errors import UserError
 from unlearnbench.io import read_json, write_text
+from unlearnbench.rundir import RECORDS_DIR, map_cell_dir, map_dir, record_path
 
 DEFAULT_GRID = {"lr": [1e-4, 3e-4, 1e-3], "method": ["ga", "npo"], "exposure": ["extrapolated", "rank"]}
 VERDICT_COLOURS = {"reproduced": "#1a9850", "partly reproduced": "#a6d96a", "not reproduced": "#fdae61",
@@ -37,7 +38,7 @@ def cell_configs(cfg: Config, grid: dict) -> list[tuple[str, Config]]:
     for lr, method, exposure in product(grid["lr"], grid["method"], grid["exposure"]):
         name = cell_name(lr, method, exposure)
         sub = dataclasses.replace(
-            cfg, run=dataclasses.replace(cfg.run, dir=str(Path(cfg.run.dir) / "map" / name), name=f"{cfg.run.name}-{name}"),
+            cfg, run=dataclasses.replace(cfg.run, dir=str(map_cell_dir(cfg.run.dir, name)), name=f"{cfg.run.name}-{name}"),
             unlearn=dataclasses.replace(cfg.unlearn, lr=float(lr), method=method),
             metrics=dataclasses.replace(cfg.metrics, exposure=exposure))
         validate(sub)
@@ -48,16 +49,16 @@ def cell_configs(cfg: Config, grid: dict) -> list[tuple[str, Config]]:
 def link_parent(parent: Path, cell_dir: Path) -> None:
     """Give a cell the parent's data and trained models (links) and their stage records (copies)."""
     for stage in ("prepare", "train"):
-        if not (parent / "stages" / f"{stage}.json").exists():
+        if not record_path(parent, stage).exists():
             raise UserError(f"The findings map reuses the trained models of {parent}, but its '{stage}' stage has not "
                             f"finished. Run `unlearnbench train run.dir={parent}` (or `run`) with the same config first.")
-    (cell_dir / "stages").mkdir(parents=True, exist_ok=True)
+    (cell_dir / RECORDS_DIR).mkdir(parents=True, exist_ok=True)
     for sub in ("data", "models"):
         link = cell_dir / sub
         if not link.exists():
             os.symlink(os.path.relpath(parent / sub, cell_dir), link)
     for stage in ("prepare", "train"):
-        shutil.copy(parent / "stages" / f"{stage}.json", cell_dir / "stages" / f"{stage}.json")
+        shutil.copy(record_path(parent, stage), record_path(cell_dir, stage))
 
 
 def map_rows(cells: list[tuple[str, Config]]) -> pd.DataFrame:
@@ -149,24 +150,34 @@ def _n(x) -> str:
 
 
 def run_map(cfg: Config, grid: dict | None = None, acc=None) -> Path:
-    """Unlearn every grid cell on the run's trained models, then write the map; returns its directory."""
+    """Unlearn every grid cell on the run's trained models, then write the map, holding the run directory's lock
+    (which covers the cells) for the call; returns the map's directory. (The CLI takes the lock itself and calls
+    `map_cells`.)"""
     from unlearnbench.distributed import make_accelerator
-    from unlearnbench.study import check_config, run_study
+    from unlearnbench.study import invocation
+
+    acc = acc or make_accelerator(cfg.run.num_processes)
+    with invocation(cfg, acc):
+        return map_cells(cfg, grid, acc)
+
+
+def map_cells(cfg: Config, grid: dict | None, acc) -> Path:
+    """`run_map`'s work, for a caller that holds the run directory (`study.invocation`)."""
+    from unlearnbench.study import check_config, run_stages
 
     grid = {**DEFAULT_GRID, **(grid or {})}
     parent = Path(cfg.run.dir)
     cells = cell_configs(cfg, grid)
     for _, sub in cells:
         check_config(sub)
-    acc = acc or make_accelerator(cfg.run.num_processes)
     for name, sub in cells:
         if acc.is_main_process:
             link_parent(parent, Path(sub.run.dir))
         acc.wait_for_everyone()
         acc.print(f"[map] {name}")
-        run_study(sub, "score", acc=acc)
-        run_study(sub, "unlearn", acc=acc)
-    out = parent / "map"
+        run_stages(sub, "score", False, acc)
+        run_stages(sub, "unlearn", False, acc)
+    out = map_dir(parent)
     if acc.is_main_process:
         render(map_rows(cells), out)
         acc.print(f"[map] wrote {out / 'findings_map.md'}, findings_map.csv and findings_map.png ({len(cells)} settings)")

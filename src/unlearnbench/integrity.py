@@ -1,14 +1,13 @@
-"""What a stage wrote, recorded and checked: sizes and sha256 checksums of its output files (in its record,
-`stages/<name>.json`, under `files`), verified before a later stage trusts them.
+"""What a stage wrote, checked: sizes and sha256 checksums of output files (the manifests a stage record keeps
+under `files`), and the checksums that make a checkpoint directory complete (`complete.json`).
 
 A file is checked at most once per process (size first, then checksum; the result is kept while the file's size,
 modification time and inode stay the same), so a run pays for hashing its inputs once per invocation: on the
 default run's tens of MB that is well under a second.
 
-Checks answer with a `Damage` (which file, what is wrong) rather than raising: the run-directory records
-(`rundir.py`) decide what to invalidate, what to remove and what to tell the user. The reading helpers at the end
-(`read_json`, `read_parquet`, `verify_input`) raise a `CorruptFileError` (a `UserError`) that names the file and
-the command that recomputes it.
+Checks answer with a `Damage` (which file, what is wrong) rather than raising: the stage records (`records.py`)
+decide what to invalidate, what to remove and what to tell the user. This module imports nothing of the package
+but `io`: everything else that checks files stands on it.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from unlearnbench.io import CorruptFileError, read_json as _read_json_plain
+from unlearnbench.io import CorruptFileError, read_json, write_json
 
 CHUNK = 1 << 20
 
@@ -168,9 +167,8 @@ def trust(base: Path, files: dict[str, dict]) -> None:
 
 
 def forget_verified() -> None:
-    """Drop this process's cache of verified files and parsed records (tests)."""
+    """Drop this process's cache of verified files (tests)."""
     _VERIFIED.clear()
-    _RECORDS.clear()
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
@@ -185,8 +183,6 @@ def mark_complete(ckpt: Path, step: int, hash_up_to: int = HASH_CHECKPOINTS_UP_T
     """Write `<ckpt>/complete.json` (last, atomically) with the step and the size and sha256 of every file of the
     checkpoint (sizes only when the checkpoint holds more than `hash_up_to` bytes): a later resume trusts the
     checkpoint only if every file still matches. Call it once every rank's files are written."""
-    from unlearnbench.io import write_json
-
     ckpt = Path(ckpt)
     paths = [f for f in iter_files(ckpt) if f.relative_to(ckpt).as_posix() != COMPLETE]
     if sum(f.stat().st_size for f in paths) <= hash_up_to:
@@ -201,7 +197,7 @@ def check_checkpoint(ckpt: Path) -> tuple[int | None, str | None]:
     without a file list (written before checksums were recorded) is trusted as before."""
     ckpt = Path(ckpt)
     try:
-        rec = _read_json_plain(ckpt / COMPLETE)
+        rec = read_json(ckpt / COMPLETE)
         step = int(rec["step"])
     except FileNotFoundError:
         return None, "it has no complete.json (interrupted while being written)"
@@ -228,96 +224,3 @@ def latest_checkpoint(ckpt_root: Path, label: str, say=print) -> tuple[Path, int
         if (p / COMPLETE).exists():
             say(f"[{label}] not resuming from {p}: {why}. It is ignored.")
     return None
-
-
-# ----------------------------------------------------------------------------------------------- reading inputs
-
-_RECORDS: dict[str, tuple[tuple[int, int, int], Any]] = {}  # record path -> (stat key, parsed record)
-
-
-def _record(path: Path) -> Any:
-    """A stage record, parsed once per process while the file is unchanged; None when unreadable."""
-    try:
-        key = _stat_key(os.stat(path))
-    except OSError:
-        return None
-    hit = _RECORDS.get(str(path))
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    try:
-        rec = _read_json_plain(path)
-    except (OSError, CorruptFileError):
-        rec = None
-    _RECORDS[str(path)] = (key, rec)
-    return rec
-
-
-def find_record(path: Path, run_dir: Path | None = None) -> tuple[Path, str, dict, str] | None:
-    """(run directory, stage, record, path relative to the run directory) of the finished stage whose record lists
-    `path` (a file, or a directory holding recorded files), or None when no record does."""
-    path = Path(os.path.abspath(path))
-    candidates = [Path(os.path.abspath(run_dir))] if run_dir is not None else list(path.parents)
-    for base in candidates:
-        stages = base / "stages"
-        if not stages.is_dir():
-            continue
-        try:
-            rel = path.relative_to(base).as_posix()
-        except ValueError:
-            continue
-        for rec_path in sorted(stages.glob("*.json")):
-            rec = _record(rec_path)
-            files = rec.get("files") if isinstance(rec, dict) else None
-            if not isinstance(files, dict):
-                continue
-            if rel in files or any(k.startswith(rel + "/") for k in files):
-                return base, rec_path.stem, rec, rel
-        if run_dir is not None:
-            break
-    return None
-
-
-def verify_input(path: str | Path, run_dir: str | Path | None = None) -> None:
-    """Check a file or directory that a stage is about to read against the record of the (earlier) stage that
-    wrote it, found in `run_dir` or the nearest parent directory with `stages/`. Nothing happens when no record
-    lists it (inputs from outside a run directory, runs recorded before checksums) or when that record is already
-    marked invalid (its stage is being recomputed; `require` refuses such inputs). A damaged file marks its
-    stage's record invalid (so `should_run` recomputes it), is removed, and raises a `CorruptFileError` naming the
-    file and the command that recomputes it.
-
-    Only for another stage's outputs: a stage reading what it wrote itself in this invocation (its previous
-    record still lists the old files) must read them plainly."""
-    found = find_record(Path(path), None if run_dir is None else Path(run_dir))
-    if found is None:
-        return
-    base, stage, rec, rel = found
-    if rec.get("invalid"):
-        return
-    damage = check_manifest(base, rec["files"], under=rel)
-    if damage is not None:
-        from unlearnbench.rundir import invalidate  # rundir imports this module
-
-        invalidate(base, stage, damage)
-        raise CorruptFileError(damaged_message(base, stage, str(damage)))
-
-
-def damaged_message(run_dir: Path, stage: str, damage: str) -> str:
-    """The one-paragraph message for a damaged output: which file, what happened, the command that recomputes it."""
-    return (f"The '{stage}' stage's output {damage} in {run_dir}, so it cannot be trusted. Its record is now marked "
-            f"invalid and the damaged part removed: `unlearnbench {stage} run.dir={run_dir}` (with the same "
-            f"--preset/--config/overrides) recomputes it, or `unlearnbench run ...` recomputes whatever is needed.")
-
-
-def read_json(path: str | Path, run_dir: str | Path | None = None) -> Any:
-    """A JSON file another stage wrote, verified against its record first (`verify_input`)."""
-    verify_input(path, run_dir)
-    return _read_json_plain(path)
-
-
-def read_parquet(path: str | Path, run_dir: str | Path | None = None, **kwargs: Any):
-    """A parquet file another stage wrote, verified against its record first (`verify_input`); a file that still
-    cannot be read is reported by name (never a pyarrow traceback)."""
-    from unlearnbench.io import read_parquet as _read_parquet_plain
-
-    verify_input(path, run_dir)
-    return _read_parquet_plain(path, **kwargs)

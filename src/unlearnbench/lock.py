@@ -13,8 +13,12 @@ reported and taken over, when
   minute or so while it runs, so a long job on another node is never mistaken for a dead one.
 
 Under a multi-process launch only rank 0 touches the file; the verdict is broadcast, so on a refusal every rank
-exits with the same message and none waits at a barrier. Nested use in one process (the CLI and the study runner
-both asking) is counted, not refused.
+exits with the same message and none waits at a barrier. A command takes the lock once (`study.invocation`); a
+second take in the same process is refused like any other.
+
+This module does locking only: it asks the run directory's layout which directories nest with this one
+(`rundir.nested_runs`); removing what a failed invocation left and installing the signal handlers belong to the
+command that takes the lock (`study.invocation`).
 """
 
 from __future__ import annotations
@@ -28,19 +32,17 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from unlearnbench import interrupt
 from unlearnbench.errors import UserError
+from unlearnbench.rundir import nested_runs
 
 LOCK_NAME = "run.lock"
 STALE_ENV = "UNLEARNBENCH_LOCK_STALE_HOURS"
 DEFAULT_STALE_HOURS = 24.0
 _UNREADABLE_GRACE_S = 30.0  # an empty or half-written lock file younger than this may be being written right now
-
-_HELD: dict[str, "_Held"] = {}  # resolved lock path -> what this process holds
-_GUARD = threading.Lock()
 
 
 class RunDirLocked(UserError):
@@ -117,10 +119,12 @@ def _fmt_age(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-class _Held:
-    def __init__(self, path: Path, token: str | None, created: bool, stale_s: float):
-        self.path, self.token, self.created = path, token, created
-        self.count = 1
+class _Heartbeat:
+    """Refreshes the lock file's modification time while the lock is held, and warns once if the file was removed
+    or replaced by someone else."""
+
+    def __init__(self, path: Path, token: str, stale_s: float):
+        self.path, self.token = path, token
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._beat, args=(max(0.2, min(60.0, stale_s / 6)),),
                                        name="unlearnbench-lock-heartbeat", daemon=True)
@@ -253,38 +257,33 @@ def _take_over(path: Path, seen: bytes) -> bool:
 
 
 def _nested_holder(run_dir: Path, stale_s: float) -> tuple[Path, dict | None, float] | None:
-    """A live lock of another process on a run directory nested with this one (the multi-seed parent of a
-    `seed_*` run, the parent of a findings-map cell, or those sub-runs of this directory): it writes here too."""
-    run_dir = Path(os.path.abspath(run_dir))
-    around = [run_dir.parent, run_dir.parent.parent]
-    inside = [*run_dir.glob(f"seed_*/{LOCK_NAME}"), *run_dir.glob(f"map/*/{LOCK_NAME}")]
-    for path in [*(d / LOCK_NAME for d in around), *inside]:
+    """A live lock on a run directory nested with this one (`rundir.nested_runs`: a multi-seed parent, the parent
+    of a findings-map cell, or those sub-runs of this directory): its holder writes here too."""
+    for path in (d / LOCK_NAME for d in nested_runs(run_dir)):
         try:
             mtime = path.stat().st_mtime
         except OSError:
             continue
         doc = read_lock(path)
-        if doc is not None and doc.get("pid") == os.getpid() and doc.get("host") == machine()["host"]:
-            continue  # this process: the study runner inside the CLI, a map cell inside the map
         if stale_reason(doc, mtime, stale_s) is None:
             return path, doc, mtime
     return None
 
 
 def acquire(run_dir: Path, command: str | None = None, stale_s: float = DEFAULT_STALE_HOURS * 3600,
-            say: Callable[[str], None] = print) -> str:
-    """Take the lock of `run_dir` (created if missing) for this process; returns its token. Raises RunDirLocked
-    naming the holder when it is taken, UserError when the directory cannot hold a lock."""
-    from unlearnbench.rundir import check_run_dir
-
-    check_run_dir(run_dir)
-    nested = _nested_holder(Path(run_dir), stale_s)
-    if nested is not None:
-        raise RunDirLocked(holder_message(Path(run_dir), *nested, stale_s).replace(
+            say: Callable[[str], None] = print) -> tuple[str, bool]:
+    """Take the lock of `run_dir` (created if missing) for this process; returns its token and whether the run
+    directory was created for it. Raises RunDirLocked naming the holder when it, or a run directory nested with
+    it, is taken; UserError when the directory cannot hold a lock."""
+    run_dir = Path(run_dir)
+    holder = _nested_holder(run_dir, stale_s)
+    if holder is not None:
+        raise RunDirLocked(holder_message(run_dir, *holder, stale_s).replace(
             f"The run directory {run_dir} is in use", f"The run directory {run_dir} is in use through "
-            f"{nested[0].parent}", 1))
+            f"{holder[0].parent}", 1))
+    created = not run_dir.is_dir()
     try:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"Cannot create the run directory {run_dir}: {exc.strerror or exc}. Choose a writable "
                         "location with run.dir=PATH.") from None
@@ -294,7 +293,7 @@ def acquire(run_dir: Path, command: str | None = None, stale_s: float = DEFAULT_
         doc = _record(command, token)
         try:
             if _create(path, doc):
-                return token
+                return token, created
         except OSError as exc:
             raise UserError(f"Cannot create the lock file {path}: {exc.strerror or exc}. The run directory must be "
                             "writable; choose another run.dir.") from None
@@ -326,97 +325,45 @@ def release(run_dir: Path, token: str) -> None:
         path.unlink(missing_ok=True)
 
 
+@dataclass(frozen=True)
+class Held:
+    """A lock this process holds (on the main process; the other ranks hold no file): `created` says whether the
+    run directory was created to hold it."""
+
+    run_dir: Path
+    created: bool
+
+
 @contextmanager
-def hold_run_lock(run_dir: str | Path, acc: Any = None, command: str | None = None, cfg: Any = None,
-                  cleanup_on_user_error: bool = True) -> Iterator[None]:
+def hold_run_lock(run_dir: str | Path, acc: Any = None, command: str | None = None,
+                  cfg: Any = None) -> Iterator[Held]:
     """Hold `<run_dir>/run.lock` for the block (main process only; every rank learns of a refusal).
 
     - Refused: `RunDirLocked` (a UserError: exit 2) on every rank; nothing is written.
-    - Held: a heartbeat thread refreshes the file; SIGINT / SIGTERM (Ctrl-C, a scheduler's time limit, `scancel`)
-      stop the run at its next safe point, or at once outside loops with safe points (`interrupt.py`), and
-      unwind like an exception, so the lock is released and the next submission does not wait for it to go stale.
-    - A UserError leaving the block, when this invocation created the run directory and no stage finished in it,
-      removes the directory again: a refused or invalid invocation leaves nothing behind.
-
-    Re-entrant in one process: nested blocks on the same directory (on every rank alike) share the outer lock.
+    - Held: a heartbeat thread refreshes the file; the lock is released when the block ends, however it ends.
     """
     run_dir = Path(run_dir)
     is_main = acc is None or acc.is_main_process
-    key = os.path.abspath(lock_path(run_dir))
-    with _GUARD:
-        outer = _HELD.get(key)
-        if outer is not None:
-            outer.count += 1
-    if outer is not None:
-        try:
-            yield
-        finally:
-            with _GUARD:
-                outer.count -= 1
-        return
-
     stale_s = stale_hours(cfg) * 3600
     say = acc.print if acc is not None else print
 
     def take() -> tuple[str, bool]:
-        from unlearnbench.rundir import check_run_dir
-
-        created = check_run_dir(run_dir) is not None
-        return acquire(run_dir, command, stale_s, say), created
+        return acquire(run_dir, command, stale_s, say)
 
     if acc is not None and getattr(acc, "num_processes", 1) > 1:
-        from unlearnbench.rundir import on_main_or_fail
+        from unlearnbench.distributed import on_main_or_fail  # imports torch: only for a multi-process launch
 
         token, created = on_main_or_fail(acc, take)  # run on rank 0; its answer (or its refusal) on every rank
     else:
         token, created = take()
-
-    held = _Held(Path(key), token if is_main else None, created, stale_s)
-    with _GUARD:
-        _HELD[key] = held
     if not is_main:
-        try:
-            with interrupt.handlers():  # every rank records a stop: the safe points agree on it
-                yield
-        finally:
-            with _GUARD:
-                _HELD.pop(key, None)
+        yield Held(run_dir, created)
         return
-
-    held.thread.start()
-    failed_user = False
+    beat = _Heartbeat(lock_path(run_dir).absolute(), token, stale_s)
+    beat.thread.start()
     try:
-        with interrupt.handlers():
-            yield
-    except UserError:
-        failed_user = True
-        raise
+        yield Held(run_dir, created)
     finally:
-        held.stop.set()
-        held.thread.join(timeout=5)
-        with _GUARD:
-            _HELD.pop(key, None)
-        emptied = failed_user and cleanup_on_user_error and created and _empty_if_untouched(run_dir)
+        beat.stop.set()
+        beat.thread.join(timeout=5)
         release(run_dir, token)
-        if emptied:
-            try:
-                run_dir.rmdir()  # only if still empty: another invocation may have taken the directory meanwhile
-            except OSError:
-                pass
-
-
-def _empty_if_untouched(run_dir: Path) -> bool:
-    """Remove what this invocation wrote in a run directory it created (config.yaml, caches), unless a stage
-    finished there (then its results are kept). Runs while the lock is still held; the lock file stays."""
-    import shutil
-
-    if any(run_dir.glob("stages/*.json")) or any(run_dir.glob("*/stages/*.json")):
-        return False
-    for p in run_dir.iterdir():
-        if p.name == LOCK_NAME:
-            continue
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-    return True

@@ -69,7 +69,7 @@ def model_dir(run_dir: Path, name: str) -> Path:
 def load_trained(run_dir: Path, name: str, dtype: str = "float32"):
     """A model saved by the train stage, its files checked against the train stage's record first (a truncated or
     altered file is reported by name and recomputed by the next `unlearnbench train` / `run`)."""
-    from unlearnbench.integrity import verify_input
+    from unlearnbench.records import verify_input
 
     path = model_dir(run_dir, name)
     if not (path / "config.json").exists():

@@ -247,7 +247,7 @@ def load_examples(data_dir: Path):
     """The prepared examples as a `datasets.Dataset`, checked against the prepare stage's record first."""
     import datasets
 
-    from unlearnbench.integrity import verify_input
+    from unlearnbench.records import verify_input
     from unlearnbench.io import CorruptFileError
 
     path = Path(data_dir) / "examples"
@@ -266,7 +266,7 @@ def load_tokenizer(data_dir: Path):
     """The tokenizer written by prepare, checked against the prepare stage's record first."""
     from transformers import AutoTokenizer
 
-    from unlearnbench.integrity import verify_input
+    from unlearnbench.records import verify_input
     from unlearnbench.io import CorruptFileError
 
     path = Path(data_dir) / "tokenizer"

@@ -1,45 +1,49 @@
-"""The stages of a run, in order: prepare -> train -> score -> unlearn -> attack -> report. One module each, the same face:
-`run(ctx)`, plus `NAME`, `OUTPUTS` (what it writes in the run directory) and `SECTIONS` (the config keys its
-outputs depend on: its fingerprint). `STAGES` is the one table the CLI, the study runner, the run-directory
-records and the benchmarks read.
+"""The stages of a run, in order: prepare -> train -> score -> unlearn -> attack -> report. `STAGES` is the one table
+the CLI, the study runner, the stage records and the benchmarks read: each row declares, as data, what the stage
+writes in the run directory (`outputs`) and the config keys those outputs depend on (`sections`: its
+fingerprint). A stage's module (`stages/<name>.py`) holds its code, with one entry point, `run(ctx)`.
 
-A stage module is imported when its row is first used, not when the table is: the CLI can list the stages before
-the run directory's cache variables are set (matplotlib, torch and W&B read them when imported).
+A stage module is imported when its `run` is first asked for, not when the table is: the CLI can list the stages
+before the run directory's cache variables are set (matplotlib, torch and W&B read them when imported).
 """
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Callable
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One row of the table: the stage's name and module; its entry point, outputs and config sections."""
+    """One row of the table: the stage's name, what it writes and what its outputs depend on."""
 
     name: str
+    outputs: tuple[str, ...]  # files and directories it writes in the run directory (removed by --force)
+    sections: tuple[str, ...]  # config sections or keys its outputs depend on (its fingerprint)
+    unrecorded: tuple[str, ...] = ()  # outputs that later stages never read and that may go away (checkpoints)
 
     @property
-    def module(self) -> ModuleType:
-        """The stage's module, `unlearnbench.stages.<name>`."""
-        return importlib.import_module(f"unlearnbench.stages.{self.name}")
+    def recorded(self) -> tuple[str, ...]:
+        """The outputs listed, with sizes and checksums, in the stage's record."""
+        return tuple(o for o in self.outputs if o not in self.unrecorded)
 
     @property
     def run(self) -> Callable:
-        """The entry point, `run(ctx)`."""
-        return self.module.run
-
-    @property
-    def outputs(self) -> tuple[str, ...]:
-        """What the stage writes in the run directory (removed by --force)."""
-        return self.module.OUTPUTS
-
-    @property
-    def sections(self) -> tuple[str, ...]:
-        """The config keys the stage's outputs depend on (its fingerprint)."""
-        return self.module.SECTIONS
+        """The entry point, `run(ctx)` of `unlearnbench.stages.<name>` (imported now)."""
+        return importlib.import_module(f"unlearnbench.stages.{self.name}").run
 
 
-STAGES: dict[str, Stage] = {name: Stage(name) for name in ("prepare", "train", "score", "unlearn", "attack", "report")}
+STAGES: dict[str, Stage] = {s.name: s for s in (
+    Stage("prepare", outputs=("data",), sections=("data", "model.name_or_path", "run.seed")),
+    Stage("train", outputs=("models", "checkpoints"), sections=("data", "model", "train", "run.seed",
+                                                                "score.shadow_models"),
+          unrecorded=("checkpoints",)),
+    Stage("score", outputs=("scores",), sections=("data", "model", "train", "score", "metrics", "run.seed")),
+    Stage("unlearn", outputs=("unlearn", "summary.json"),
+          sections=("data", "model", "train", "score", "metrics", "unlearn", "run.seed")),
+    Stage("attack", outputs=("attacks",),
+          sections=("data", "model", "train", "score", "metrics", "unlearn", "attack", "run.seed")),
+    Stage("report", outputs=("report",),  # everything before it
+          sections=("data", "model", "train", "score", "metrics", "unlearn", "attack", "run.seed")),
+)}

@@ -25,12 +25,11 @@ from unlearnbench.evaluation import eval_subset
 from unlearnbench.findings import finding_f4
 from unlearnbench.io import read_json, write_json, write_parquet
 from unlearnbench.models import load_pretrained, load_trained
-from unlearnbench.rundir import Context, clear_outputs, finish_stage, require, should_run, stage_fingerprint
+from unlearnbench.records import clear_outputs, finish_stage, require, should_run, stage_fingerprint
+from unlearnbench.rundir import Context
 from unlearnbench.tracking import open_tracker
 
 NAME = "attack"
-OUTPUTS = ("attacks",)
-SECTIONS = ("data", "model", "train", "score", "metrics", "unlearn", "attack", "run.seed")
 
 
 def selected(cfg: Config, results: list[dict]) -> list[dict]:
@@ -397,7 +396,7 @@ def add_to_run_summary(ctx: Context, summary_doc: dict) -> None:
     """The attack columns in the run's summary.json: each attacked request's group row gets `attack_*` columns
     (`attacked` says which rows have them) and an `attacks` block holds the settings and F4. The unlearn stage's
     record is amended to the new file, so the rewrite is not mistaken for damage."""
-    from unlearnbench.rundir import amend_record
+    from unlearnbench.records import amend_record
 
     path = ctx.run_dir / "summary.json"
     summary = read_json(path)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import time
 
 from unlearnbench.data.build import build_data
-from unlearnbench.distributed import peak_memory_mib
-from unlearnbench.rundir import Context, clear_outputs, finish_stage, on_main_or_fail, should_run
+from unlearnbench.distributed import on_main_or_fail, peak_memory_mib
+from unlearnbench.records import clear_outputs, finish_stage, should_run
+from unlearnbench.rundir import Context
 
 NAME = "prepare"
-OUTPUTS = ("data",)
-SECTIONS = ("data", "model.name_or_path", "run.seed")
 
 
 def run(ctx: Context) -> None:

@@ -20,12 +20,11 @@ from unlearnbench.errors import UserError
 from unlearnbench.findings import flatten_findings, group_values
 from unlearnbench.io import atomic_dir, read_json
 from unlearnbench.metrics import mean_ci
-from unlearnbench.rundir import Context, finish_stage, require
+from unlearnbench.records import finish_stage, require
+from unlearnbench.rundir import Context
 from unlearnbench.tracking import open_tracker
 
 NAME = "report"
-OUTPUTS = ("report",)
-SECTIONS = ("data", "model", "train", "score", "metrics", "unlearn", "attack", "run.seed")  # everything before it
 
 KIND_ORDER = ("id", "canary", "domain")
 KIND_COLORS = {"id": "#0072B2", "canary": "#D55E00", "domain": "#009E73"}  # Okabe-Ito: colour-blind safe

@@ -18,13 +18,12 @@ from unlearnbench.distributed import inference_model, peak_memory_mib
 from unlearnbench.evaluation import e_r_source, eval_subset, exposures, held_out_e_r, utility_table
 from unlearnbench.io import read_json, write_json, write_parquet
 from unlearnbench.models import load_trained, n_params
-from unlearnbench.rundir import Context, clear_outputs, finish_stage, require, should_run
+from unlearnbench.records import clear_outputs, finish_stage, require, should_run
+from unlearnbench.rundir import Context
 from unlearnbench.scoring import score_pass
 from unlearnbench.tracking import open_tracker
 
 NAME = "score"
-OUTPUTS = ("scores",)
-SECTIONS = ("data", "model", "train", "score", "metrics", "run.seed")
 
 
 def score_model(ctx: Context, name: str, subset, tok) -> tuple[pd.DataFrame, dict]:

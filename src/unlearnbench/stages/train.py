@@ -29,12 +29,11 @@ from unlearnbench.distributed import configure_deepspeed_batch, is_sharded, peak
 from unlearnbench.errors import UserError
 from unlearnbench.io import write_json
 from unlearnbench.models import build_model, model_dir, n_params, save_local_model, save_model
-from unlearnbench.rundir import Context, clear_outputs, finish_stage, require, should_run
+from unlearnbench.records import clear_outputs, finish_stage, require, should_run
+from unlearnbench.rundir import Context
 from unlearnbench.tracking import open_tracker
 
 NAME = "train"
-OUTPUTS = ("models", "checkpoints")
-SECTIONS = ("data", "model", "train", "run.seed", "score.shadow_models")
 
 
 def shadow_masks(examples, k: int, seed: int) -> list[dict]:
@@ -180,42 +179,16 @@ def train_model(acc, cfg: Config, run_dir: Path, name: str, examples, tokenizer,
     seed = cfg.run.seed + seed_offset
     rows = mixture(examples, name if shadow_mask is None else "oracle", shadow_mask)
     all_ids = list(examples["input_ids"])  # plain lists: lazy column lookups cost ~0.2 ms each
-    lengths_all = np.array([len(x) for x in all_ids])
-    lengths = lengths_all[rows]
+    lengths = np.array([len(x) for x in all_ids])[rows]
     if len(rows) < t.batch_size:
         raise UserError(f"The training mixture of '{name}' has {len(rows)} sequences, fewer than one batch "
                         f"(train.batch_size={t.batch_size}). Lower the batch size or add data.")
     world, rank = (1, 0) if local else (acc.num_processes, acc.process_index)
     micro, accum = batch_geometry(t.batch_size, t.micro_batch_size, world)
-    if not local:  # before the model is built: a ZeRO-3 from_pretrained reads the DeepSpeed config
-        acc.gradient_accumulation_steps = accum
-        configure_deepspeed_batch(acc, micro, accum, t.grad_clip)
-    model = build_model(cfg, len(tokenizer), seed)
-    model.config.use_cache = False
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.warmup_steps, t.steps, t.min_lr_ratio))
-    if local:
-        model = model.to(acc.device)  # the optimizer keeps the same Parameter objects
-    else:
-        model, opt = acc.prepare(model, opt)
-    # The scheduler is stepped by hand (accelerate's wrapper steps it once per process) and is not registered for
-    # checkpointing: accelerate reloads custom objects unpickled (weights_only=False). Its state is the step.
+    model, opt, sched = _build(acc, cfg, len(tokenizer), seed, micro, accum, local)
     ckpt_root = Path(run_dir) / "checkpoints" / name
     say = (lambda msg: print(msg, flush=True)) if local else acc.print
-    start = 0
-    latest = integrity.latest_checkpoint(ckpt_root, "train")  # a damaged one is reported, never resumed from
-    if latest is not None:
-        if local:
-            _load_local_checkpoint(model, opt, latest[0])
-        else:
-            acc.load_state(str(latest[0]))
-        start = latest[1]
-        for _ in range(start):
-            sched.step()
-        say(f"[train] {name}: resuming from step {start} ({latest[0]})")
+    start = _resume(acc, model, opt, sched, ckpt_root, name, say, local)
     stream = training_schedule(lengths, t.batch_size, seed, t.length_grouping)
     for _ in range(start):
         next(stream)
@@ -230,64 +203,29 @@ def train_model(acc, cfg: Config, run_dir: Path, name: str, examples, tokenizer,
     model.train()
     bar = tqdm(total=t.steps, initial=start, desc=f"train {name}", disable=not acc.is_main_process, leave=False)
     t0, tokens, loss_acc, trained_tokens = time.perf_counter(), 0, 0.0, 0
+    pad = tokenizer.pad_token_id or 0
     for step in range(start, t.steps):
         batch = next(stream)
         global_tokens = int(sum(lengths[i] - 1 for i in batch))
         trained_tokens += global_tokens
-        micro_batches = shard_batch(batch, lengths, rank, world, micro)
-        step_loss = 0.0
-        for k, mb in enumerate(micro_batches):
-            seqs = [all_ids[rows[i]] for i in mb]
-            b = collate(seqs, [1] * len(seqs), [len(s) for s in seqs], tokenizer.pad_token_id or 0)
-            b = {key: v.to(acc.device) for key, v in b.items()}
-            if local:
-                nll_sum = _local_micro_step(acc, model, opt, b, global_tokens, accum, t.grad_clip,
-                                            last=k == len(micro_batches) - 1)
-            else:
-                with acc.accumulate(model):
-                    out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-                    logp, mask = token_logprobs(out.logits, b["labels"])
-                    nll_sum = -(logp * mask).sum()
-                    # Sum over this shard / global token count, scaled back up for the gradient averaging of DDP
-                    # (over processes) and accumulation (over micro-batches): the step's gradient is the global mean.
-                    loss = nll_sum / global_tokens * acc.num_processes * accum
-                    acc.backward(loss)
-                    if acc.sync_gradients and t.grad_clip > 0 and not acc.state.deepspeed_plugin:
-                        acc.clip_grad_norm_(model.parameters(), t.grad_clip)
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-            step_loss += float(nll_sum.detach()) / global_tokens
-            tokens += int(b["attention_mask"].sum())
+        seqs = [[all_ids[rows[i]] for i in mb] for mb in shard_batch(batch, lengths, rank, world, micro)]
+        step_loss, step_tokens = _train_step(acc, model, opt, seqs, pad, global_tokens, accum, t.grad_clip, local)
+        tokens += step_tokens
         sched.step()
         loss_acc += step_loss
         bar.update(1)
         if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
-            elapsed = time.perf_counter() - t0
-            if local:
-                total_loss, tok_s = loss_acc, tokens / elapsed
-            else:
-                total_loss = acc.reduce(torch.tensor(loss_acc, device=acc.device), reduction="sum").item()
-                tok_s = acc.reduce(torch.tensor(float(tokens), device=acc.device), reduction="sum").item() / elapsed
-            n_logged = min((step + 1) % t.log_every or t.log_every, step + 1 - start)  # fewer after a resume
-            if tracker is not None:
-                tracker.log({f"train/{name}/loss": total_loss / n_logged, f"train/{name}/lr": sched.get_last_lr()[0],
-                             f"train/{name}/tokens_per_s": tok_s}, step=step + 1, model=name)
-            bar.set_postfix(loss=f"{total_loss / n_logged:.3f}", tok_s=f"{tok_s:,.0f}")
+            _log_progress(acc, tracker, bar, name, step, start, t.log_every, sched, loss_acc, tokens,
+                          time.perf_counter() - t0, local)
             loss_acc = 0.0
         if (step + 1) % t.checkpoint_every == 0 and step + 1 < t.steps:
-            if local:
-                _local_checkpoint(model, opt, ckpt_root, step + 1, max(1, t.keep_checkpoints))
-            else:
-                _checkpoint(acc, ckpt_root, step + 1, max(1, t.keep_checkpoints))
+            _save_checkpoint(acc, model, opt, ckpt_root, step + 1, max(1, t.keep_checkpoints), local)
         # Safe point: every rank of a data-parallel model agrees (one scalar all-reduce); job-parallel asks itself.
         # After the last step the model is saved first (the stop is taken when train_model returns).
         if step + 1 < t.steps and interrupt.should_stop(acc, collective=not local):
             path = ckpt_root / f"step_{step + 1:07d}"
             if (step + 1) % t.checkpoint_every:  # not written just above
-                if local:
-                    _local_checkpoint(model, opt, ckpt_root, step + 1, max(1, t.keep_checkpoints))
-                else:
-                    _checkpoint(acc, ckpt_root, step + 1, max(1, t.keep_checkpoints))
+                _save_checkpoint(acc, model, opt, ckpt_root, step + 1, max(1, t.keep_checkpoints), local)
             bar.close()
             raise interrupt.Interrupted(stage="train", step=step + 1, checkpoint=path, what=name, local=local)
     bar.close()
@@ -296,19 +234,117 @@ def train_model(acc, cfg: Config, run_dir: Path, name: str, examples, tokenizer,
     # (forward 2N, backward 4N), the attention's sequence-length term left out, as for the unlearning requests.
     info["tokens_trained"] = trained_tokens
     info["flops"] = float(6 * info["params"] * trained_tokens)
+    _save_trained(acc, model, tokenizer, Path(run_dir), name, ckpt_root, cfg.train.keep_checkpoints, local)
+    if local:
+        say(f"[train] {name}: trained in {info['train_seconds']:.1f}s (process {acc.process_index})")
+    return info
+
+
+def _build(acc, cfg: Config, vocab: int, seed: int, micro: int, accum: int, local: bool):
+    """The model, its AdamW optimizer and learning-rate schedule, prepared for this launch (moved to this
+    process's device when `local`)."""
+    t = cfg.train
+    if not local:  # before the model is built: a ZeRO-3 from_pretrained reads the DeepSpeed config
+        acc.gradient_accumulation_steps = accum
+        configure_deepspeed_batch(acc, micro, accum, t.grad_clip)
+    model = build_model(cfg, vocab, seed)
+    model.config.use_cache = False
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.warmup_steps, t.steps, t.min_lr_ratio))
+    if local:
+        model = model.to(acc.device)  # the optimizer keeps the same Parameter objects
+    else:
+        model, opt = acc.prepare(model, opt)
+    # The scheduler is stepped by hand (accelerate's wrapper steps it once per process) and is not registered for
+    # checkpointing: accelerate reloads custom objects unpickled (weights_only=False). Its state is the step.
+    return model, opt, sched
+
+
+def _resume(acc, model, opt, sched, ckpt_root: Path, name: str, say, local: bool) -> int:
+    """Load the newest complete checkpoint, if any, and step the schedule to it; returns the step to start at."""
+    latest = integrity.latest_checkpoint(ckpt_root, "train")  # a damaged one is reported, never resumed from
+    if latest is None:
+        return 0
+    if local:
+        _load_local_checkpoint(model, opt, latest[0])
+    else:
+        acc.load_state(str(latest[0]))
+    start = latest[1]
+    for _ in range(start):
+        sched.step()
+    say(f"[train] {name}: resuming from step {start} ({latest[0]})")
+    return start
+
+
+def _train_step(acc, model, opt, micro_batches: list[list], pad: int, global_tokens: int, accum: int,
+                grad_clip: float, local: bool) -> tuple[float, int]:
+    """One optimizer step over this process's micro-batches (token id lists); returns the step's loss (summed
+    NLL of this process over the global token count) and the tokens it computed (padding excluded)."""
+    step_loss, tokens = 0.0, 0
+    for k, seqs in enumerate(micro_batches):
+        b = collate(seqs, [1] * len(seqs), [len(s) for s in seqs], pad)
+        b = {key: v.to(acc.device) for key, v in b.items()}
+        if local:
+            nll_sum = _local_micro_step(acc, model, opt, b, global_tokens, accum, grad_clip,
+                                        last=k == len(micro_batches) - 1)
+        else:
+            with acc.accumulate(model):
+                out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+                logp, mask = token_logprobs(out.logits, b["labels"])
+                nll_sum = -(logp * mask).sum()
+                # Sum over this shard / global token count, scaled back up for the gradient averaging of DDP
+                # (over processes) and accumulation (over micro-batches): the step's gradient is the global mean.
+                loss = nll_sum / global_tokens * acc.num_processes * accum
+                acc.backward(loss)
+                if acc.sync_gradients and grad_clip > 0 and not acc.state.deepspeed_plugin:
+                    acc.clip_grad_norm_(model.parameters(), grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        step_loss += float(nll_sum.detach()) / global_tokens
+        tokens += int(b["attention_mask"].sum())
+    return step_loss, tokens
+
+
+def _log_progress(acc, tracker, bar, name: str, step: int, start: int, log_every: int, sched, loss_acc: float,
+                  tokens: int, elapsed: float, local: bool) -> None:
+    """Log the mean loss of the steps since the last log, the learning rate and the throughput (over processes
+    for a data-parallel model)."""
+    if local:
+        total_loss, tok_s = loss_acc, tokens / elapsed
+    else:
+        total_loss = acc.reduce(torch.tensor(loss_acc, device=acc.device), reduction="sum").item()
+        tok_s = acc.reduce(torch.tensor(float(tokens), device=acc.device), reduction="sum").item() / elapsed
+    n_logged = min((step + 1) % log_every or log_every, step + 1 - start)  # fewer after a resume
+    if tracker is not None:
+        tracker.log({f"train/{name}/loss": total_loss / n_logged, f"train/{name}/lr": sched.get_last_lr()[0],
+                     f"train/{name}/tokens_per_s": tok_s}, step=step + 1, model=name)
+    bar.set_postfix(loss=f"{total_loss / n_logged:.3f}", tok_s=f"{tok_s:,.0f}")
+
+
+def _save_checkpoint(acc, model, opt, ckpt_root: Path, step: int, keep: int, local: bool) -> None:
+    """A checkpoint at `step`: job-parallel on this process alone, data-parallel through accelerate."""
+    if local:
+        _local_checkpoint(model, opt, ckpt_root, step, keep)
+    else:
+        _checkpoint(acc, ckpt_root, step, keep)
+
+
+def _save_trained(acc, model, tokenizer, run_dir: Path, name: str, ckpt_root: Path, keep: int, local: bool) -> None:
+    """Save the trained model with its tokenizer, read it back whole, and only then prune its checkpoints."""
     if local:
         save_local_model(model, tokenizer, model_dir(run_dir, name))
         verify_saved_model(model_dir(run_dir, name))
-        prune_checkpoints(ckpt_root, cfg.train.keep_checkpoints)  # only once the model is saved and verified
-        say(f"[train] {name}: trained in {info['train_seconds']:.1f}s (process {acc.process_index})")
-        return info
+        prune_checkpoints(ckpt_root, keep)  # only once the model is saved and verified
+        return
     save_model(acc, model, tokenizer, model_dir(run_dir, name))
     acc.wait_for_everyone()
     if acc.is_main_process:
         verify_saved_model(model_dir(run_dir, name))
-        prune_checkpoints(ckpt_root, cfg.train.keep_checkpoints)  # only once the model is saved and verified
+        prune_checkpoints(ckpt_root, keep)  # only once the model is saved and verified
     acc.free_memory()
-    return info
 
 
 def prune_checkpoints(ckpt_root: Path, keep: int) -> None:

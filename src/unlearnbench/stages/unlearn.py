@@ -16,13 +16,12 @@ from unlearnbench.errors import UserError
 from unlearnbench.evaluation import eval_subset
 from unlearnbench.findings import flatten_findings, format_findings, summarize_run
 from unlearnbench.io import read_json, write_json
-from unlearnbench.rundir import Context, clear_outputs, finish_stage, require, should_run, stage_fingerprint
+from unlearnbench.records import clear_outputs, finish_stage, require, should_run, stage_fingerprint
+from unlearnbench.rundir import Context
 from unlearnbench.tracking import open_tracker
 from unlearnbench.unlearn.request import Request, Worker, unlearn_request
 
 NAME = "unlearn"
-OUTPUTS = ("unlearn", "summary.json")
-SECTIONS = ("data", "model", "train", "score", "metrics", "unlearn", "run.seed")
 
 
 def build_requests(cfg: Config, forget: pd.DataFrame) -> list[Request]:

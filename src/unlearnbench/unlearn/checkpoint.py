@@ -31,7 +31,7 @@ FORMAT = 2  # of loop.json; 1 (no "format" key) kept the evaluator's last scores
 def checkpoint_identity(cfg: Config, worker: Worker) -> dict:
     """What a request checkpoint must share with the run resuming it: the unlearn stage's fingerprint (every
     setting the trajectory depends on) and the process layout (request-parallel or not, and how many ranks)."""
-    from unlearnbench.rundir import stage_fingerprint
+    from unlearnbench.records import stage_fingerprint
 
     return {"fingerprint": stage_fingerprint(cfg, "unlearn"), "local": bool(worker.local),
             "world": 1 if worker.local else int(worker.acc.num_processes)}
