@@ -35,7 +35,7 @@ def test_killed_unlearn_resumes_identically(smoke_study, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(ref, run)
     shutil.rmtree(run / "unlearn")
-    (run / "summary.json").unlink()
+    (run / "summary.json").unlink()  # the report stage's
     for s in ("unlearn", "report"):
         (run / "stages" / f"{s}.json").unlink()
     cmd = [sys.executable, "-m", "unlearnbench", "unlearn", "--preset", "smoke", f"run.dir={run}"]
@@ -99,8 +99,8 @@ def _without(ref, tmp_path, *stages, name="run"):
     """A copy of the reference run with `stages` not run."""
     run = tmp_path / name
     shutil.copytree(ref, run)
-    outputs = {"train": ("models", "checkpoints"), "score": ("scores",), "unlearn": ("unlearn", "summary.json"),
-               "attack": ("attacks",), "report": ("report",)}
+    outputs = {"train": ("models", "checkpoints"), "score": ("scores",), "unlearn": ("unlearn",),
+               "attack": ("attacks",), "report": ("report", "summary.json")}
     for s in stages:
         for o in outputs[s]:
             p = run / o

@@ -423,7 +423,7 @@ def test_changed_inputs_recompute_the_stage(capsys, smoke_study, tmp_path):
     ctx = Context(cfg=smoke_config(run), run_dir=run, acc=Acc())
     assert should_run(ctx, "unlearn")
     assert "the outputs of score changed since it ran" in capsys.readouterr().out
-    assert not (run / "unlearn").exists() and not (run / "summary.json").exists()
+    assert not (run / "unlearn").exists() and (run / "summary.json").exists()  # the report stage's output stays
     assert not should_run(ctx, "score")
 
 
@@ -447,7 +447,7 @@ def test_verified_readers(smoke_study, tmp_path):
     integrity.forget_verified()
     with pytest.raises(CorruptFileError, match="summary.json has .* bytes, the record says"):
         integrity.read_json(run / "summary.json")
-    assert read_json(run / "stages" / "unlearn.json")["invalid"]["files"] == ["summary.json"]
+    assert read_json(run / "stages" / "report.json")["invalid"]["files"] == ["summary.json"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -180,7 +180,7 @@ def _main(args: argparse.Namespace, argv: list[str] | None = None) -> None:
     with hold_run_lock(run_dir, acc, command=command, cfg=cfg), contained_tmp(run_dir):
         if args.stage == "report" and args.compare:
             from unlearnbench.rundir import on_main_or_fail
-            from unlearnbench.stages.report import compare_runs
+            from unlearnbench.reporting.compare import compare_runs
 
             on_main_or_fail(acc, lambda: compare_runs([Path(d) for d in args.compare], run_dir / "compare"))
             return
