@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 from unlearnbench.reporting.style import FIGURES, kind_key, mean, num, request_cells
 from unlearnbench.results import outcome_counts
 
@@ -223,6 +221,5 @@ def format_findings(summary: dict) -> str:
         for c in f.get("kinds", []):
             m = c["cox"]["memorization"]
             lines.append(f"    {c['kind']}: {c['verdict']} (HR per SD of memorization {num(m['hr'], G3)} "
-                         f"[{num(np.exp(m['lo']) if m['lo'] == m['lo'] else None, G3)}, "
-                         f"{num(np.exp(m['hi']) if m['hi'] == m['hi'] else None, G3)}], n = {c['n']})")
+                         f"[{_hr(m['lo'])}, {_hr(m['hi'])}], n = {c['n']})")
     return "\n".join(lines)
