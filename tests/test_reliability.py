@@ -469,7 +469,7 @@ def test_changed_inputs_recompute_the_stage(capsys, smoke_study, tmp_path):
     ctx = Context(cfg=smoke_config(run), run_dir=run, acc=Acc())
     assert should_run(ctx, "unlearn")
     assert "the outputs of score changed since it ran" in capsys.readouterr().out
-    assert not (run / "unlearn").exists() and not (run / "summary.json").exists()
+    assert not (run / "unlearn").exists() and (run / "summary.json").exists()  # the report stage's output stays
     assert not should_run(ctx, "score")
 
 
@@ -496,7 +496,7 @@ def test_verify_input_checks_another_stage_s_output_before_it_is_read(smoke_stud
     integrity.forget_verified()
     with pytest.raises(CorruptFileError, match="summary.json has .* bytes, the record says"):
         verify_input(run / "summary.json")
-    assert read_json(run / "stages" / "unlearn.json")["invalid"]["files"] == ["summary.json"]
+    assert read_json(run / "stages" / "report.json")["invalid"]["files"] == ["summary.json"]
     assert not (run / "summary.json").exists(), "the damaged file is removed"
     verify_input(run / "summary.json")  # its record is marked invalid: being recomputed, nothing more to say
 

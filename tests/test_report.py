@@ -1,4 +1,6 @@
-"""The report stage: every figure a non-empty PNG that report.md references; --compare puts runs side by side."""
+"""The report stage: the one writer of the run's summary.json, deciding the findings from the stored per-request
+results (so `report --force` re-decides them); every figure a non-empty PNG that report.md references; --compare puts
+runs side by side."""
 
 import json
 import shutil
@@ -11,8 +13,9 @@ from conftest import cli, smoke_config
 from unlearnbench.distributed import make_accelerator
 from unlearnbench.errors import UserError
 from unlearnbench.rundir import Context
+from unlearnbench.reporting.compare import compare_runs
+from unlearnbench.reporting.style import FIGURES
 from unlearnbench.stages import report as report_stage
-from unlearnbench.stages.report import FIGURES, compare_runs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -37,6 +40,7 @@ def test_report_renders_every_figure_and_references_it(smoke_study, tmp_path, mo
     run = tmp_path / "run"
     shutil.copytree(smoke_study[1], run)
     shutil.rmtree(run / "report")
+    (run / "summary.json").unlink()
     trk = RecordingTracker()
     monkeypatch.setattr(report_stage, "open_tracker", lambda ctx, job_type: trk)
     report_stage.run(Context(cfg=smoke_config(run), run_dir=run, acc=make_accelerator(None)))
@@ -61,6 +65,122 @@ def test_report_renders_every_figure_and_references_it(smoke_study, tmp_path, mo
         assert f"- {c['kind']}: **{c['verdict']}**; hazard ratio of forgetting per SD of memorization {hr:.3g}" in md
     for c in summary["findings"]["F1"]["cells"]:
         assert f"| {c['repetitions']} | {c['ood_kind']} | {c['replicates']} | **{c['verdict']}** |" in md
+    f4 = summary["attacks"]["findings"]["F4"]
+    assert f"**F4: {f4['verdict']}**" in md and trk.summaries["findings/F4/verdict"] == f4["verdict"]
+
+
+def test_the_merged_summary_is_the_report_stages_own(smoke_study, tmp_path):
+    """summary.json is written by the report stage alone (its record lists it; the unlearn and attack stages' do
+    not): the unlearn stage's request rows, each with `attacked` and the attack columns of attacks/<request>/, F4
+    from those results, and the unlearn stage's outcome counts and cost."""
+    from unlearnbench.findings import finding_f4
+    from unlearnbench.io import write_json
+
+    cfg, run = smoke_study
+    records = {s: json.loads((run / "stages" / f"{s}.json").read_text())["files"] for s in ("unlearn", "attack", "report")}
+    assert "summary.json" in records["report"]
+    assert "summary.json" not in records["unlearn"] and "unlearn/summary.json" in records["unlearn"]
+    assert all(f.startswith("attacks/") for f in records["attack"])
+    summary = json.loads((run / "summary.json").read_text())
+    unlearn = json.loads((run / "unlearn" / "summary.json").read_text())
+    attacks = json.loads((run / "attacks" / "summary.json").read_text())
+    attacked = {r["request"]: r for r in attacks["requests"]}
+    assert attacked and {x["request"] for x in attacks["skipped"]} | set(attacked) == {
+        g["request"] for g in unlearn["requests"] if g["repetitions"] == 16}  # the smoke preset: max_repetitions
+    assert [{k: v for k, v in g.items() if k != "attacked" and not k.startswith("attack_")} for g in summary["groups"]
+            ] == unlearn["requests"]
+    for g in summary["groups"]:
+        assert g["attacked"] == (g["request"] in attacked)
+        if g["attacked"]:
+            r = attacked[g["request"]]
+            assert g["attack_relearn_retain_recovered"] == r["relearn_retain"]["recovered"]
+            assert g["attack_mia_loss_auc_unlearned"] == r["mia"]["unlearned"]["loss"]
+    assert summary["outcomes"] == unlearn["outcomes"] and summary["cost"] == unlearn["cost"]
+    assert summary["attacks"]["requests"] == sorted(attacked)
+    assert summary["attacks"]["relearn_steps"] == attacks["relearn_steps"] == cfg.attack.relearn_steps
+    write_json(tmp_path / "f4.json", finding_f4(list(attacked.values()), cfg.metrics.alpha))  # NaN as null, as stored
+    assert json.loads((tmp_path / "f4.json").read_text()) == summary["attacks"]["findings"]["F4"]
+
+
+def test_report_force_redecides_every_finding_from_the_stored_results(smoke_study, tmp_path):
+    """The findings live in the report stage: change stored per-request results (as a rule change would re-read
+    them) and `report --force` decides again from them, without rerunning unlearn."""
+    import os
+
+    from unlearnbench.records import amend_record
+    from unlearnbench.study import run_study
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_study[1], run)
+    before = json.loads((run / "summary.json").read_text())
+    # id_r16 became unlearned (F1/F2's only informative r16 pairs rest on it); make it collapse at every target
+    res_path = run / "unlearn" / "id_r16" / "result.json"
+    res = json.loads(res_path.read_text())
+    assert res["outcome"] == "unlearned"
+    res["outcome"] = "collapsed"
+    for o in res["outcomes"].values():
+        o["outcome"] = "collapsed"
+    res_path.write_text(json.dumps(res))
+    # canary's memorization negated: the Cox coefficient of memorization changes sign, F3 for canary reverses
+    canary = [g["request"] for g in before["groups"] if g["kind"] == "canary"]
+    for name in canary:
+        p = run / "unlearn" / name / "examples.parquet"
+        df = pd.read_parquet(p)
+        df.assign(memorization=-df.memorization).to_parquet(p, index=False)
+    for rel in ["unlearn/id_r16/result.json"] + [f"unlearn/{n}/examples.parquet" for n in canary]:
+        amend_record(run, "unlearn", rel)  # a deliberate change, not damage
+    unlearn_record = (run / "stages" / "unlearn.json").read_text()
+    curve_mtime = os.stat(run / "unlearn" / "id_r16" / "curve.parquet").st_mtime_ns
+
+    run_study(smoke_config(run), "report", force=True)
+    after = json.loads((run / "summary.json").read_text())
+    assert (run / "stages" / "unlearn.json").read_text() == unlearn_record  # unlearn did not run again
+    assert os.stat(run / "unlearn" / "id_r16" / "curve.parquet").st_mtime_ns == curve_mtime
+    assert json.loads(res_path.read_text())["outcome"] == "collapsed"
+    row = next(g for g in after["groups"] if g["request"] == "id_r16")
+    assert row["outcome"] == "collapsed" and all(row[f"step_uq_{t}"] is None for t in res["outcomes"])
+    assert after["outcomes"]["collapsed"] == before["outcomes"].get("collapsed", 0) + 1
+    assert after["outcomes"]["unlearned"] == before["outcomes"]["unlearned"] - 1
+    for key in ("F1", "F2"):
+        for c_before, c_after in zip(before["findings"][key]["cells"], after["findings"][key]["cells"]):
+            e_b, e_a = (c["by_target"][c["main"]] for c in (c_before, c_after))
+            if c_after["repetitions"] == 16 and e_b["n_informative"]:
+                assert e_a["n_informative"] == 0  # the collapsed ID side leaves the pair without evidence
+            else:
+                assert e_a["n_informative"] == e_b["n_informative"]
+    f3b = {c["kind"]: c for c in before["findings"]["F3"]["kinds"]}
+    f3a = {c["kind"]: c for c in after["findings"]["F3"]["kinds"]}
+    assert f3b["canary"]["verdict"] == "reproduced" and f3a["canary"]["verdict"] == "reversed"
+    assert f3a["canary"]["cox"]["memorization"]["coef"] == pytest.approx(-f3b["canary"]["cox"]["memorization"]["coef"],
+                                                                          rel=1e-3)
+    assert {k: f3a[k]["verdict"] for k in ("id", "domain")} == {k: f3b[k]["verdict"] for k in ("id", "domain")}
+    assert after["findings"]["F3"]["verdict"] == "partly reproduced"
+    # the attack stage ran on the unlearn results before the change: its results no longer count in the merged view
+    assert "attacks" in before and "attacks" not in after and not any("attacked" in g for g in after["groups"])
+    assert "**F3: partly reproduced**" in (run / "report" / "report.md").read_text()
+
+
+def test_a_run_directory_of_the_old_layout_is_refused_with_what_to_rerun(smoke_study, tmp_path):
+    """Before the report stage owned summary.json the unlearn stage wrote it (its record listed it) and there was
+    no unlearn/summary.json: the attack and report stages refuse such a directory, destroying nothing."""
+    from unlearnbench import integrity
+    from unlearnbench.study import run_study
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_study[1], run)
+    (run / "unlearn" / "summary.json").unlink()
+    rec = json.loads((run / "stages" / "unlearn.json").read_text())
+    del rec["files"]["unlearn/summary.json"]
+    rec["files"]["summary.json"] = integrity.file_entry(run / "summary.json")
+    rec["outputs_digest"] = integrity.digest_of(rec["files"])
+    (run / "stages" / "unlearn.json").write_text(json.dumps(rec))
+    attacks_before = sorted(p.name for p in (run / "attacks").iterdir())
+    for stage in ("report", "attack"):
+        with pytest.raises(UserError, match=r"older unlearnbench.*`unlearnbench unlearn --force run.dir="):
+            run_study(smoke_config(run), stage, force=True)
+    assert sorted(p.name for p in (run / "attacks").iterdir()) == attacks_before  # refused before removing anything
+    res = cli("report", "--preset", "smoke", f"run.dir={run}", timeout=300)
+    assert res.returncode == 2 and "older unlearnbench" in res.stderr and "Traceback" not in res.stderr
 
 
 def _fake_seed(src, dest, seed, shift):

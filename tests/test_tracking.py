@@ -64,7 +64,13 @@ def test_offline_study_leaves_offline_run_and_curve_keys(run_copy, monkeypatch, 
             assert f"unlearn/canary_r{r}/{k}" in keys
     steps = [rec["unlearn/step"] for rec in records if "unlearn/canary_r16/uq" in rec]
     assert steps == [0, 1, 2, 3, 4]
-    assert any(rec.get("record") == "summary" and "findings/F3/verdict" in rec for rec in records)
+    # the findings are decided by the report stage, and its tracker gets their summary values
+    assert not any(rec.get("record") == "summary" and "findings/F3/verdict" in rec for rec in records)
+    run_study(smoke_config(run_copy, *FAST), "report")
+    verdict = json.loads((run_copy / "summary.json").read_text())["findings"]["F3"]["verdict"]
+    assert [rec["findings/F3/verdict"] for rec in _records(run_copy)
+            if rec.get("record") == "summary" and "findings/F3/verdict" in rec] == [verdict]
+    assert next(rec for rec in _records(run_copy) if "findings/F3/verdict" in rec)["job_type"] == "report"
 
 
 def test_misconfigured_wandb_completes_with_one_warning(run_copy, monkeypatch):
@@ -80,7 +86,7 @@ def test_misconfigured_wandb_completes_with_one_warning(run_copy, monkeypatch):
     msgs = _wandb_warnings(caught)
     assert len(msgs) == 1, msgs
     assert "local files only" in msgs[0]
-    assert (run_copy / "summary.json").exists()
+    assert (run_copy / "unlearn" / "summary.json").exists()
     assert (run_copy / "unlearn" / "canary_r16" / "curve.parquet").exists()
     assert any("unlearn/canary_r16/uq" in rec for rec in _records(run_copy))
 

@@ -33,7 +33,8 @@ def test_smoke_study_writes_every_output(smoke_study):
     cfg, run = smoke_study
     for path in ["config.yaml", "data/manifest.json", "models/original/model.safetensors",
                  "models/oracle/model.safetensors", "scores/original.parquet", "scores/oracle.parquet",
-                 "scores/examples.parquet", "summary.json", "report/report.md", "metrics.jsonl"]:
+                 "scores/examples.parquet", "unlearn/summary.json", "summary.json", "report/report.md",
+                 "metrics.jsonl"]:
         assert (run / path).exists(), path
     examples = pd.read_parquet(run / "scores/examples.parquet")
     assert len(examples) == 9 * cfg.data.group_size
@@ -69,6 +70,9 @@ def test_smoke_study_writes_every_output(smoke_study):
         # exposure under θ₀ measured in the loop equals the score stage's
         ex = examples.set_index("example_id").loc[per.example_id]
         np.testing.assert_allclose(per.exposure_original, ex.exposure_original, rtol=1e-4, atol=1e-4)
+    unlearn = json.loads((run / "unlearn" / "summary.json").read_text())
+    assert [g["request"] for g in unlearn["requests"]] == REQUESTS  # (kind, repetitions) groups, in order
+    assert sum(unlearn["outcomes"].values()) == len(REQUESTS)
     summary = json.loads((run / "summary.json").read_text())
     assert {g["request"] for g in summary["groups"]} == set(REQUESTS)
     for key in ("F1", "F2", "F3"):
@@ -116,7 +120,7 @@ def test_huge_learning_rate_diverges_without_failing_the_study(smoke_study, tmp_
                for r in (1, 4, 16)]
     assert all(r["diverged"] for r in results)
     assert all(r["stop_reason"] for r in results)
-    assert (run / "summary.json").exists()
+    assert (run / "unlearn" / "summary.json").exists()
 
 
 def test_bad_requests_fail_before_compute(smoke_study, tmp_path):
@@ -125,7 +129,7 @@ def test_bad_requests_fail_before_compute(smoke_study, tmp_path):
     with pytest.raises(UserError, match="nope-1"):
         run_study(cfg, "unlearn", force=True)
     # refused before anything was computed or removed: the earlier results are all still there
-    assert len(list((run / "unlearn").glob("*/result.json"))) == 9 and (run / "summary.json").exists()
+    assert len(list((run / "unlearn").glob("*/result.json"))) == 9 and (run / "unlearn" / "summary.json").exists()
 
 
 def test_rerun_is_skipped_and_other_config_refused(smoke_study, tmp_path, capsys):
@@ -151,10 +155,10 @@ def test_request_parallel_is_identical_to_sequential(smoke_study, tmp_path):
         # the same computation on one process each: identical up to thread-level float reordering
         np.testing.assert_allclose(a.nll, b.nll, rtol=1e-5)
         assert (a.forgotten == b.forgotten).all()
-    s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (one, two))
-    assert [g["steps_to_unlearn"] for g in s1["groups"]] == [g["steps_to_unlearn"] for g in s2["groups"]]
+    s1, s2 = (json.loads((d / "unlearn" / "summary.json").read_text()) for d in (one, two))
+    assert [g["steps_to_unlearn"] for g in s1["requests"]] == [g["steps_to_unlearn"] for g in s2["requests"]]
     # every process saves the models of the requests it ran (transformers saves on rank 0 only unless told)
-    for g in s2["groups"]:
+    for g in s2["requests"]:
         if g["steps_to_unlearn"] is not None:
             assert list((two / "unlearn" / g["request"] / "model_unlearned").glob("model*.safetensors")), g["request"]
 
@@ -261,7 +265,7 @@ def test_exploding_gradient_stops_the_request_and_keeps_the_last_good_state(smok
     saved, original = _weights(run / "unlearn/canary_r16/model"), _weights(run / "models/original")
     assert saved.keys() == original.keys()
     assert all((saved[k] == original[k]).all() for k in saved)
-    assert (run / "summary.json").exists()  # the study went on to its summary
+    assert (run / "unlearn" / "summary.json").exists()  # the study went on to its summary
 
 
 def test_non_finite_loss_keeps_the_state_before_that_step(smoke_study, tmp_path, monkeypatch):

@@ -287,7 +287,7 @@ def _main(args: argparse.Namespace, argv: list[str] | None = None) -> None:
     # the run directory's lock, taken once for the whole command (the functions below do not take it again)
     with invocation(cfg, acc, command=command), contained_tmp(run_dir):
         if args.stage == "report" and args.compare:
-            from unlearnbench.stages.report import compare_runs
+            from unlearnbench.reporting.compare import compare_runs
 
             on_main_or_fail(acc, lambda: compare_runs([Path(d) for d in args.compare], run_dir / "compare"))
             return

@@ -1,6 +1,7 @@
-"""The study's findings, one implementation each: F1-F3 of a run from its request results, the example-level
-survival view, the per-run summary.json, the aggregation over seeds, and the flat view for trackers.
-How each is decided is in docs/findings.md.
+"""The study's findings, one implementation each: F1-F4 of a run from its stored per-request results, the
+example-level survival view, the aggregation over seeds, and the flat view for trackers. The report stage decides
+them (`run_summary.merged_summary`) and writes them into the run's summary.json. How each is decided is in
+docs/findings.md.
 
 A finding is an effect over replicates (disjoint forget groups of the same kind and repetitions, paired by
 replicate index) with a Student-t interval, never one comparison; censored and collapsed requests are outcomes,
@@ -18,6 +19,7 @@ import pandas as pd
 from unlearnbench import metrics
 from unlearnbench.config import Config
 from unlearnbench.io import read_json
+from unlearnbench.results import outcome_counts
 
 OOD_KINDS = ("canary", "domain")
 TARGETS = metrics.UQ_TARGETS
@@ -242,66 +244,19 @@ def finding_f4(attack_results: list[dict], alpha: float = 0.05) -> dict:
             "verdict": overall_verdict(verdicts), "excluded_without_oracle": len(attack_results) - len(usable)}
 
 
-# ----------------------------------------------------------------------------------------------- run summary
+# ----------------------------------------------------------------------------------------------- one run
 
 
-GROUP_COLUMNS = ("request", "kind", "repetitions", "replicate", "n_examples", "status", "outcome", "steps_to_unlearn",
-                 "utility_drop_at_unlearned", "uq_auc", "uq_final", "uq_max", "exposure_original_mean",
-                 "exposure_oracle_mean", "exposure_gap_bits", "nothing_to_forget", "steps_to_forget_mean",
-                 "censored_fraction", "memorization_mean", "difficulty_mean", "diverged", "steps_run", "wall_seconds",
-                 "eval_share", "flops", "device_seconds", "peak_memory_mib")
-
-
-def load_per_example(run_dir: Path, results: list[dict]) -> pd.DataFrame:
-    """Every request's examples.parquet with its request name and nothing_to_forget flag."""
-    frames = []
-    for r in results:
-        p = Path(run_dir) / "unlearn" / r["request"] / "examples.parquet"
-        if p.exists():
-            frames.append(pd.read_parquet(p).assign(request=r["request"], nothing_to_forget=bool(r["nothing_to_forget"])))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
-
-def summarize_run(cfg: Config, run_dir: Path, results: list[dict]) -> dict:
-    """summary.json of one run: the request table, F1-F3 with effects and intervals, the survival view."""
-    per_example = load_per_example(run_dir, results)
-    table = [{k: r.get(k) for k in GROUP_COLUMNS} | {f"step_uq_{k}": o["step"] if o["outcome"] == "unlearned" else None
-                                                    for k, o in r.get("outcomes", {}).items()}
-             for r in results]
-    findings, surv = {}, {}
+def run_findings(cfg: Config, results: list[dict], per_example: pd.DataFrame) -> dict:
+    """F1-F3 of one run from its stored per-request results (`results.load_run`): F1 and F2 for group requests,
+    F3 when there are per-example tables. F4 needs the attack results: `finding_f4`."""
+    findings = {}
     if cfg.unlearn.requests == "groups":
         findings["F1"] = finding_f1(results, cfg.metrics.uq_target, cfg.metrics.alpha)
         findings["F2"] = finding_f2(results, cfg.metrics.uq_target, cfg.metrics.alpha)
     if not per_example.empty:
         findings["F3"] = finding_f3(per_example, cfg.metrics.n_boot, cfg.run.seed, cfg.metrics.alpha)
-        surv = survival(per_example)
-    return {"run": cfg.run.name, "seed": cfg.run.seed, "method": cfg.unlearn.method, "lr": cfg.unlearn.lr,
-            "exposure": cfg.metrics.exposure, "uq_target": cfg.metrics.uq_target, "max_steps": cfg.unlearn.max_steps,
-            "replicates": cfg.data.replicates, "replicate_unit": "disjoint forget groups inside one θ₀/θᵣ pair",
-            # e_r: the oracle θᵣ's exposures, or (train.oracle=false) held-out references, leave-one-out under θ₀
-            "e_r_source": "oracle" if cfg.train.oracle else "held_out_references",
-            "outcomes": _outcome_counts(results), "groups": table, "findings": findings, "survival": surv,
-            "cost": run_cost(run_dir, results)}
-
-
-def run_cost(run_dir: Path, results: list[dict]) -> dict:
-    """Wall time, device-seconds and peak memory per finished stage (from stages/*.json) and the unlearn requests'
-    estimated FLOPs and device-seconds, so a bigger run's cost can be predicted from this one."""
-    stages = {}
-    for p in sorted((Path(run_dir) / "stages").glob("*.json")):
-        info = read_json(p).get("info", {})
-        stages[p.stem] = {k: info.get(k) for k in ("seconds", "device_seconds", "peak_memory_mib", "flops")
-                          if info.get(k) is not None}
-    req = {k: float(sum(r.get(k) or 0.0 for r in results)) for k in ("flops", "device_seconds", "wall_seconds")}
-    return {"stages": stages, "unlearn_requests": req}
-
-
-def _outcome_counts(results: list[dict]) -> dict:
-    out: dict[str, int] = {}
-    for r in results:
-        key = "nothing_to_forget" if r.get("nothing_to_forget") else r.get("outcome", "censored")
-        out[key] = out.get(key, 0) + 1
-    return out
+    return findings
 
 
 # ----------------------------------------------------------------------------------------------- seeds
@@ -329,17 +284,6 @@ def group_values(summaries: list[dict], kind: str, reps: int, col: str) -> np.nd
     return np.asarray(vals, float)
 
 
-def cell_outcomes(summaries: list[dict], kind: str, reps: int) -> dict:
-    """How the cell's requests ended, every one counted: unlearned / censored / collapsed / nothing_to_forget."""
-    out: dict[str, int] = {}
-    for s in summaries:
-        for g in s["groups"]:
-            if g["kind"] == kind and int(g["repetitions"]) == reps:
-                key = "nothing_to_forget" if g.get("nothing_to_forget") else (g.get("outcome") or "censored")
-                out[key] = out.get(key, 0) + 1
-    return out
-
-
 def aggregate_seeds(run_dirs: list[Path], alpha: float = 0.05) -> dict:
     """Mean and (1 - alpha) t-interval across seeds of each cell's numbers, with every request's outcome counted
     (steps to unlearn averages only the unlearned ones: read it with the counts); each finding's verdicts."""
@@ -347,8 +291,8 @@ def aggregate_seeds(run_dirs: list[Path], alpha: float = 0.05) -> dict:
     cells = sorted({(g["kind"], int(g["repetitions"])) for s in sums for g in s["groups"]})
     groups = []
     for kind, reps in cells:
-        rec = {"kind": kind, "repetitions": reps, "requests": sum(cell_outcomes(sums, kind, reps).values()),
-               "outcomes": cell_outcomes(sums, kind, reps)}
+        counts = outcome_counts([g for s in sums for g in s["groups"] if g["kind"] == kind and int(g["repetitions"]) == reps])
+        rec = {"kind": kind, "repetitions": reps, "requests": sum(counts.values()), "outcomes": counts}
         for col in AGGREGATED:
             rec[col] = metrics.mean_ci(group_values(sums, kind, reps, col), alpha)
         groups.append(rec)
@@ -366,7 +310,7 @@ def aggregate_seeds(run_dirs: list[Path], alpha: float = 0.05) -> dict:
 
 
 def flatten_findings(summary: dict) -> dict:
-    """F1-F3 verdicts, effects and intervals as flat summary keys for trackers."""
+    """F1-F3 verdicts, effects and intervals as flat summary keys for trackers, and F4's verdict and statement."""
     out = {}
     for key, f in summary.get("findings", {}).items():
         out.update({f"findings/{key}/verdict": f["verdict"], f"findings/{key}/holds": f["holds"],
@@ -381,27 +325,6 @@ def flatten_findings(summary: dict) -> dict:
             for var, r in c["cox"].items():
                 for k in ("hr", "lo", "hi", "p"):
                     out[f"findings/{key}/{c['kind']}/{var}/{k}"] = r[k]
+    f4 = summary.get("attacks", {}).get("findings", {}).get("F4", {})
+    out.update({f"findings/F4/{k}": v for k, v in f4.items() if isinstance(v, str)})
     return out
-
-
-def format_findings(summary: dict) -> str:
-    """The findings block printed at the end of the unlearn stage."""
-    lines = ["[findings]"]
-    for key, f in summary.get("findings", {}).items():
-        lines.append(f"  {key}: {f['verdict']} — {f['statement']}")
-        for c in f.get("cells", []):
-            e = c["by_target"][c["main"]]
-            lines.append(f"    r{c['repetitions']} {c['ood_kind']} vs id: {c['verdict']} "
-                         f"(effect {_num(e['mean'])} [{_num(e['lo'])}, {_num(e['hi'])}], "
-                         f"{e['n_informative']}/{e['n_pairs']} informative pairs; "
-                         f"across targets: {c['across_targets']})")
-        for c in f.get("kinds", []):
-            m = c["cox"]["memorization"]
-            lines.append(f"    {c['kind']}: {c['verdict']} (HR per SD of memorization {_num(m['hr'])} "
-                         f"[{_num(np.exp(m['lo']) if m['lo'] == m['lo'] else None)}, "
-                         f"{_num(np.exp(m['hi']) if m['hi'] == m['hi'] else None)}], n = {c['n']})")
-    return "\n".join(lines)
-
-
-def _num(x) -> str:
-    return "–" if x is None or not np.isfinite(float(x)) else f"{float(x):.3g}"

@@ -3,8 +3,10 @@ finding holds and where it breaks (`unlearnbench map`).
 
 Each grid cell is a sub-run `<run.dir>/map/<cell>/` whose `data/` and `models/` link to the parent's (prepare and
 train are not repeated; their records are copied, so the fingerprints check that the cell really shares them);
-the cell runs its own score stage (cheap; the exposure form can differ) and unlearn stage. The map is written to
-`<run.dir>/map/findings_map.md`, `findings_map.csv` and `findings_map.png`.
+the cell runs its own score stage (cheap; the exposure form can differ) and unlearn stage. Each cell's findings are
+decided from its stored per-request results by the function the report stage decides them with (`run_findings`);
+a cell writes no report of its own. The map is written to `<run.dir>/map/findings_map.md`, `findings_map.csv` and
+`findings_map.png`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import pandas as pd
 
 from unlearnbench.config import Config, validate
 from unlearnbench.errors import UserError
-from unlearnbench.io import read_json, write_text
+from unlearnbench.findings import run_findings
+from unlearnbench.io import write_text
+from unlearnbench.results import load_run
 from unlearnbench.rundir import RECORDS_DIR, map_cell_dir, map_dir, record_path
 
 DEFAULT_GRID = {"lr": [1e-4, 3e-4, 1e-3], "method": ["ga", "npo"], "exposure": ["extrapolated", "rank"]}
@@ -61,13 +65,19 @@ def link_parent(parent: Path, cell_dir: Path) -> None:
         shutil.copy(record_path(parent, stage), record_path(cell_dir, stage))
 
 
+def cell_findings(cfg: Config) -> dict:
+    """F1-F3 of one grid cell, decided from its stored per-request results as the report stage decides them (the
+    cell runs no attack and no report: its findings are computed here, written nowhere but the map)."""
+    run = load_run(Path(cfg.run.dir))
+    return run_findings(cfg, run.requests, run.per_example)
+
+
 def map_rows(cells: list[tuple[str, Config]]) -> pd.DataFrame:
     """One row per (grid cell, finding, finding cell): effect at the main target, interval and verdict."""
     rows = []
     for name, cfg in cells:
-        summary = read_json(Path(cfg.run.dir) / "summary.json")
         base = {"cell": name, "lr": cfg.unlearn.lr, "method": cfg.unlearn.method, "exposure": cfg.metrics.exposure}
-        for key, f in summary.get("findings", {}).items():
+        for key, f in cell_findings(cfg).items():
             rows.append({**base, "finding": key, "where": "overall", "verdict": f["verdict"], "mean": None,
                          "lo": None, "hi": None})
             for c in f.get("cells", []):

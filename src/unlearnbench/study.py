@@ -100,14 +100,14 @@ def run_stages(cfg: Config, stage: str, force: bool, acc) -> list[Path]:
             ctx.started = time.perf_counter()
             STAGES[name].run(ctx)
         dirs.append(ctx.run_dir)
-    if cfg.run.seeds and acc.is_main_process and stage in ("run", "unlearn", "report"):
+    # the seeds' summary.json are the report stage's: the parent aggregates them once they are written
+    if cfg.run.seeds and acc.is_main_process and stage in ("run", "report"):
         from unlearnbench.findings import aggregate_seeds
+        from unlearnbench.reporting.compare import compare_runs
 
         write_json(Path(cfg.run.dir) / "summary.json", aggregate_seeds(dirs, cfg.metrics.alpha))
-        if stage in ("run", "report"):  # the parent's own report: every group as mean ± interval over the seeds
-            from unlearnbench.stages.report import compare_runs
-
-            compare_runs([Path(cfg.run.dir)], Path(cfg.run.dir) / "report")
-            acc.print(f"[report] wrote {Path(cfg.run.dir) / 'report' / 'compare.md'} ({len(dirs)} seeds)")
+        # the parent's own report: every group as mean ± interval over the seeds
+        compare_runs([Path(cfg.run.dir)], Path(cfg.run.dir) / "report")
+        acc.print(f"[report] wrote {Path(cfg.run.dir) / 'report' / 'compare.md'} ({len(dirs)} seeds)")
     acc.wait_for_everyone()
     return dirs

@@ -40,10 +40,10 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
                                                                 "score.shadow_models"),
           unrecorded=("checkpoints",)),
     Stage("score", outputs=("scores",), sections=("data", "model", "train", "score", "metrics", "run.seed")),
-    Stage("unlearn", outputs=("unlearn", "summary.json"),
+    Stage("unlearn", outputs=("unlearn",),
           sections=("data", "model", "train", "score", "metrics", "unlearn", "run.seed")),
     Stage("attack", outputs=("attacks",),
           sections=("data", "model", "train", "score", "metrics", "unlearn", "attack", "run.seed")),
-    Stage("report", outputs=("report",),  # everything before it
+    Stage("report", outputs=("report", "summary.json"),  # everything before it; the merged view
           sections=("data", "model", "train", "score", "metrics", "unlearn", "attack", "run.seed")),
 )}

@@ -1,11 +1,12 @@
 """The attack stage: does forgetting last? For each unlearned request (from the model saved at the step it became
 unlearned), relearning (k fine-tuning steps on retain data, and on part of its own forget examples), weight-only
 quantization reload, and membership inference (LOSS, zlib, Min-K%, Min-K%++ under θ₀, the unlearned model and θᵣ).
-Everything is measured against the oracle θᵣ attacked the same way. Writes `attacks/<request>/` and
-`attacks/summary.json` (with F4); the report shows them.
+Everything is measured against the oracle θᵣ attacked the same way. Writes only under `attacks/`:
+`attacks/<request>/` and `attacks/summary.json` (the attacked requests' results, the skipped ones with the reason,
+the settings); the report stage decides F4 from them and shows them.
 
-A request that never became unlearned is reported as such and skipped; a quantization backend this platform lacks
-is one message, and the other attacks go on.
+A request that never became unlearned is skipped, and the reason printed and kept; a quantization backend this
+platform lacks is one message, and the other attacks go on.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from unlearnbench.data.build import load_examples, load_tokenizer
 from unlearnbench.distributed import is_sharded, peak_memory_mib
 from unlearnbench.errors import UserError
 from unlearnbench.evaluation import eval_subset
-from unlearnbench.findings import finding_f4
 from unlearnbench.io import read_json, write_json, write_parquet
 from unlearnbench.models import load_pretrained, load_trained
 from unlearnbench.records import clear_outputs, finish_stage, require, should_run, stage_fingerprint
+from unlearnbench.results import load_requests
 from unlearnbench.rundir import Context
+from unlearnbench.run_summary import attack_columns, attack_summary
 from unlearnbench.tracking import open_tracker
 
 NAME = "attack"
@@ -243,19 +245,21 @@ class Attacker:
 
 
 def run(ctx: Context) -> None:
-    """Every selected request's attacks, then attacks/summary.json with F4."""
+    """Every selected request's attacks, then attacks/summary.json."""
     require(ctx, "unlearn")
     if not should_run(ctx, NAME):
         return
     cfg, acc = ctx.cfg, ctx.acc
     if not cfg.attack.enabled:
         acc.print("[attack] attack.enabled=false: skipping the attacks")
+        clear_outputs(ctx, NAME)  # --force: no earlier attack results stay behind to be reported
         finish_stage(ctx, NAME, {"skipped": True})
         return
     if is_sharded(acc):
         raise UserError("The attack stage runs each request on one device, but this launch shards the model (DeepSpeed "
                         "ZeRO or FSDP). Run `unlearnbench attack` with a DDP or single-device accelerate config, or "
                         "set attack.enabled=false.")
+    results = load_requests(ctx.run_dir)  # before anything is removed: an old run directory is refused here
     clear_outputs(ctx, NAME)
     examples = load_examples(ctx.run_dir / "data")
     tok = load_tokenizer(ctx.run_dir / "data")
@@ -263,10 +267,8 @@ def run(ctx: Context) -> None:
     columns = examples.select_columns(["example_id", "input_ids", "score_start", "score_end", "split", "text"]).to_dict()
     meta = subset.select_columns(["example_id", "kind", "split"]).to_pandas()
     forget_table = pd.read_parquet(ctx.run_dir / "scores" / "examples.parquet")
-    summary = read_json(ctx.run_dir / "summary.json")
-    results = [read_json(ctx.run_dir / "unlearn" / g["request"] / "result.json") for g in summary["groups"]]
     trk = open_tracker(ctx, NAME, writer=True)
-    todo, ids_of = [], {}
+    todo, ids_of, skipped = [], {}, []
     for r in selected(cfg, results):
         model_dir = ctx.run_dir / "unlearn" / r["request"] / "model_unlearned"
         if r.get("outcome") != "unlearned" or r.get("nothing_to_forget") or not (model_dir / "config.json").exists():
@@ -274,6 +276,7 @@ def run(ctx: Context) -> None:
                    f"it never became unlearned (outcome {r.get('outcome')})" if r.get("outcome") != "unlearned" else
                    f"no model saved at its unlearned step ({model_dir}; set unlearn.save_unlearned=true)")
             acc.print(f"[attack] {r['request']}: skipped, {why}")
+            skipped.append({"request": r["request"], "reason": why})
             continue
         todo.append(r)
         ids_of[r["request"]] = list(pd.read_parquet(ctx.run_dir / "unlearn" / r["request"] / "examples.parquet")
@@ -306,39 +309,14 @@ def run(ctx: Context) -> None:
     acc.wait_for_everyone()
     all_results = [read_json(p) for p in sorted((ctx.run_dir / "attacks").glob("*/result.json"))]
     if ctx.is_main:
-        summary_doc = {"requests": all_results, "findings": {"F4": finding_f4(all_results, cfg.metrics.alpha)}}
-        write_json(ctx.run_dir / "attacks" / "summary.json", summary_doc)
-        add_to_run_summary(ctx, summary_doc)
+        write_json(ctx.run_dir / "attacks" / "summary.json", attack_summary(cfg, all_results, skipped))
         log_attacks(trk, ctx, all_results)
-        trk.summary({f"findings/F4/{k}": v for k, v in summary_doc["findings"]["F4"].items() if isinstance(v, str)})
     trk.finish()
     acc.wait_for_everyone()
     finish_stage(ctx, NAME, {"requests": len(all_results), **peak_memory_mib()})
 
 
 # ----------------------------------------------------------------------------------------------- views
-
-
-def attack_columns(res: dict) -> dict:
-    """One request's attack results as flat columns (for summary.json's groups and the trackers): recovered share
-    after relearning (retain, forget fraction, its held-out part) and quantization, MIA AUC under θ₀ (`original`),
-    the unlearned model and θᵣ (`oracle`), PrivLeak."""
-    out: dict = {}
-    for v in ("retain", "forget_fraction"):
-        r = res.get(f"relearn_{v}") or {}
-        out.update({f"attack_relearn_{v}_{k}": r.get(k) for k in ("recovered", "lo", "hi")})
-        if v == "forget_fraction":
-            out["attack_relearn_held_out_recovered"] = (r.get("held_out") or {}).get("recovered")
-    for q, v in (res.get("quantization") or {}).items():
-        if "recovered" in v:
-            out[f"attack_quant_{q}_recovered"] = v["recovered"]
-        if "uq" in v:
-            out[f"attack_quant_{q}_uq"] = v["uq"]
-    mia = res.get("mia") or {}
-    for model in ("original", "unlearned", "oracle"):
-        out.update({f"attack_mia_{att}_auc_{model}": auc for att, auc in (mia.get(model) or {}).items()})
-    out.update({f"attack_mia_{att}_priv_leak": v for att, v in (mia.get("priv_leak") or {}).items()})
-    return out
 
 
 def attack_tables(results: list[dict]) -> dict[str, pd.DataFrame]:
@@ -390,25 +368,3 @@ def log_attacks(trk, ctx: Context, results: list[dict]) -> None:
             trk.log_table(f"attack/{name}", table)
     trk.summary({f"attack/{r['request']}/{k}": v for r in results for k, v in attack_columns(r).items()
                  if v is not None})
-
-
-def add_to_run_summary(ctx: Context, summary_doc: dict) -> None:
-    """The attack columns in the run's summary.json: each attacked request's group row gets `attack_*` columns
-    (`attacked` says which rows have them) and an `attacks` block holds the settings and F4. The unlearn stage's
-    record is amended to the new file, so the rewrite is not mistaken for damage."""
-    from unlearnbench.records import amend_record
-
-    path = ctx.run_dir / "summary.json"
-    summary = read_json(path)
-    by_request = {r["request"]: attack_columns(r) for r in summary_doc["requests"]}
-    for g in summary.get("groups", []):
-        for k in [k for k in g if k.startswith("attack_")]:
-            del g[k]
-        g["attacked"] = g["request"] in by_request
-        g.update(by_request.get(g["request"], {}))
-    a = ctx.cfg.attack
-    summary["attacks"] = {"requests": sorted(by_request), "selection": a.requests, "relearn_steps": a.relearn_steps,
-                          "relearn_lr": a.relearn_lr, "quant_bits": list(a.quant_bits),
-                          "findings": summary_doc["findings"]}
-    write_json(path, summary)
-    amend_record(ctx.run_dir, "unlearn", "summary.json")

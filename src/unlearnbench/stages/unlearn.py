@@ -1,5 +1,6 @@
-"""The unlearn stage: every forget request of the run from θ₀ (`unlearn/<request>/`), then `summary.json` with
-the study's findings.
+"""The unlearn stage: every forget request of the run from θ₀ (`unlearn/<request>/`), then `unlearn/summary.json`
+with the request table, the outcome counts and the cost. It writes only under `unlearn/`; the findings are decided
+from these results by the report stage.
 
 How several processes share the requests is decided here, once: request-parallel (each process runs whole
 requests on its own model copy) or data-parallel (every request on all processes); see `parallel_mode`.
@@ -14,10 +15,10 @@ from unlearnbench.data.build import load_examples, load_tokenizer
 from unlearnbench.distributed import is_sharded, peak_memory_mib
 from unlearnbench.errors import UserError
 from unlearnbench.evaluation import eval_subset
-from unlearnbench.findings import flatten_findings, format_findings, summarize_run
 from unlearnbench.io import read_json, write_json
 from unlearnbench.records import clear_outputs, finish_stage, require, should_run, stage_fingerprint
 from unlearnbench.rundir import Context
+from unlearnbench.run_summary import unlearn_summary
 from unlearnbench.tracking import open_tracker
 from unlearnbench.unlearn.request import Request, Worker, unlearn_request
 
@@ -69,7 +70,7 @@ def parallel_mode(ctx: Context, n_requests: int) -> str:
 
 
 def run(ctx: Context) -> None:
-    """Every forget request of the run, then summary.json with the study's findings."""
+    """Every forget request of the run, then unlearn/summary.json with the request table."""
     require(ctx, "score")
     if not should_run(ctx, NAME):
         return
@@ -112,12 +113,12 @@ def run(ctx: Context) -> None:
         print(msg, flush=True) if worker.local else acc.print(msg)
     acc.wait_for_everyone()
     results = [read_json(ctx.run_dir / "unlearn" / r.name / "result.json") for r in requests]
-    summary = summarize_run(cfg, ctx.run_dir, results)
+    summary = unlearn_summary(cfg, ctx.run_dir, results)
     if ctx.is_main:
-        write_json(ctx.run_dir / "summary.json", summary)
-        trk.summary(flatten_findings(summary))
+        write_json(ctx.run_dir / "unlearn" / "summary.json", summary)
     trk.finish()
-    acc.print(format_findings(summary))
+    acc.print("[unlearn] outcomes: " + ", ".join(f"{n} {k}" for k, n in summary["outcomes"].items())
+              + "; the report stage decides the findings")
     finish_stage(ctx, NAME, {"requests": len(results), **peak_memory_mib()})
 
 
