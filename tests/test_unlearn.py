@@ -235,8 +235,10 @@ def test_in_loop_reference_sample_is_consistent(smoke_study, tmp_path):
     t = table.set_index("example_id").loc[ids]
     uq = metrics.unlearning_quality(e_t, t.exposure_extrapolated_original.to_numpy(),
                                     t.exposure_extrapolated_oracle.to_numpy(), cfg.metrics.uq_min_gap_bits).uq
-    assert res["uq_final_all"] == pytest.approx(uq, abs=1e-6)
-    assert res["exposure_final_all_mean"] == pytest.approx(e_t.mean(), rel=1e-6)
+    # this pass batches every example, the check only the request's sets: other batch shapes round differently
+    # (about 1e-6 nats per example, README "Scoring"), which moved UQ by 3.7e-6 on an Intel Xeon (and 0 on an EPYC)
+    assert res["uq_final_all"] == pytest.approx(uq, abs=2e-5)
+    assert res["exposure_final_all_mean"] == pytest.approx(e_t.mean(), rel=1e-5)
     hold = sc[(sc.split == "holdout") & (sc.kind == "id")]
     assert res["id_holdout_ppl_final_all"] == pytest.approx(np.exp(hold.nll_sum.sum() / hold.n_tokens.sum()), rel=1e-6)
     plain = json.loads((smoke_study[1] / "unlearn/canary_r16/result.json").read_text())
