@@ -160,7 +160,11 @@ def calibrate(designs=("default", "study"), sizes: dict = FULL, old: bool = True
                 runs["null_population"] = _tasks(d, "null", ("F1", "F2", "F4"), n0, o0, old, seed, spread)
             for f in FINDINGS:
                 runs[f] = _tasks(d, f, (f,), *((m1, p1) if f == "F3" else (n1, o1)), old, seed, spread)
-            res = {sc: list(pool.map(one_study, ts, chunksize=max(1, len(ts) // (8 * jobs)))) for sc, ts in runs.items()}
+            res = {}
+            for sc, ts in runs.items():
+                t0 = time.perf_counter()
+                res[sc] = list(pool.map(one_study, ts, chunksize=max(1, len(ts) // (8 * jobs))))
+                print(f"[calibration] {d} {sc}: {len(ts)} studies in {time.perf_counter() - t0:.0f} s", flush=True)
             censored[d] = float(np.mean([r["censored"] for r in res["null"]]))
             out[d] = {f: _collect(res, f, old) for f in FINDINGS}
     return {"results": out, "censored_fraction_null": censored, "old_rules": old}

@@ -358,7 +358,7 @@ def replicate_spread(results: list[dict], targets: tuple[str, ...] = ("0.5", "0.
     for kind, reps in sorted({(v["kind"], v["repetitions"]) for v in views}):
         cell = [v for v in views if v["kind"] == kind and v["repetitions"] == reps and not v["nothing_to_forget"]]
         for t in targets:
-            def at(v, key):
+            def at(v, key, t=t):
                 o = v["outcomes"].get(t, {})
                 return o.get(key) if o.get("outcome") == "unlearned" else None
             by_seed = [[math.log1p(at(v, "step")) for v in cell if v["seed"] == s and at(v, "step") is not None]
