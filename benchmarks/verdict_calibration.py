@@ -35,10 +35,15 @@ SCENARIOS = ("null", "null_pair", *FINDINGS)
 CLAIMS = ("reproduced", "partly reproduced", "reversed", "partly reversed", "mixed")
 # Simulated studies per design: (null, of them decided by the old rules too, power, of them by the old rules). F3
 # costs a lifelines fit per kind (~0.15 s a study with 9 strata, ~0.8 s with the study design's 45), so fewer.
+# The budget designs check the censoring rule on F1, F2, F4 (F3's examples censor at max_steps in every design).
 FULL = {"default": {"F124": (4000, 1000, 1000, 300), "F3": (1500, 200, 200, 60)},
-        "study": {"F124": (4000, 1000, 1000, 300), "F3": (300, 40, 100, 20)}}
+        "study": {"F124": (4000, 1000, 1000, 300), "F3": (300, 40, 100, 20)},
+        "default_budget10": {"F124": (4000, 1000, 1000, 300), "F3": (0, 0, 0, 0)},
+        "study_budget10": {"F124": (2000, 500, 500, 200), "F3": (0, 0, 0, 0)}}
 QUICK = {"default": {"F124": (60, 20, 20, 10), "F3": (12, 4, 6, 3)},
-         "study": {"F124": (20, 6, 6, 3), "F3": (3, 1, 2, 1)}}
+         "study": {"F124": (20, 6, 6, 3), "F3": (3, 1, 2, 1)},
+         "default_budget10": {"F124": (20, 6, 6, 3), "F3": (0, 0, 0, 0)},
+         "study_budget10": {"F124": (10, 3, 3, 2), "F3": (0, 0, 0, 0)}}
 
 
 # ------------------------------------------------------------------------------------------- old rules
@@ -141,7 +146,7 @@ def _tasks(design: str, scenario: str, keys, n: int, n_old: int, old: bool, seed
             for i in range(start, start + n)]
 
 
-def calibrate(designs=("default", "study"), sizes: dict = FULL, old: bool = True, seed: int = 0, jobs: int = 1,
+def calibrate(designs=tuple(S.DESIGNS), sizes: dict = FULL, old: bool = True, seed: int = 0, jobs: int = 1,
               spread_path: Path = C.RESULTS / "replicate_spread.json") -> dict:
     """Every (design, scenario) of the calibration: {design: {finding: {null, power[, null_population]}: {new,
     old}}}. `null` is the null of the design's claim: for one seed "no difference in this trained pair", for seeds
