@@ -9,7 +9,7 @@ rate of the overall verdict under no effect with its exact (Clopper-Pearson) 95%
 at the stated effect (F1: OOD 1.5x slower; F2: ID 0.3 log-ppl costlier; F3: HR 0.7 per within-request SD of
 memorization; F4: OOD recovers 0.15 more).
 
-    python benchmarks/verdict_calibration.py            # full: ~20 minutes on one core
+    python benchmarks/verdict_calibration.py --jobs 2   # full: 15 minutes on 2 idle cores (~30 on one)
     python benchmarks/verdict_calibration.py --quick    # seconds: a logic check (results/*.quick.json)
 """
 
