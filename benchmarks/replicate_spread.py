@@ -6,8 +6,9 @@ seed: data draw, initialisation, training order) and splits the variance of each
 reach UQ 0.5 / 0.8 / 0.9 (on log(1 + step), the scale on which steps are compared) and of its utility drop
 (log(1 + drop)) into two components per (kind, repetitions): between forget groups inside one θ₀/θᵣ pair, and
 between seeds beyond that (one-way ANOVA estimator: var of the seed means minus the within-seed variance over the
-mean group count, floored at 0). It also checks, per F1/F2 cell, whether one seed's interval covers the other's
-estimate. Writes benchmarks/results/replicate_spread.json.
+mean group count, floored at 0: unlearnbench.metrics.contrast.variance_components, which
+unlearnbench.verdicts.replicate_spread also uses on a multi-seed study). It also checks, per F1/F2 cell, whether
+one seed's interval covers the other's estimate. Writes benchmarks/results/replicate_spread.json.
 
     python benchmarks/replicate_spread.py runs/default/summary.json runs/default-seed1/summary.json
 """
@@ -22,23 +23,9 @@ import numpy as np
 
 import _common as C
 
+from unlearnbench.metrics.contrast import variance_components as components  # the package's one implementation
+
 TARGETS = ("0.5", "0.8", "0.9")
-
-
-def components(values: list[list[float]]) -> dict | None:
-    """Variance components of `values[seed][group]`: within-seed (between groups) and between seeds (excess over
-    what the within-seed variance explains). None when fewer than two seeds have a value or fewer than 3 in all."""
-    vals = [np.asarray(v, float) for v in values if len(v) >= 1]
-    if len(vals) < 2 or sum(len(v) for v in vals) < 3:
-        return None
-    within = [float(v.var(ddof=1)) for v in vals if len(v) >= 2]
-    sw = float(np.mean(within)) if within else float("nan")
-    means = np.array([v.mean() for v in vals])
-    nbar = float(np.mean([len(v) for v in vals]))
-    sb = max(float(means.var(ddof=1)) - (sw / nbar if within else 0.0), 0.0)
-    total = sb + sw
-    return {"within_seed_group_var": sw, "between_seed_var": sb, "seed_means": means.tolist(),
-            "seed_share": sb / total if total > 0 else None, "values": [v.tolist() for v in vals]}
 
 
 def _cells(summary: dict) -> dict:

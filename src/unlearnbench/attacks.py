@@ -14,7 +14,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from unlearnbench import metrics
 from unlearnbench.batching import collate, token_logprobs
 from unlearnbench.evaluation import exposures
 from unlearnbench.scoring import score_pass
@@ -54,14 +53,25 @@ def exposure_of(acc, model, sets: RequestSets, loss: str, form: str, batch_size:
 
 def recovered_share(e_att: np.ndarray, e_r_att: np.ndarray, e_0: np.ndarray, e_r: np.ndarray, n_boot: int,
                     seed: int, alpha: float = 0.05) -> dict:
-    """(ē_attacked − ē_oracle,attacked) / (ē_0 − ē_r) with a bootstrap interval over the examples."""
+    """(ē_attacked − ē_oracle,attacked) / (ē_0 − ē_r) with a percentile bootstrap interval over the examples and
+    `n_boot_unusable`: the resamples whose gap ē_0 − ē_r was <= 0 (no share exists), left out of the interval."""
     def share(a, b, c, d):
         gap = float(np.mean(c - d))
         return float(np.mean(a - b)) / gap if gap > 0 else float("nan")
 
-    value = share(e_att, e_r_att, e_0, e_r)
-    lo, hi = metrics.bootstrap_ci(share, e_att, e_r_att, e_0, e_r, n_boot=n_boot, alpha=alpha, seed=seed)
-    return {"recovered": value, "lo": lo, "hi": hi, "n": int(len(e_0))}
+    arrays = [np.asarray(x, dtype=float) for x in (e_att, e_r_att, e_0, e_r)]
+    n = len(arrays[2])
+    value = share(*arrays)
+    lo = hi = float("nan")
+    unusable = 0
+    if n and n_boot >= 1:
+        idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+        reps = np.array([share(*(a[i] for a in arrays)) for i in idx])
+        unusable = int(np.sum(~np.isfinite(reps)))
+        if unusable < n_boot:
+            lo, hi = (float(x) for x in np.percentile(reps[np.isfinite(reps)], [100 * alpha / 2,
+                                                                                100 * (1 - alpha / 2)]))
+    return {"recovered": value, "lo": lo, "hi": hi, "n": int(n), "n_boot_unusable": unusable}
 
 
 def finetune(model, rows: list[list[int]], spans: list[tuple[int, int]], steps: int, lr: float, batch_size: int,

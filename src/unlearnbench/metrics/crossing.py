@@ -89,12 +89,15 @@ def value_at_step(steps, values, step: float) -> float:
 
 
 def uq_auc(steps, uq, horizon: float) -> float:
-    """Mean of UQ clipped to [0, 1] over x = log(1+step) on [0, log(1+horizon)]; higher = unlearned faster.
+    """Mean of the running maximum of UQ (clipped to [0, 1]) over x = log(1+step) on [0, log(1+horizon)]; higher =
+    unlearned faster.
 
-    Trapezoid rule on the evaluations, which are clipped before interpolating. The last value is
-    carried forward to the horizon when the curve stops earlier (a run that ended unlearned keeps
-    its credit); the first value is carried back to step 0 when the curve starts later. NaN counts
-    as UQ 0 (no credit for a broken score). Evaluations past the horizon are ignored.
+    The running maximum is what the request had reached by each step, so a request that forgot fast and then
+    overshot (UQ falling again as unlearning goes past the oracle) keeps the credit for its speed: the area reads
+    speed, not overshoot. Trapezoid rule on the evaluations, which are clipped before interpolating. The last
+    (maximal) value is carried forward to the horizon when the curve stops earlier; the first value is carried
+    back to step 0 when the curve starts later. NaN counts as UQ 0 (no credit for a broken score). Evaluations
+    past the horizon are ignored.
     """
     s, v = _curve(steps, uq)
     if s.size == 0:
@@ -102,7 +105,7 @@ def uq_auc(steps, uq, horizon: float) -> float:
     horizon = float(horizon)
     if not (np.isfinite(horizon) and horizon > 0):
         raise ValueError(f"horizon must be a positive finite step, got {horizon}")
-    v = np.clip(np.nan_to_num(v, nan=0.0), 0.0, 1.0)
+    v = np.maximum.accumulate(np.clip(np.nan_to_num(v, nan=0.0), 0.0, 1.0))
     x = np.log1p(s)
     x_end = math.log1p(horizon)
     inside = x < x_end

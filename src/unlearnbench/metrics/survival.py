@@ -83,84 +83,93 @@ def logrank(durations_a, observed_a, durations_b, observed_b) -> dict:
 
 
 def _nan_row(n: int, events: int, error: str | None, warning: str | None = None) -> dict:
-    return {"coef": math.nan, "hr": math.nan, "lo": math.nan, "hi": math.nan, "p": math.nan,
-            "n": n, "events": events, "error": error, "warning": warning}
+    nan = math.nan
+    return {"coef": nan, "se": nan, "coef_lo": nan, "coef_hi": nan, "hr": nan, "hr_lo": nan, "hr_hi": nan,
+            "lo": nan, "hi": nan, "p": nan, "n": n, "events": events, "loglik": nan, "loglik_null": nan,
+            "error": error, "warning": warning, "usable": False}
+
+
+def _exp(x: float) -> float:
+    # near-separation can run a bound past exp's range (an OverflowError): the hazard ratio is then inf
+    return math.exp(x) if x < 709.0 else math.inf
+
+
+def _standardize(data: pd.DataFrame, covariates: list[str], strata: list[str], how: str) -> dict:
+    """z-score each covariate within each stratum (how="stratum"; a stratum where it is constant gets 0, which a
+    stratified fit ignores) or over the whole frame (how="pooled"); {covariate: error} for those left out."""
+    errors = {}
+    for c in covariates:
+        x = data[c].astype(float)
+        if not (len(x) > 1 and float(x.std(ddof=1)) > 0):
+            errors[c] = "constant covariate"
+            continue
+        if strata and (data.groupby(strata, observed=True)[c].nunique() <= 1).all():
+            # no within-stratum information; lifelines would fail on the singular Hessian and take the others down
+            errors[c] = "no variation within strata"
+            continue
+        if how == "stratum" and strata:
+            g = x.groupby([data[k] for k in strata], observed=True)
+            sd = g.transform("std")  # NaN for a one-example stratum, like 0: that stratum's z is 0
+            data[c] = ((x - g.transform("mean")) / sd.where(sd > 0)).fillna(0.0)
+        else:
+            data[c] = (x - x.mean()) / float(x.std(ddof=1))
+    return errors
 
 
 def stratified_cox(df: pd.DataFrame, duration_col: str, event_col: str,
-                   covariates: Sequence[str], strata: str | Sequence[str] | None) -> dict:
-    """Cox model of the hazard of being forgotten, stratified; coefficients are per standard deviation.
+                   covariates: Sequence[str], strata: str | Sequence[str] | None, standardize: str = "stratum") -> dict:
+    """Cox model of the hazard of being forgotten, stratified; coefficients per within-stratum standard deviation.
 
-    Each covariate is z-scored over the whole frame before fitting, so `coef` is the change in log
-    hazard per (pooled) standard deviation and `hr = exp(coef)`. Each stratum (e.g. the forget
-    request, or kind x repetitions) gets its own baseline hazard, so only covariate differences
-    *within* strata inform the coefficients. Returns {covariate: {coef, hr, lo, hi, p, n, events,
-    error, warning}} with lo/hi the 95% interval of coef. A covariate that is constant (overall or
-    within every stratum) gets NaNs and an `error`, and the others are still fitted; a fit that
-    fails gets NaNs and the `error` for every covariate. Rows with a missing value in any used
-    column are left out, and `n` says how many were used. Empty or None strata: unstratified.
+    Each covariate is z-scored within each stratum (standardize="stratum", the default; "pooled": over the whole
+    frame, which lets the spread between strata set the unit), so `coef` is the change in log hazard per
+    within-stratum SD. Each stratum (e.g. the forget request) gets its own baseline hazard, so only differences
+    inside strata inform the coefficients. Returns {covariate: {coef, se, coef_lo, coef_hi (95% interval of coef),
+    hr, hr_lo, hr_hi (the same on the hazard-ratio scale), p (Wald), n, events, loglik (of the fit), loglik_null
+    (all coefficients 0), error, warning, usable}}; `lo`/`hi` repeat coef_lo/coef_hi for readers of the old names.
+    `usable` is False when the fit failed (`error`) or warned (`warning`: no convergence, near-separation): its
+    Wald numbers are then not evidence. A covariate constant overall or within every stratum gets NaNs and an
+    error while the others are still fitted. Rows with a missing value are left out (`n` counts those used).
     """
     covariates = list(covariates)
-    if strata is None:
-        strata = []
-    elif isinstance(strata, str):
-        strata = [strata]
-    else:
-        strata = list(strata)
+    strata = [] if strata is None else [strata] if isinstance(strata, str) else list(strata)
     if not covariates:
         raise ValueError("no covariates")
+    if standardize not in ("stratum", "pooled"):
+        raise ValueError(f"standardize must be 'stratum' or 'pooled', got {standardize!r}")
     missing = [c for c in [duration_col, event_col, *covariates, *strata] if c not in df.columns]
     if missing:
         raise ValueError(f"columns not in frame: {missing}")
 
     data = df[[duration_col, event_col, *covariates, *strata]].dropna().copy()
     data[event_col] = data[event_col].astype(bool).astype(int)
-    n = int(len(data))
-    events = int(data[event_col].sum())
-    result: dict = {}
+    n, events = int(len(data)), int(data[event_col].sum())
     if events == 0:
         return {c: _nan_row(n, events, "no events") for c in covariates}
-
-    usable = []
-    for c in covariates:
-        x = data[c].astype(float)
-        sd = float(x.std(ddof=1)) if n > 1 else 0.0
-        if not (sd > 0):
-            result[c] = _nan_row(n, events, "constant covariate")
-            continue
-        # A covariate that never varies inside a stratum carries no within-stratum information;
-        # lifelines would fail on the singular Hessian and take the other covariates down with it.
-        if strata and (data.groupby(strata, observed=True)[c].nunique() <= 1).all():
-            result[c] = _nan_row(n, events, "no variation within strata")
-            continue
-        data[c] = (x - x.mean()) / sd
-        usable.append(c)
+    result = {c: _nan_row(n, events, e) for c, e in _standardize(data, covariates, strata, standardize).items()}
+    usable = [c for c in covariates if c not in result]
     if not usable:
         return {c: result[c] for c in covariates}
-
-    fit_frame = data[[duration_col, event_col, *usable, *strata]]
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            cph = CoxPHFitter().fit(fit_frame, duration_col=duration_col, event_col=event_col,
-                                    strata=strata or None)
+            cph = CoxPHFitter().fit(data[[duration_col, event_col, *usable, *strata]], duration_col=duration_col,
+                                    event_col=event_col, strata=strata or None)
+            lrt = cph.log_likelihood_ratio_test()
     except Exception as exc:  # lifelines raises ConvergenceError, LinAlgError, ValueError...
         err = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
-        for c in usable:
-            result[c] = _nan_row(n, events, err)
+        result.update({c: _nan_row(n, events, err) for c in usable})
         return {c: result[c] for c in covariates}
-    # Warnings (e.g. near-separation, where the estimate runs off to infinity) do not stop the
-    # fit but make its numbers suspect, so they travel with the result instead of to stderr.
+    # Warnings (no convergence, near-separation: the estimate runs off to infinity) do not stop the fit but make
+    # its Wald numbers meaningless, so they travel with the result and mark it unusable.
     notes = sorted({str(w.message).strip().splitlines()[0] for w in caught
-                    if "ConvergenceWarning" in type(w.message).__name__ or
-                    issubclass(w.category, RuntimeWarning)})
+                    if "ConvergenceWarning" in type(w.message).__name__ or issubclass(w.category, RuntimeWarning)})
     warning = "; ".join(notes) or None
+    loglik = float(cph.log_likelihood_)
     s = cph.summary
     for c in usable:
-        coef = float(s.loc[c, "coef"])
-        # near-separation can run coef past exp's range (an OverflowError): the hazard ratio is then inf
-        result[c] = {"coef": coef, "hr": math.exp(coef) if coef < 709.0 else math.inf,
-                     "lo": float(s.loc[c, "coef lower 95%"]), "hi": float(s.loc[c, "coef upper 95%"]),
-                     "p": float(s.loc[c, "p"]), "n": n, "events": events,
-                     "error": None, "warning": warning}
+        coef, lo, hi = (float(s.loc[c, k]) for k in ("coef", "coef lower 95%", "coef upper 95%"))
+        result[c] = {"coef": coef, "se": float(s.loc[c, "se(coef)"]), "coef_lo": lo, "coef_hi": hi, "hr": _exp(coef),
+                     "hr_lo": _exp(lo), "hr_hi": _exp(hi), "lo": lo, "hi": hi, "p": float(s.loc[c, "p"]), "n": n,
+                     "events": events, "loglik": loglik, "loglik_null": loglik - float(lrt.test_statistic) / 2,
+                     "error": None, "warning": warning, "usable": warning is None}
     return {c: result[c] for c in covariates}
