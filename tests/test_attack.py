@@ -36,9 +36,9 @@ def test_relearning_on_the_forget_examples_brings_exposure_back(smoke_study):
     ex = load_examples(run / "data")
     columns = ex.select_columns(["example_id", "input_ids", "score_start", "score_end", "split", "text"]).to_dict()
     meta = eval_subset(ex).select_columns(["example_id", "kind", "split"]).to_pandas()
-    table = pd.read_parquet(run / "scores/examples.parquet")
+    forget_scores = pd.read_parquet(run / "scores/forget.parquet")
     ids = list(pd.read_parquet(run / "unlearn" / name / "examples.parquet").example_id)
-    sets = request_sets(cfg, ids, columns, meta, table)
+    sets = request_sets(cfg, ids, columns, meta, forget_scores)
     assert sorted(sets.seen + sets.held_out) == sorted(ids) and not set(sets.seen) & set(sets.held_out)
     from unlearnbench.attacks import relearning_curve
 
@@ -204,15 +204,15 @@ def test_shared_baselines_match_a_per_request_computation(smoke_study, tmp_path)
     ex = load_examples(run / "data")
     columns = ex.select_columns(["example_id", "input_ids", "score_start", "score_end", "split", "text"]).to_dict()
     meta = eval_subset(ex).select_columns(["example_id", "kind", "split"]).to_pandas()
-    table = pd.read_parquet(run / "scores/examples.parquet")
+    forget_scores = pd.read_parquet(run / "scores/forget.parquet")
     ids = list(pd.read_parquet(run / "unlearn" / r["request"] / "examples.parquet").example_id)
-    kinds = kinds_of(table, ids)
-    others = list(table[(table.kind == r["kind"]) & ~table.example_id.isin(ids)].example_id)
+    kinds = kinds_of(forget_scores, ids)
+    others = list(forget_scores[(forget_scores.kind == r["kind"]) & ~forget_scores.example_id.isin(ids)].example_id)
     assert others, "another group of the same kind makes the union larger than the request"
-    sets = request_sets(cfg, ids, columns, meta, table)
+    sets = request_sets(cfg, ids, columns, meta, forget_scores)
     acc, tok = make_accelerator(), load_tokenizer(run / "data")
     pad = tok.pad_token_id or 0
-    res = Attacker(Context(cfg=cfg, run_dir=run, acc=acc), columns, meta, table, tok,
+    res = Attacker(Context(cfg=cfg, run_dir=run, acc=acc), columns, meta, forget_scores, tok,
                    {kinds: others[:8] + ids + others[8:]}).request(r, sets, kinds)
     oracle, original = load_trained(run, "oracle"), load_trained(run, "original")
 

@@ -272,7 +272,7 @@ def test_multi_seed_study_aggregates_and_reports(tmp_path):
                        "unlearn.request_kinds=[canary]")
     dirs = run_study(cfg, "run")
     assert dirs == [parent / "seed_0", parent / "seed_1"]
-    ids = [pd.read_parquet(d / "scores/examples.parquet").example_id.tolist() for d in dirs]
+    ids = [pd.read_parquet(d / "scores/forget.parquet").example_id.tolist() for d in dirs]
     secrets = [pd.read_parquet(d / "scores/original.parquet").nll.sum() for d in dirs]
     assert ids[0] == ids[1] and secrets[0] != secrets[1]  # same layout, different seeds
     agg = json.loads((parent / "summary.json").read_text())

@@ -33,11 +33,11 @@ def test_smoke_study_writes_every_output(smoke_study):
     cfg, run = smoke_study
     for path in ["config.yaml", "data/manifest.json", "models/original/model.safetensors",
                  "models/oracle/model.safetensors", "scores/original.parquet", "scores/oracle.parquet",
-                 "scores/examples.parquet", "unlearn/summary.json", "summary.json", "report/report.md",
+                 "scores/forget.parquet", "unlearn/summary.json", "summary.json", "report/report.md",
                  "metrics.jsonl"]:
         assert (run / path).exists(), path
-    examples = pd.read_parquet(run / "scores/examples.parquet")
-    assert len(examples) == 9 * cfg.data.group_size
+    forget_scores = pd.read_parquet(run / "scores/forget.parquet")
+    assert len(forget_scores) == 9 * cfg.data.group_size
     for name in REQUESTS:
         d = run / "unlearn" / name
         result = json.loads((d / "result.json").read_text())
@@ -68,7 +68,7 @@ def test_smoke_study_writes_every_output(smoke_study):
             assert o["grid_step"] == result["steps_to_unlearn"] and o["step"] <= o["grid_step"]
         assert (per.steps_to_forget[~per.censored].isin(curve.step)).all()
         # exposure under θ₀ measured in the loop equals the score stage's
-        ex = examples.set_index("example_id").loc[per.example_id]
+        ex = forget_scores.set_index("example_id").loc[per.example_id]
         np.testing.assert_allclose(per.exposure_original, ex.exposure_original, rtol=1e-4, atol=1e-4)
     unlearn = json.loads((run / "unlearn" / "summary.json").read_text())
     assert [g["request"] for g in unlearn["requests"]] == REQUESTS  # (kind, repetitions) groups, in order
@@ -197,12 +197,12 @@ def test_in_loop_reference_sample_is_consistent(smoke_study, tmp_path):
     cfg = smoke_config(run, "unlearn.eval_references=64", "unlearn.eval_utility=40")
     subset = eval_subset(load_examples(run / "data"))
     meta = subset.select_columns(["example_id", "kind", "repetitions", "split"]).to_pandas()
-    table = pd.read_parquet(run / "scores/examples.parquet")
-    ids = sorted(table[(table.kind == "canary") & (table.repetitions == 16)].example_id)
+    forget_scores = pd.read_parquet(run / "scores/forget.parquet")
+    ids = sorted(forget_scores[(forget_scores.kind == "canary") & (forget_scores.repetitions == 16)].example_id)
     ctx = Context(cfg=cfg, run_dir=run, acc=make_accelerator())
 
     def evaluator():
-        return RequestEvaluator(ctx.acc, cfg, ids, subset, meta, table, 0, True)
+        return RequestEvaluator(ctx.acc, cfg, ids, subset, meta, forget_scores, 0, True)
 
     ev = evaluator()
     m = ev.meta
@@ -210,14 +210,14 @@ def test_in_loop_reference_sample_is_consistent(smoke_study, tmp_path):
     assert m[m.split == "holdout"].groupby("kind").size().to_dict() == {"domain": 40, "id": 40}
     assert (m.split == "retain").sum() == 40
     assert list(evaluator().meta.example_id) == list(m.example_id)  # seeded: the same sample every time
-    t = table.set_index("example_id").loc[ids]
+    t = forget_scores.set_index("example_id").loc[ids]
     np.testing.assert_array_equal(ev.e_r, t.exposure_extrapolated_oracle.to_numpy())
     np.testing.assert_array_equal(ev.e_0, t.exposure_extrapolated_original.to_numpy())
     model = load_trained(run, "original", "float32")
     full = ev.evaluate_full(model)  # θ₀ against every reference: the score stage's numbers, UQ 0
     assert abs(full["uq_final_all"]) < 1e-6
     assert full["exposure_final_all_mean"] == pytest.approx(
-        table.set_index("example_id").loc[ids, "exposure_extrapolated_original"].mean(), rel=1e-6)
+        forget_scores.set_index("example_id").loc[ids, "exposure_extrapolated_original"].mean(), rel=1e-6)
     utility = json.loads((run / "scores/utility.json").read_text())["original"]
     assert full["id_holdout_ppl_final_all"] == pytest.approx(utility["id_holdout_ppl"], rel=1e-6)
 
@@ -232,7 +232,7 @@ def test_in_loop_reference_sample_is_consistent(smoke_study, tmp_path):
     sc = meta.merge(scores, on="example_id").set_index("example_id")
     refs = sc[(sc.split == "reference") & (sc.kind == "canary")].nll.to_numpy()
     e_t = metrics.extrapolated_exposure(sc.loc[ids, "nll"].to_numpy(), refs)
-    t = table.set_index("example_id").loc[ids]
+    t = forget_scores.set_index("example_id").loc[ids]
     uq = metrics.unlearning_quality(e_t, t.exposure_extrapolated_original.to_numpy(),
                                     t.exposure_extrapolated_oracle.to_numpy(), cfg.metrics.uq_min_gap_bits).uq
     # this pass batches every example, the check only the request's sets: other batch shapes round differently

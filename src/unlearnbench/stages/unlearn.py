@@ -46,7 +46,7 @@ def build_requests(cfg: Config, forget: pd.DataFrame) -> list[Request]:
     if missing:
         raise UserError(f"unlearn.example_ids has ids that are not forget examples of this run: "
                         f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}. Valid ids look like "
-                        f"{', '.join(sorted(known)[:3])} (see scores/examples.parquet).")
+                        f"{', '.join(sorted(known)[:3])} (see scores/forget.parquet).")
     sub = forget[forget.example_id.isin(u.example_ids)]
     kinds = sorted(set(sub.kind))
     reps = sorted(set(sub.repetitions))
@@ -81,8 +81,8 @@ def run(ctx: Context) -> None:
     # plain lists once for every request: indexing a lazy `datasets` column costs ~0.2 ms a lookup
     columns = examples.select_columns(["example_id", "input_ids", "score_start", "score_end", "split"]).to_dict()
     meta = subset.select_columns(["example_id", "kind", "repetitions", "group", "split"]).to_pandas()
-    forget_table = pd.read_parquet(ctx.run_dir / "scores" / "examples.parquet")
-    requests = build_requests(cfg, forget_table)
+    forget_scores = pd.read_parquet(ctx.run_dir / "scores" / "forget.parquet")
+    requests = build_requests(cfg, forget_scores)
     if not requests or any(not r.example_ids for r in requests):
         raise UserError("The forget request is empty: no forget example matches unlearn.requests / request_kinds. "
                         "Check unlearn.request_kinds and data.kinds.")
@@ -106,7 +106,7 @@ def run(ctx: Context) -> None:
                 continue
             msg = f"[unlearn] {req.name}: its result was computed for another config; recomputing it"
             print(msg, flush=True) if worker.local else acc.print(msg)
-        res = unlearn_request(ctx, req, columns, subset, meta, forget_table, tok, trk, worker)
+        res = unlearn_request(ctx, req, columns, subset, meta, forget_scores, tok, trk, worker)
         msg = (f"[unlearn] {req.name}: {res['status']} after {res['steps_run']} steps; steps to unlearn "
                f"{res['steps_to_unlearn']}, utility drop there {_fmt(res['utility_drop_at_unlearned'])}, "
                f"final UQ {res['uq_final']:.2f} (gap {res['exposure_gap_bits']:.1f} bits)")

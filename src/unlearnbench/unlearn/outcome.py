@@ -22,7 +22,7 @@ def window_summary(window: list[StepResult]) -> dict:
 
 
 def summarize_request(cfg: Config, request: Request, curve: pd.DataFrame, traj: pd.DataFrame,
-                      forget_table: pd.DataFrame, status: str, reason: str, steps_run: int, wall: float,
+                      forget_scores: pd.DataFrame, status: str, reason: str, steps_run: int, wall: float,
                       evaluator: RequestEvaluator) -> tuple[dict, pd.DataFrame]:
     """result.json (when the request was unlearned, the utility cost there) and the per-example table (steps to
     forget, memorization, difficulty)."""
@@ -34,17 +34,17 @@ def summarize_request(cfg: Config, request: Request, curve: pd.DataFrame, traj: 
     # Censored at the last valid evaluation: a request that stopped early (all forgotten, or diverged) did not
     # observe its remaining examples beyond it, so max_steps would overstate their steps to forget.
     per_steps, censored = metrics.steps_to_forget(steps, wide.to_numpy(), int(steps[-1]))
-    info = forget_table.set_index("example_id").loc[request.example_ids]
-    per_example = pd.DataFrame({"example_id": request.example_ids, "kind": info.kind.to_numpy(),
-                                "repetitions": info.repetitions.to_numpy(), "steps_to_forget": per_steps,
-                                "censored": censored, "memorization": info.memorization.to_numpy(),
-                                "exposure_memorization": info.exposure_memorization.to_numpy(),
-                                "difficulty": info.difficulty.to_numpy(),
+    forget_scores = forget_scores.set_index("example_id").loc[request.example_ids]  # the request's rows
+    per_example = pd.DataFrame({"example_id": request.example_ids, "kind": forget_scores.kind.to_numpy(),
+                                "repetitions": forget_scores.repetitions.to_numpy(), "steps_to_forget": per_steps,
+                                "censored": censored, "memorization": forget_scores.memorization.to_numpy(),
+                                "exposure_memorization": forget_scores.exposure_memorization.to_numpy(),
+                                "difficulty": forget_scores.difficulty.to_numpy(),
                                 "exposure_original": evaluator.e_0, "exposure_oracle": evaluator.e_r,
                                 "exposure_final": traj[traj.step == steps[-1]].exposure.to_numpy()})
     for col in ("cf_memorization", "cf_difficulty"):
-        if col in info:
-            per_example[col] = info[col].to_numpy()
+        if col in forget_scores:
+            per_example[col] = forget_scores[col].to_numpy()
     uq = valid.uq.to_numpy()
     v_steps = valid.step.to_numpy()
     unlearned_step = metrics.first_crossing(v_steps[1:], uq[1:], cfg.metrics.uq_target) if len(v_steps) > 1 else None

@@ -239,25 +239,26 @@ class StopRule:
 # ----------------------------------------------------------------------------------------------- the loop
 
 
-def unlearn_request(ctx, request: Request, columns: dict, subset, meta: pd.DataFrame, forget_table: pd.DataFrame,
-                    tok, trk, worker: Worker) -> dict:
+def unlearn_request(ctx, request: Request, columns: dict, subset, meta: pd.DataFrame,
+                    forget_scores: pd.DataFrame, tok, trk, worker: Worker) -> dict:
     """Run the configured method on one request from θ₀; write its trajectory, curve and result.
 
-    `columns`: every prepared example as plain column lists; `forget_table`: the score stage's per-example table.
+    `columns`: every prepared example as plain column lists; `forget_scores`: the score stage's table of the forget
+    examples (`scores/forget.parquet`).
     On SIGINT / SIGTERM the request stops between two steps (every rank at the same step when data-parallel),
     writes a request checkpoint (`unlearn/<name>/checkpoint/`) and raises `interrupt.Interrupted`; the next run
     resumes from it to the same numbers. The checkpoint goes once the request's result is written.
     """
     with interrupt.safe_points(worker.acc, not worker.local, stage="unlearn", what=request.name):
-        return _run_request(ctx, request, columns, subset, meta, forget_table, tok, trk, worker)
+        return _run_request(ctx, request, columns, subset, meta, forget_scores, tok, trk, worker)
 
 
-def _run_request(ctx, request: Request, columns: dict, subset, meta: pd.DataFrame, forget_table: pd.DataFrame,
-                 tok, trk, worker: Worker) -> dict:
+def _run_request(ctx, request: Request, columns: dict, subset, meta: pd.DataFrame,
+                 forget_scores: pd.DataFrame, tok, trk, worker: Worker) -> dict:
     cfg = ctx.cfg
     out_dir = ctx.run_dir / "unlearn" / request.name
     pad_id = tok.pad_token_id or 0
-    evaluator = RequestEvaluator(worker.acc, cfg, request.example_ids, subset, meta, forget_table, pad_id,
+    evaluator = RequestEvaluator(worker.acc, cfg, request.example_ids, subset, meta, forget_scores, pad_id,
                                  worker.local)
     data = RequestData.build(cfg, request, columns, pad_id)
     # θ₀ frozen, for methods that compare with it: a DeepSpeed inference engine under ZeRO-3 (sharded parameters)
@@ -321,7 +322,7 @@ def _run_request(ctx, request: Request, columns: dict, subset, meta: pd.DataFram
         # before result.json: a kill in between loses only a finished trajectory (rerun, bit for bit), while a
         # checkpoint left beside a result would never be removed
         shutil.rmtree(out_dir / CHECKPOINT, ignore_errors=True)
-    return finish(ctx, request, u, evaluator, curve, trajs, status, reason, step_index, t_start, forget_table, tok,
+    return finish(ctx, request, u, evaluator, curve, trajs, status, reason, step_index, t_start, forget_scores, tok,
                   trk)
 
 
@@ -329,7 +330,7 @@ def _run_request(ctx, request: Request, columns: dict, subset, meta: pd.DataFram
 
 
 def finish(ctx, request: Request, u: Unlearner, evaluator: RequestEvaluator, curve: list[dict], trajs: list,
-           status: str, reason: str, steps_run: int, t_start: float, forget_table: pd.DataFrame, tok, trk) -> dict:
+           status: str, reason: str, steps_run: int, t_start: float, forget_scores: pd.DataFrame, tok, trk) -> dict:
     """The final full check, the request's files (trajectory, curve, per-example table, model) and result.json."""
     cfg, w = ctx.cfg, u.worker
     out_dir = ctx.run_dir / "unlearn" / request.name
@@ -338,7 +339,7 @@ def finish(ctx, request: Request, u: Unlearner, evaluator: RequestEvaluator, cur
     cost = request_cost(u, evaluator, len(curve), steps_run, wall)
     curve_df = pd.DataFrame(curve)
     traj_df = pd.concat(trajs, ignore_index=True)
-    result, per_example = summarize_request(cfg, request, curve_df, traj_df, forget_table, status, reason, steps_run,
+    result, per_example = summarize_request(cfg, request, curve_df, traj_df, forget_scores, status, reason, steps_run,
                                             wall, evaluator)
     result.update(final_all, in_loop_sample={"examples": len(evaluator.meta), "all": len(evaluator.full_meta)}, **cost)
     if w.writes:
