@@ -37,7 +37,7 @@ def test_relearning_on_the_forget_examples_brings_exposure_back(smoke_study):
     columns = ex.select_columns(["example_id", "input_ids", "score_start", "score_end", "split", "text"]).to_dict()
     meta = eval_subset(ex).select_columns(["example_id", "kind", "split"]).to_pandas()
     forget_scores = pd.read_parquet(run / "scores/forget.parquet")
-    ids = list(pd.read_parquet(run / "unlearn" / name / "examples.parquet").example_id)
+    ids = list(pd.read_parquet(run / "unlearn" / name / "forgetting.parquet").example_id)
     sets = request_sets(cfg, ids, columns, meta, forget_scores)
     assert sorted(sets.seen + sets.held_out) == sorted(ids) and not set(sets.seen) & set(sets.held_out)
     from unlearnbench.attacks import relearning_curve
@@ -205,7 +205,7 @@ def test_shared_baselines_match_a_per_request_computation(smoke_study, tmp_path)
     columns = ex.select_columns(["example_id", "input_ids", "score_start", "score_end", "split", "text"]).to_dict()
     meta = eval_subset(ex).select_columns(["example_id", "kind", "split"]).to_pandas()
     forget_scores = pd.read_parquet(run / "scores/forget.parquet")
-    ids = list(pd.read_parquet(run / "unlearn" / r["request"] / "examples.parquet").example_id)
+    ids = list(pd.read_parquet(run / "unlearn" / r["request"] / "forgetting.parquet").example_id)
     kinds = kinds_of(forget_scores, ids)
     others = list(forget_scores[(forget_scores.kind == r["kind"]) & ~forget_scores.example_id.isin(ids)].example_id)
     assert others, "another group of the same kind makes the union larger than the request"

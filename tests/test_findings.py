@@ -120,7 +120,7 @@ def test_overall_verdict(verdicts, expected):
     assert overall_verdict(verdicts) == expected
 
 
-def _examples(within_slope: float, seed: int = 0) -> pd.DataFrame:
+def _forgetting(within_slope: float, seed: int = 0) -> pd.DataFrame:
     """Three requests (repetitions 1/4/16) with mean memorization 0.3/1.2/2.9 and mean steps 5/20/80: related across
     requests; within each, steps depend on memorization with `within_slope` (0 = unrelated)."""
     rng = np.random.default_rng(seed)
@@ -136,7 +136,7 @@ def _examples(within_slope: float, seed: int = 0) -> pd.DataFrame:
 
 
 def test_f3_confounded_by_repetitions_is_not_reproduced_while_pooled_rho_is_large():
-    f = finding_f3(_examples(0.0), n_boot=100, seed=0)
+    f = finding_f3(_forgetting(0.0), n_boot=100, seed=0)
     k = f["kinds"][0]
     assert k["pooled_spearman_descriptive"]["memorization"]["rho"] > 0.6  # the confounded number
     assert k["verdict"] == "not reproduced" and f["verdict"] == "not reproduced"
@@ -144,7 +144,7 @@ def test_f3_confounded_by_repetitions_is_not_reproduced_while_pooled_rho_is_larg
 
 
 def test_f3_within_request_effect_is_reproduced_and_nothing_to_forget_is_left_out():
-    df = _examples(0.8)
+    df = _forgetting(0.8)
     df.loc[df.request == "id_r1", "nothing_to_forget"] = True
     f = finding_f3(df, n_boot=100, seed=0)
     assert f["kinds"][0]["verdict"] == "reproduced" and f["excluded_requests"] == ["id_r1"]

@@ -65,7 +65,7 @@ def test_killed_score_resumes_identically(smoke_study, tmp_path):
     assert not (run / "stages" / "score.json").exists()
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
-    for name in ("original.parquet", "oracle.parquet", "examples.parquet"):
+    for name in ("original.parquet", "oracle.parquet", "forget.parquet"):
         pd.testing.assert_frame_equal(pd.read_parquet(ref / "scores" / name), pd.read_parquet(run / "scores" / name),
                                       check_exact=False, rtol=1e-6)
 
@@ -79,7 +79,7 @@ _TIMING = {"eval_seconds", "elapsed_seconds", "tokens_per_s", "wall_seconds", "d
 
 def _same_request(ref, run, name):
     """A request's files in `run` equal the reference's, to the bit (wall-clock numbers aside)."""
-    for f in ("trajectory.parquet", "curve.parquet", "examples.parquet"):
+    for f in ("trajectory.parquet", "curve.parquet", "forgetting.parquet"):
         a, b = pd.read_parquet(ref / "unlearn" / name / f), pd.read_parquet(run / "unlearn" / name / f)
         pd.testing.assert_frame_equal(a.drop(columns=[c for c in a if c in _TIMING]),
                                       b.drop(columns=[c for c in b if c in _TIMING]), check_exact=True)

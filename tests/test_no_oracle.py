@@ -65,8 +65,8 @@ def test_no_oracle_trains_no_oracle_and_takes_e_r_from_references(no_oracle_run)
         # gap clears the floor (the request's e_0 is θ₀'s, as with an oracle)
         for reps in (16,):
             curve = pd.read_parquet(run / "unlearn" / f"{kind}_r{reps}" / "curve.parquet")
-            per = pd.read_parquet(run / "unlearn" / f"{kind}_r{reps}" / "examples.parquet")
-            np.testing.assert_allclose(per.exposure_oracle, ext, rtol=1e-6)
+            forgetting = pd.read_parquet(run / "unlearn" / f"{kind}_r{reps}" / "forgetting.parquet")
+            np.testing.assert_allclose(forgetting.exposure_oracle, ext, rtol=1e-6)
             np.testing.assert_allclose(curve.exposure_oracle_mean, ext, rtol=1e-6)
             first = curve.iloc[0]
             assert first.step == 0

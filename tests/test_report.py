@@ -124,10 +124,10 @@ def test_report_force_redecides_every_finding_from_the_stored_results(smoke_stud
     # canary's memorization negated: the Cox coefficient of memorization changes sign, F3 for canary reverses
     canary = [g["request"] for g in before["groups"] if g["kind"] == "canary"]
     for name in canary:
-        p = run / "unlearn" / name / "examples.parquet"
+        p = run / "unlearn" / name / "forgetting.parquet"
         df = pd.read_parquet(p)
         df.assign(memorization=-df.memorization).to_parquet(p, index=False)
-    for rel in ["unlearn/id_r16/result.json"] + [f"unlearn/{n}/examples.parquet" for n in canary]:
+    for rel in ["unlearn/id_r16/result.json"] + [f"unlearn/{n}/forgetting.parquet" for n in canary]:
         amend_record(run, "unlearn", rel)  # a deliberate change, not damage
     unlearn_record = (run / "stages" / "unlearn.json").read_text()
     curve_mtime = os.stat(run / "unlearn" / "id_r16" / "curve.parquet").st_mtime_ns

@@ -53,7 +53,7 @@ def test_offline_study_leaves_offline_run_and_curve_keys(run_copy, monkeypatch, 
     offline = sorted((run_copy / "wandb").glob("offline-run-*"))
     assert len(offline) == 1
     events = b"".join(p.read_bytes() for p in offline[0].glob("run-*.wandb"))  # the log `wandb sync` uploads
-    for key in (b"unlearn/canary_r16/uq", b"unlearn/step", b"unlearn/canary_r16/examples", b"fingerprints"):
+    for key in (b"unlearn/canary_r16/uq", b"unlearn/step", b"unlearn/canary_r16/forgetting", b"fingerprints"):
         assert key in events, key  # curves on the step axis, the per-example table, the resolved config
     assert f"wandb sync {offline[0]}" in capsys.readouterr().out
 

@@ -54,22 +54,22 @@ def test_smoke_study_writes_every_output(smoke_study):
         assert set(curve.columns) >= {"uq", "uq_lo", "uq_hi", "id_holdout_ppl", "utility_drop", "train_loss", "lr",
                                       "tokens_per_s", "forget_quality"}
         assert result["steps_run"] <= cfg.unlearn.max_steps
-        per = pd.read_parquet(d / "examples.parquet")
-        assert per.steps_to_forget.between(0, cfg.unlearn.max_steps).all()
+        forgetting = pd.read_parquet(d / "forgetting.parquet")
+        assert forgetting.steps_to_forget.between(0, cfg.unlearn.max_steps).all()
         # never-forgotten examples are censored at the last valid evaluation (not the one that found a collapse)
         collapsed_there = result["diverged"] and "perplexity" in result["stop_reason"]
         last = curve.step.iloc[-2] if collapsed_there else curve.step.iloc[-1]
-        assert (per.steps_to_forget[per.censored] == last).all()
+        assert (forgetting.steps_to_forget[forgetting.censored] == last).all()
         # the outcome at the target agrees with the crossing, and is never a sentinel number
         o = result["outcomes"][f"{cfg.metrics.uq_target:g}"]
         assert o["outcome"] == result["outcome"]
         assert (o["outcome"] == "unlearned") == (result["steps_to_unlearn"] is not None)
         if o["outcome"] == "unlearned":
             assert o["grid_step"] == result["steps_to_unlearn"] and o["step"] <= o["grid_step"]
-        assert (per.steps_to_forget[~per.censored].isin(curve.step)).all()
+        assert (forgetting.steps_to_forget[~forgetting.censored].isin(curve.step)).all()
         # exposure under θ₀ measured in the loop equals the score stage's
-        ex = forget_scores.set_index("example_id").loc[per.example_id]
-        np.testing.assert_allclose(per.exposure_original, ex.exposure_original, rtol=1e-4, atol=1e-4)
+        ex = forget_scores.set_index("example_id").loc[forgetting.example_id]
+        np.testing.assert_allclose(forgetting.exposure_original, ex.exposure_original, rtol=1e-4, atol=1e-4)
     unlearn = json.loads((run / "unlearn" / "summary.json").read_text())
     assert [g["request"] for g in unlearn["requests"]] == REQUESTS  # (kind, repetitions) groups, in order
     assert sum(unlearn["outcomes"].values()) == len(REQUESTS)
@@ -82,7 +82,7 @@ def test_smoke_study_writes_every_output(smoke_study):
     f1 = summary["findings"]["F1"]
     assert f1["holds"] == sum(c["verdict"] == "reproduced" for c in f1["cells"])
     assert all(c["verdict"] == c["by_target"][c["main"]]["verdict"] for c in f1["cells"])
-    # one replicate per cell in the smoke preset: no interval, so every cell is inconclusive, never a verdict
+    # one replicate forgetting cell in the smoke preset: no interval, so every cell is inconclusive, never a verdict
     assert all(c["verdict"] == "inconclusive" for c in f1["cells"] + summary["findings"]["F2"]["cells"])
 
 
@@ -236,7 +236,7 @@ def test_in_loop_reference_sample_is_consistent(smoke_study, tmp_path):
     uq = metrics.unlearning_quality(e_t, t.exposure_extrapolated_original.to_numpy(),
                                     t.exposure_extrapolated_oracle.to_numpy(), cfg.metrics.uq_min_gap_bits).uq
     # this pass batches every example, the check only the request's sets: other batch shapes round differently
-    # (about 1e-6 nats per example, README "Scoring"), which moved UQ by 3.7e-6 on an Intel Xeon (and 0 on an EPYC)
+    # (about 1e-6 nats forgetting example, README "Scoring"), which moved UQ by 3.7e-6 on an Intel Xeon (and 0 on an EPYC)
     assert res["uq_final_all"] == pytest.approx(uq, abs=2e-5)
     assert res["exposure_final_all_mean"] == pytest.approx(e_t.mean(), rel=1e-5)
     hold = sc[(sc.split == "holdout") & (sc.kind == "id")]

@@ -152,12 +152,12 @@ def finding_f2(results: list[dict], uq_target: float, alpha: float = 0.05) -> di
     return _finding(F2_STATEMENT, rows, "ID − OOD log(ppl_t / ppl_0) on the ID holdout at the crossing")
 
 
-def finding_f3(per_example: pd.DataFrame, n_boot: int, seed: int, alpha: float = 0.05) -> dict:
+def finding_f3(forgetting: pd.DataFrame, n_boot: int, seed: int, alpha: float = 0.05) -> dict:
     """F3 per kind: a Cox model of each example's forgetting on memorization and difficulty, stratified by forget
     request (so that differences between requests, which repetitions drive, never count), requests with nothing
     to forget excluded; plus the pooled Spearman ρ, descriptive only (confounded by repetitions)."""
     rows, verdicts = [], []
-    usable = per_example[~per_example.nothing_to_forget] if "nothing_to_forget" in per_example else per_example
+    usable = forgetting[~forgetting.nothing_to_forget] if "nothing_to_forget" in forgetting else forgetting
     for kind, g in usable.groupby("kind"):
         df = pd.DataFrame({"duration": g.steps_to_forget.to_numpy(float), "event": (~g.censored).to_numpy(int),
                            "memorization": g.memorization.to_numpy(float), "difficulty": g.difficulty.to_numpy(float),
@@ -170,16 +170,16 @@ def finding_f3(per_example: pd.DataFrame, n_boot: int, seed: int, alpha: float =
         rows.append({"kind": kind, "n": int(len(g)), "requests": int(g.request.nunique()),
                      "censored_fraction": float(g.censored.mean()), "verdict": verdict, "cox": cox,
                      "pooled_spearman_descriptive": descriptive})
-    excluded = sorted(set(per_example.request) - set(usable.request)) if "request" in per_example else []
+    excluded = sorted(set(forgetting.request) - set(usable.request)) if "request" in forgetting else []
     return {"statement": F3_STATEMENT, "effect": "hazard ratio of being forgotten per SD (Cox, strata = request)",
             "kinds": rows, "excluded_requests": excluded, "holds": sum(v == "reproduced" for v in verdicts),
             "of": len(verdicts), "verdict": overall_verdict(verdicts)}
 
 
-def survival(per_example: pd.DataFrame) -> dict:
+def survival(forgetting: pd.DataFrame) -> dict:
     """Example level: Kaplan-Meier of the fraction not yet forgotten per (kind, repetitions), pooled over the
     replicate groups, and a log-rank test OOD vs ID per repetitions (the example-level companion of F1)."""
-    usable = per_example[~per_example.nothing_to_forget] if "nothing_to_forget" in per_example else per_example
+    usable = forgetting[~forgetting.nothing_to_forget] if "nothing_to_forget" in forgetting else forgetting
     curves, tests = [], []
     for (kind, reps), g in usable.groupby(["kind", "repetitions"]):
         km = metrics.kaplan_meier(g.steps_to_forget.to_numpy(float), (~g.censored).to_numpy(bool))
@@ -247,15 +247,15 @@ def finding_f4(attack_results: list[dict], alpha: float = 0.05) -> dict:
 # ----------------------------------------------------------------------------------------------- one run
 
 
-def run_findings(cfg: Config, results: list[dict], per_example: pd.DataFrame) -> dict:
+def run_findings(cfg: Config, results: list[dict], forgetting: pd.DataFrame) -> dict:
     """F1-F3 of one run from its stored per-request results (`results.load_run`): F1 and F2 for group requests,
     F3 when there are per-example tables. F4 needs the attack results: `finding_f4`."""
     findings = {}
     if cfg.unlearn.requests == "groups":
         findings["F1"] = finding_f1(results, cfg.metrics.uq_target, cfg.metrics.alpha)
         findings["F2"] = finding_f2(results, cfg.metrics.uq_target, cfg.metrics.alpha)
-    if not per_example.empty:
-        findings["F3"] = finding_f3(per_example, cfg.metrics.n_boot, cfg.run.seed, cfg.metrics.alpha)
+    if not forgetting.empty:
+        findings["F3"] = finding_f3(forgetting, cfg.metrics.n_boot, cfg.run.seed, cfg.metrics.alpha)
     return findings
 
 

@@ -69,7 +69,7 @@ def cell_findings(cfg: Config) -> dict:
     """F1-F3 of one grid cell, decided from its stored per-request results as the report stage decides them (the
     cell runs no attack and no report: its findings are computed here, written nowhere but the map)."""
     run = load_run(Path(cfg.run.dir))
-    return run_findings(cfg, run.requests, run.per_example)
+    return run_findings(cfg, run.requests, run.forgetting)
 
 
 def map_rows(cells: list[tuple[str, Config]]) -> pd.DataFrame:

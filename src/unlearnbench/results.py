@@ -1,6 +1,7 @@
 """A run's stored results, read from the files the stages wrote: the unlearn stage's request table and each
-request's `result.json`, curve and per-example table; the attack stage's per-request results. The one loader the
-findings, the merged `summary.json` and the report read them through, and the one count of how requests ended.
+request's `result.json`, curve and forgetting table (each example's steps to forget); the attack stage's per-request
+results. The one loader the findings, the merged `summary.json` and the report read them through, and the one count
+of how requests ended.
 The files are described in docs/outputs.md.
 """
 
@@ -87,11 +88,12 @@ def load_requests(run_dir: Path) -> list[dict]:
     return [read_json(Path(run_dir) / "unlearn" / row["request"] / "result.json") for row in rows]
 
 
-def load_per_example(run_dir: Path, results: list[dict]) -> pd.DataFrame:
-    """Every request's examples.parquet with its request name and nothing_to_forget flag."""
+def load_forgetting(run_dir: Path, results: list[dict]) -> pd.DataFrame:
+    """Every request's forgetting.parquet (each example's steps to forget) with its request name and nothing_to_forget
+    flag."""
     frames = []
     for r in results:
-        p = Path(run_dir) / "unlearn" / r["request"] / "examples.parquet"
+        p = Path(run_dir) / "unlearn" / r["request"] / "forgetting.parquet"
         if p.exists():
             frames.append(pd.read_parquet(p).assign(request=r["request"], nothing_to_forget=bool(r["nothing_to_forget"])))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
@@ -114,7 +116,7 @@ class RunResults:
     run_dir: Path
     unlearn: dict  # unlearn/summary.json
     requests: list[dict]  # each request's unlearn/<request>/result.json, in the request table's order
-    per_example: pd.DataFrame  # every request's examples.parquet, with `request` and `nothing_to_forget`
+    forgetting: pd.DataFrame  # every request's forgetting.parquet, with `request` and `nothing_to_forget`
     attacks: dict | None  # attacks/summary.json; None when the attack stage wrote none (or not on these results)
     attack_results: list[dict]  # each attacked request's attacks/<request>/result.json, by name
     note: str | None = None  # why attack results that exist were left out
@@ -130,7 +132,7 @@ def attacks_current(run_dir: Path) -> bool:
 
 
 def load_run(run_dir: Path) -> RunResults:
-    """A run's per-request results of the unlearn and attack stages, and its per-example tables. Attack results
+    """A run's per-request results of the unlearn and attack stages, and its forgetting tables. Attack results
     count only when the attack stage ran on the current unlearn results."""
     run_dir = Path(run_dir)
     unlearn = read_unlearn_summary(run_dir)
@@ -142,4 +144,4 @@ def load_run(run_dir: Path) -> RunResults:
                                f"results; they are left out (`unlearnbench attack run.dir={run_dir}` redoes them)")
     attack_results = ([read_json(p) for p in sorted((run_dir / "attacks").glob("*/result.json"))]
                       if attacks is not None else [])
-    return RunResults(run_dir, unlearn, requests, load_per_example(run_dir, requests), attacks, attack_results, note)
+    return RunResults(run_dir, unlearn, requests, load_forgetting(run_dir, requests), attacks, attack_results, note)

@@ -82,8 +82,8 @@ def merged_summary(cfg: Config, run: RunResults) -> dict:
     u = run.unlearn
     groups = [request_row(r) for r in run.requests]
     out = {**{k: u[k] for k in HEADER}, "outcomes": outcome_counts(run.requests), "groups": groups,
-           "findings": run_findings(cfg, run.requests, run.per_example),
-           "survival": survival(run.per_example) if not run.per_example.empty else {}, "cost": u["cost"]}
+           "findings": run_findings(cfg, run.requests, run.forgetting),
+           "survival": survival(run.forgetting) if not run.forgetting.empty else {}, "cost": u["cost"]}
     if run.attacks is not None:
         by_request = {r["request"]: attack_columns(r) for r in run.attack_results}
         for g in groups:

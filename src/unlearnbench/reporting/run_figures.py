@@ -1,6 +1,7 @@
 """The figures of one run's report, from its merged summary (`run_summary.merged_summary`), the requests' curves
-and the per-example table: exposure trajectories, UQ, utility and the trade-off against steps, steps to forget
-against memorization and difficulty, survival, and the F1/F2 effects. Headings and captions: `style.FIGURES`.
+and the forgetting table (each example's steps to forget): exposure trajectories, UQ, utility and the trade-off
+against steps, steps to forget against memorization and difficulty, survival, and the F1/F2 effects.
+Headings and captions: `style.FIGURES`.
 """
 
 from __future__ import annotations
@@ -150,7 +151,7 @@ def fig_tradeoff(summary: dict, curves: dict, path: Path) -> None:
     save(fig, path)
 
 
-def fig_steps_to_forget(summary: dict, examples: pd.DataFrame, variable: str, path: Path) -> None:
+def fig_steps_to_forget(summary: dict, forgetting: pd.DataFrame, variable: str, path: Path) -> None:
     """Steps to forget vs `variable` (memorization or difficulty) per example, Spearman ρ per kind in the legend."""
     xlabel = {"memorization": "memorization ℓθr(x) − ℓθ0(x) (nats/token)",
               "difficulty": "difficulty ℓθr(x) (nats/token)"}[variable]
@@ -158,11 +159,11 @@ def fig_steps_to_forget(summary: dict, examples: pd.DataFrame, variable: str, pa
             for c in summary.get("findings", {}).get("F3", {}).get("kinds", [])}
     fig = Figure(figsize=(7.2, 6.0), dpi=100, layout="constrained")
     ax = fig.subplots()
-    kinds = sorted(set(examples.kind), key=kind_key) if not examples.empty else []
-    reps = sorted(set(int(r) for r in examples.repetitions)) if not examples.empty else []
+    kinds = sorted(set(forgetting.kind), key=kind_key) if not forgetting.empty else []
+    reps = sorted(set(int(r) for r in forgetting.repetitions)) if not forgetting.empty else []
     handles = []
     for k in kinds:
-        sub = examples[examples.kind == k]
+        sub = forgetting[forgetting.kind == k]
         for r in reps:
             s = sub[sub.repetitions == r]
             for censored, face in ((False, kind_color(k)), (True, "none")):
@@ -237,10 +238,10 @@ def fig_effects(summary: dict, path: Path) -> None:
     save(fig, path)
 
 
-def make_figures(summary: dict, curves: dict[str, pd.DataFrame], examples: pd.DataFrame,
+def make_figures(summary: dict, curves: dict[str, pd.DataFrame], forgetting: pd.DataFrame,
                  out_dir: Path) -> dict[str, Path]:
     """Render every figure of a run's report but the attack figures into `out_dir`, from its merged summary, the
-    requests' curves and the per-example table (`results.load_run`); returns name -> PNG path."""
+    requests' curves and the forgetting table (`results.load_run`); returns name -> PNG path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {name: out_dir / f"{name}.png" for name in FIGURES if name not in ATTACK_FIGURES}
@@ -249,7 +250,7 @@ def make_figures(summary: dict, curves: dict[str, pd.DataFrame], examples: pd.Da
     fig_utility(summary, curves, paths["utility_vs_step"])
     fig_tradeoff(summary, curves, paths["uq_vs_utility"])
     for var in ("memorization", "difficulty"):
-        fig_steps_to_forget(summary, examples, var, paths[f"steps_to_forget_vs_{var}"])
+        fig_steps_to_forget(summary, forgetting, var, paths[f"steps_to_forget_vs_{var}"])
     fig_survival(summary, paths["survival"])
     fig_effects(summary, paths["finding_effects"])
     return paths

@@ -279,7 +279,7 @@ def run(ctx: Context) -> None:
             skipped.append({"request": r["request"], "reason": why})
             continue
         todo.append(r)
-        ids_of[r["request"]] = list(pd.read_parquet(ctx.run_dir / "unlearn" / r["request"] / "examples.parquet")
+        ids_of[r["request"]] = list(pd.read_parquet(ctx.run_dir / "unlearn" / r["request"] / "forgetting.parquet")
                                     .example_id)
     kinds = {name: kinds_of(forget_scores, ids) for name, ids in ids_of.items()}
     unions: dict[tuple, list[str]] = {}

@@ -1,4 +1,4 @@
-"""The outcome of a finished forget request, analysis rather than training: its result.json and per-example table
+"""The outcome of a finished forget request, analysis rather than training: its result.json and forgetting table
 (`summarize_request`), how it ended at each UQ target (`request_outcomes`), what it cost (`request_cost`), and the
 curve row's summary of the steps between two evaluations (`window_summary`). Definitions: docs/definitions.md."""
 
@@ -24,8 +24,8 @@ def window_summary(window: list[StepResult]) -> dict:
 def summarize_request(cfg: Config, request: Request, curve: pd.DataFrame, traj: pd.DataFrame,
                       forget_scores: pd.DataFrame, status: str, reason: str, steps_run: int, wall: float,
                       evaluator: RequestEvaluator) -> tuple[dict, pd.DataFrame]:
-    """result.json (when the request was unlearned, the utility cost there) and the per-example table (steps to
-    forget, memorization, difficulty)."""
+    """result.json (when the request was unlearned, the utility cost there) and the forgetting table (each example's
+    steps to forget, memorization, difficulty: `forgetting.parquet`)."""
     # The evaluation that found the utility diverged is not a state anyone would keep: forgetting "at the collapse"
     # and a crossing there do not count (the request collapsed at that step).
     valid = curve.iloc[:-1] if status == "diverged" and "perplexity" in reason and len(curve) > 1 else curve
@@ -35,7 +35,7 @@ def summarize_request(cfg: Config, request: Request, curve: pd.DataFrame, traj: 
     # observe its remaining examples beyond it, so max_steps would overstate their steps to forget.
     per_steps, censored = metrics.steps_to_forget(steps, wide.to_numpy(), int(steps[-1]))
     forget_scores = forget_scores.set_index("example_id").loc[request.example_ids]  # the request's rows
-    per_example = pd.DataFrame({"example_id": request.example_ids, "kind": forget_scores.kind.to_numpy(),
+    forgetting = pd.DataFrame({"example_id": request.example_ids, "kind": forget_scores.kind.to_numpy(),
                                 "repetitions": forget_scores.repetitions.to_numpy(), "steps_to_forget": per_steps,
                                 "censored": censored, "memorization": forget_scores.memorization.to_numpy(),
                                 "exposure_memorization": forget_scores.exposure_memorization.to_numpy(),
@@ -44,7 +44,7 @@ def summarize_request(cfg: Config, request: Request, curve: pd.DataFrame, traj: 
                                 "exposure_final": traj[traj.step == steps[-1]].exposure.to_numpy()})
     for col in ("cf_memorization", "cf_difficulty"):
         if col in forget_scores:
-            per_example[col] = forget_scores[col].to_numpy()
+            forgetting[col] = forget_scores[col].to_numpy()
     uq = valid.uq.to_numpy()
     v_steps = valid.step.to_numpy()
     unlearned_step = metrics.first_crossing(v_steps[1:], uq[1:], cfg.metrics.uq_target) if len(v_steps) > 1 else None
@@ -71,12 +71,12 @@ def summarize_request(cfg: Config, request: Request, curve: pd.DataFrame, traj: 
         "exposure_gap_bits": float(first.gap), "nothing_to_forget": nothing,
         "forgotten_fraction_final": float(curve.forgotten_fraction.iloc[-1]),
         "steps_to_forget_mean": float(per_steps.mean()), "censored_fraction": float(censored.mean()),
-        "memorization_mean": float(per_example.memorization.mean()),
-        "difficulty_mean": float(per_example.difficulty.mean()),
+        "memorization_mean": float(forgetting.memorization.mean()),
+        "difficulty_mean": float(forgetting.difficulty.mean()),
         "id_holdout_ppl_0": float(evaluator.ppl_0), "wall_seconds": wall, "eval_seconds": evaluator.seconds,
         "eval_share": evaluator.seconds / wall if wall else None,
     }
-    return result, per_example
+    return result, forgetting
 
 
 def request_outcomes(curve: pd.DataFrame, uq_target: float, diverged: bool, last_step: int) -> dict[str, dict]:

@@ -331,7 +331,7 @@ def _run_request(ctx, request: Request, columns: dict, subset, meta: pd.DataFram
 
 def finish(ctx, request: Request, u: Unlearner, evaluator: RequestEvaluator, curve: list[dict], trajs: list,
            status: str, reason: str, steps_run: int, t_start: float, forget_scores: pd.DataFrame, tok, trk) -> dict:
-    """The final full check, the request's files (trajectory, curve, per-example table, model) and result.json."""
+    """The final full check, the request's files (trajectory, curve, forgetting table, model) and result.json."""
     cfg, w = ctx.cfg, u.worker
     out_dir = ctx.run_dir / "unlearn" / request.name
     final_all = evaluator.evaluate_full(w.eval_model(u.model)) if evaluator.sampled else {}
@@ -339,14 +339,14 @@ def finish(ctx, request: Request, u: Unlearner, evaluator: RequestEvaluator, cur
     cost = request_cost(u, evaluator, len(curve), steps_run, wall)
     curve_df = pd.DataFrame(curve)
     traj_df = pd.concat(trajs, ignore_index=True)
-    result, per_example = summarize_request(cfg, request, curve_df, traj_df, forget_scores, status, reason, steps_run,
-                                            wall, evaluator)
+    result, forgetting = summarize_request(cfg, request, curve_df, traj_df, forget_scores, status, reason,
+                                           steps_run, wall, evaluator)
     result.update(final_all, in_loop_sample={"examples": len(evaluator.meta), "all": len(evaluator.full_meta)}, **cost)
     if w.writes:
         write_parquet(out_dir / "trajectory.parquet", traj_df)
         write_parquet(out_dir / "curve.parquet", curve_df)
-        write_parquet(out_dir / "examples.parquet", per_example)
-        trk.log_table(f"unlearn/{request.name}/examples", per_example)
+        write_parquet(out_dir / "forgetting.parquet", forgetting)
+        trk.log_table(f"unlearn/{request.name}/forgetting", forgetting)
     if cfg.unlearn.save_model:
         w.save(u.model, tok, out_dir / "model")
     if w.writes:
