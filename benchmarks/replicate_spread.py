@@ -43,7 +43,7 @@ def components(values: list[list[float]]) -> dict | None:
 
 def _cells(summary: dict) -> dict:
     out: dict = {}
-    for g in summary["groups"]:
+    for g in summary["requests"]:
         if not g.get("nothing_to_forget"):
             out.setdefault(f"{g['kind']}_r{g['repetitions']}", {})[g["replicate"]] = g
     return out

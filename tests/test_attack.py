@@ -117,7 +117,7 @@ def test_attack_stage_writes_nothing_outside_attacks(smoke_study, tmp_path):
 
 
 def test_attack_columns_in_summary_json_and_curves_in_metrics_jsonl(smoke_study):
-    """The report stage's summary.json gives the attacked groups the attack columns and an `attacks` block with F4;
+    """The report stage's summary.json gives the attacked requests' rows the attack columns and an `attacks` block with F4;
     metrics.jsonl holds each relearning curve on its own step axis, whose last recovered share is the result's."""
     cfg, run = smoke_study
     attack_summary = json.loads((run / "attacks" / "summary.json").read_text())
@@ -127,7 +127,7 @@ def test_attack_columns_in_summary_json_and_curves_in_metrics_jsonl(smoke_study)
     assert summary["attacks"]["requests"] == sorted(results)
     assert summary["attacks"]["relearn_steps"] == cfg.attack.relearn_steps
     assert summary["attacks"]["selection"] == attack_summary["selection"] == cfg.attack.requests
-    for g in summary["groups"]:
+    for g in summary["requests"]:
         assert g["attacked"] == (g["request"] in results)
         if not g["attacked"]:
             assert not [k for k in g if k.startswith("attack_")]

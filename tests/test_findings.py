@@ -168,7 +168,7 @@ def test_aggregate_seeds_counts_every_outcome(tmp_path):
     def summary(seed, outcome, steps):
         g = {"request": "id_r4", "kind": "id", "repetitions": 4, "outcome": outcome, "steps_to_unlearn": steps,
              "nothing_to_forget": False, "uq_final": 0.9}
-        return {"seed": seed, "groups": [g], "findings": {"F1": {"verdict": "reproduced"}}}
+        return {"seed": seed, "requests": [g], "findings": {"F1": {"verdict": "reproduced"}}}
     dirs = []
     for seed, outcome, steps in ((0, "unlearned", 8), (1, "censored", None), (2, "collapsed", None)):
         d = tmp_path / f"seed_{seed}"
@@ -176,7 +176,7 @@ def test_aggregate_seeds_counts_every_outcome(tmp_path):
         (d / "summary.json").write_text(json.dumps(summary(seed, outcome, steps)))
         dirs.append(d)
     agg = aggregate_seeds(dirs)
-    g = agg["groups"][0]
+    g = agg["cells"][0]
     assert g["outcomes"] == {"unlearned": 1, "censored": 1, "collapsed": 1} and g["requests"] == 3
     assert g["steps_to_unlearn"]["n"] == 1  # the mean is over the unlearned seed only, and the counts say so
     assert agg["findings"]["F1"] == {"verdicts": ["reproduced"] * 3, "reproduced_in": 3, "of": 3,

@@ -55,7 +55,7 @@ def test_report_renders_every_figure_and_references_it(smoke_study, tmp_path, mo
     assert all(p.exists() for p in trk.images.values())
 
     summary = json.loads((run / "summary.json").read_text())
-    for g in summary["groups"]:
+    for g in summary["requests"]:
         assert f"| {g['kind']} | {g['repetitions']} | 1 | {g['n_examples']} |" in md
     for key, f in summary["findings"].items():
         assert f"**{key}: {f['verdict']}** ({f['holds']} of {f['of']}" in md
@@ -87,9 +87,9 @@ def test_the_merged_summary_is_the_report_stages_own(smoke_study, tmp_path):
     attacked = {r["request"]: r for r in attacks["requests"]}
     assert attacked and {x["request"] for x in attacks["skipped"]} | set(attacked) == {
         g["request"] for g in unlearn["requests"] if g["repetitions"] == 16}  # the smoke preset: max_repetitions
-    assert [{k: v for k, v in g.items() if k != "attacked" and not k.startswith("attack_")} for g in summary["groups"]
+    assert [{k: v for k, v in g.items() if k != "attacked" and not k.startswith("attack_")} for g in summary["requests"]
             ] == unlearn["requests"]
-    for g in summary["groups"]:
+    for g in summary["requests"]:
         assert g["attacked"] == (g["request"] in attacked)
         if g["attacked"]:
             r = attacked[g["request"]]
@@ -122,7 +122,7 @@ def test_report_force_redecides_every_finding_from_the_stored_results(smoke_stud
         o["outcome"] = "collapsed"
     res_path.write_text(json.dumps(res))
     # canary's memorization negated: the Cox coefficient of memorization changes sign, F3 for canary reverses
-    canary = [g["request"] for g in before["groups"] if g["kind"] == "canary"]
+    canary = [g["request"] for g in before["requests"] if g["kind"] == "canary"]
     for name in canary:
         p = run / "unlearn" / name / "forgetting.parquet"
         df = pd.read_parquet(p)
@@ -137,7 +137,7 @@ def test_report_force_redecides_every_finding_from_the_stored_results(smoke_stud
     assert (run / "stages" / "unlearn.json").read_text() == unlearn_record  # unlearn did not run again
     assert os.stat(run / "unlearn" / "id_r16" / "curve.parquet").st_mtime_ns == curve_mtime
     assert json.loads(res_path.read_text())["outcome"] == "collapsed"
-    row = next(g for g in after["groups"] if g["request"] == "id_r16")
+    row = next(g for g in after["requests"] if g["request"] == "id_r16")
     assert row["outcome"] == "collapsed" and all(row[f"step_uq_{t}"] is None for t in res["outcomes"])
     assert after["outcomes"]["collapsed"] == before["outcomes"].get("collapsed", 0) + 1
     assert after["outcomes"]["unlearned"] == before["outcomes"]["unlearned"] - 1
@@ -156,7 +156,7 @@ def test_report_force_redecides_every_finding_from_the_stored_results(smoke_stud
     assert {k: f3a[k]["verdict"] for k in ("id", "domain")} == {k: f3b[k]["verdict"] for k in ("id", "domain")}
     assert after["findings"]["F3"]["verdict"] == "partly reproduced"
     # the attack stage ran on the unlearn results before the change: its results no longer count in the merged view
-    assert "attacks" in before and "attacks" not in after and not any("attacked" in g for g in after["groups"])
+    assert "attacks" in before and "attacks" not in after and not any("attacked" in g for g in after["requests"])
     assert "**F3: partly reproduced**" in (run / "report" / "report.md").read_text()
 
 
@@ -189,7 +189,7 @@ def _fake_seed(src, dest, seed, shift):
     shutil.copy(src / "config.yaml", dest / "config.yaml")
     summary = json.loads((src / "summary.json").read_text())
     summary["seed"] = seed
-    for g in summary["groups"]:
+    for g in summary["requests"]:
         g["uq_final"] += shift
         g["memorization_mean"] += shift
     (dest / "summary.json").write_text(json.dumps(summary))
@@ -200,7 +200,7 @@ def test_compare_runs_side_by_side_with_multi_seed_parent(smoke_study, tmp_path)
     parent = tmp_path / "seeds"
     for seed, shift in ((0, 0.0), (1, 0.1), (2, -0.1)):
         _fake_seed(src, parent / f"seed_{seed}", seed, shift)
-    (parent / "summary.json").write_text(json.dumps({"seeds": [0, 1, 2], "runs": [], "groups": [], "findings": {}}))
+    (parent / "summary.json").write_text(json.dumps({"seeds": [0, 1, 2], "runs": [], "cells": [], "findings": {}}))
     out = tmp_path / "cmp"
     compare_runs([src, parent], out)
 
@@ -210,7 +210,7 @@ def test_compare_runs_side_by_side_with_multi_seed_parent(smoke_study, tmp_path)
     assert "](compare.png)" in md
     assert "| seeds | " in md and "0, 1, 2" in md
     summary = json.loads((src / "summary.json").read_text())
-    g = next(g for g in summary["groups"] if g["request"] == "canary_r16")
+    g = next(g for g in summary["requests"] if g["request"] == "canary_r16")
     # the parent's three seeds: mean uq_final equals the single run's (shifts cancel), with an interval
     row = next(line for line in md.split("### Final UQ")[1].splitlines() if line.startswith("| canary | 16 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
@@ -231,11 +231,11 @@ def test_compare_and_report_refuse_a_directory_without_summary(tmp_path):
 
 
 def test_seed_aggregate_and_compare_show_the_same_numbers(tmp_path):
-    """summary.json of a multi-seed parent and its compare.md come from one implementation: a group with nothing to
+    """summary.json of a multi-seed parent and its compare.md come from one implementation: a request with nothing to
     forget in one seed is left out of steps to unlearn in both, and both give the same mean and interval."""
     from unlearnbench.findings import aggregate_seeds
 
-    def group(steps, drop, nothing):
+    def request(steps, drop, nothing):
         return {"request": "id_r4", "kind": "id", "repetitions": 4, "n_examples": 8, "steps_to_unlearn": steps,
                 "utility_drop_at_unlearned": drop, "uq_final": 0.9, "steps_to_forget_mean": 5.0,
                 "memorization_mean": 1.0, "difficulty_mean": 4.0, "exposure_gap_bits": 3.0,
@@ -246,11 +246,11 @@ def test_seed_aggregate_and_compare_show_the_same_numbers(tmp_path):
         d.mkdir(parents=True)
         (d / "summary.json").write_text(json.dumps({"run": "x", "seed": seed, "method": "ga", "lr": 3e-4,
                                                     "exposure": "extrapolated", "max_steps": 100, "uq_target": 0.9,
-                                                    "groups": [group(steps, drop, nothing)], "findings": {}}))
+                                                    "requests": [request(steps, drop, nothing)], "findings": {}}))
     dirs = sorted(parent.glob("seed_*"))
     agg = aggregate_seeds(dirs)
     (parent / "summary.json").write_text(json.dumps(agg))
-    steps = agg["groups"][0]["steps_to_unlearn"]
+    steps = agg["cells"][0]["steps_to_unlearn"]
     # seeds 0, 1, 3 (seed 2 had nothing to forget): mean 31/3, t-interval by hand
     assert steps["n"] == 3 and steps["mean"] == pytest.approx(31 / 3)
     half = 4.302652729911275 * np.std([8, 13, 10], ddof=1) / np.sqrt(3)  # t(0.975, 2)
@@ -278,8 +278,8 @@ def test_multi_seed_study_aggregates_and_reports(tmp_path):
     agg = json.loads((parent / "summary.json").read_text())
     assert agg["seeds"] == [0, 1]
     runs = [json.loads((d / "summary.json").read_text()) for d in dirs]
-    for g in agg["groups"]:  # every replicate group of every seed counts once
-        cell = [x for r in runs for x in r["groups"] if x["kind"] == g["kind"] and x["repetitions"] == g["repetitions"]]
+    for g in agg["cells"]:  # every replicate group of every seed counts once
+        cell = [x for r in runs for x in r["requests"] if x["kind"] == g["kind"] and x["repetitions"] == g["repetitions"]]
         assert g["requests"] == len(cell) == sum(g["outcomes"].values()) >= 2
         vals = [x["uq_final"] for x in cell if x.get("uq_final") is not None and np.isfinite(x["uq_final"])]
         assert g["uq_final"]["n"] == len(vals) > 0

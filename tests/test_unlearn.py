@@ -74,7 +74,7 @@ def test_smoke_study_writes_every_output(smoke_study):
     assert [g["request"] for g in unlearn["requests"]] == REQUESTS  # (kind, repetitions) groups, in order
     assert sum(unlearn["outcomes"].values()) == len(REQUESTS)
     summary = json.loads((run / "summary.json").read_text())
-    assert {g["request"] for g in summary["groups"]} == set(REQUESTS)
+    assert {g["request"] for g in summary["requests"]} == set(REQUESTS)
     for key in ("F1", "F2", "F3"):
         assert summary["findings"][key]["verdict"] in ("reproduced", "partly reproduced", "not reproduced",
                                                        "reversed", "inconclusive")

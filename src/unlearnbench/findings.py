@@ -269,12 +269,12 @@ AGGREGATED = ("steps_to_unlearn", "utility_drop_at_unlearned", "uq_auc", "uq_fin
               "memorization_mean", "difficulty_mean", "exposure_gap_bits")
 
 
-def group_values(summaries: list[dict], kind: str, reps: int, col: str) -> np.ndarray:
+def cell_values(summaries: list[dict], kind: str, reps: int, col: str) -> np.ndarray:
     """One (kind, repetitions) cell's values of `col` across run summaries (seeds and replicate groups), finite
     values only; the unlearned-only columns leave out requests with nothing to forget."""
     vals = []
     for s in summaries:
-        for g in s["groups"]:
+        for g in s["requests"]:
             if g["kind"] == kind and int(g["repetitions"]) == reps:
                 v = g.get(col)
                 if col in ONLY_WHEN_UNLEARNED and g.get("nothing_to_forget"):
@@ -288,21 +288,22 @@ def aggregate_seeds(run_dirs: list[Path], alpha: float = 0.05) -> dict:
     """Mean and (1 - alpha) t-interval across seeds of each cell's numbers, with every request's outcome counted
     (steps to unlearn averages only the unlearned ones: read it with the counts); each finding's verdicts."""
     sums = [read_json(Path(d) / "summary.json") for d in run_dirs if (Path(d) / "summary.json").exists()]
-    cells = sorted({(g["kind"], int(g["repetitions"])) for s in sums for g in s["groups"]})
-    groups = []
-    for kind, reps in cells:
-        counts = outcome_counts([g for s in sums for g in s["groups"] if g["kind"] == kind and int(g["repetitions"]) == reps])
+    keys = sorted({(g["kind"], int(g["repetitions"])) for s in sums for g in s["requests"]})
+    cells = []
+    for kind, reps in keys:
+        counts = outcome_counts([g for s in sums for g in s["requests"]
+                                 if g["kind"] == kind and int(g["repetitions"]) == reps])
         rec = {"kind": kind, "repetitions": reps, "requests": sum(counts.values()), "outcomes": counts}
         for col in AGGREGATED:
-            rec[col] = metrics.mean_ci(group_values(sums, kind, reps, col), alpha)
-        groups.append(rec)
+            rec[col] = metrics.mean_ci(cell_values(sums, kind, reps, col), alpha)
+        cells.append(rec)
     findings = {}
     for key in ("F1", "F2", "F3"):
         verdicts = [s["findings"][key]["verdict"] for s in sums if key in s.get("findings", {})]
         if verdicts:
             findings[key] = {"verdicts": verdicts, "reproduced_in": sum(v == "reproduced" for v in verdicts),
                              "of": len(verdicts), "verdict": overall_verdict(verdicts)}
-    return {"seeds": [s["seed"] for s in sums], "runs": [Path(d).name for d in run_dirs], "groups": groups,
+    return {"seeds": [s["seed"] for s in sums], "runs": [Path(d).name for d in run_dirs], "cells": cells,
             "findings": findings, "e_r_source": ", ".join(sorted({s.get("e_r_source", "oracle") for s in sums}))}
 
 

@@ -16,9 +16,9 @@ from unlearnbench.errors import UserError
 from unlearnbench.io import read_json
 from unlearnbench.records import read_record
 
-# One row of the request table (unlearn/summary.json's `requests`, summary.json's `groups`): a request's main
+# One row of the request table (`requests` of unlearn/summary.json and of summary.json): a request's main
 # result.json numbers, plus its interpolated crossing step per UQ target (`step_uq_<t>`).
-GROUP_COLUMNS = ("request", "kind", "repetitions", "replicate", "n_examples", "status", "outcome", "steps_to_unlearn",
+REQUEST_COLUMNS = ("request", "kind", "repetitions", "replicate", "n_examples", "status", "outcome", "steps_to_unlearn",
                  "utility_drop_at_unlearned", "uq_auc", "uq_final", "uq_max", "exposure_original_mean",
                  "exposure_oracle_mean", "exposure_gap_bits", "nothing_to_forget", "steps_to_forget_mean",
                  "censored_fraction", "memorization_mean", "difficulty_mean", "diverged", "steps_run", "wall_seconds",
@@ -28,7 +28,7 @@ OUTCOMES = ("unlearned", "censored", "collapsed", "nothing_to_forget")
 
 def request_row(r: dict) -> dict:
     """A request's row of the request table, from its result.json."""
-    return {k: r.get(k) for k in GROUP_COLUMNS} | {f"step_uq_{k}": o["step"] if o["outcome"] == "unlearned" else None
+    return {k: r.get(k) for k in REQUEST_COLUMNS} | {f"step_uq_{k}": o["step"] if o["outcome"] == "unlearned" else None
                                                    for k, o in r.get("outcomes", {}).items()}
 
 

@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from unlearnbench.errors import UserError
-from unlearnbench.findings import group_values
+from unlearnbench.findings import cell_values
 from unlearnbench.io import atomic_dir, read_json
 from unlearnbench.metrics import mean_ci
 from unlearnbench.reporting.style import KIND_LABELS, kind_color, kind_key, reps_title
@@ -86,7 +86,7 @@ def compare_runs(dirs: list[Path], out_dir: Path) -> None:
         summaries = [read_json(s / "summary.json") for s in subs]
         label = d.name if d.name not in [r["label"] for r in runs] else str(d)
         runs.append({"label": label, "dir": d, "summaries": summaries, "settings": _settings(subs[0], summaries)})
-    cells = sorted({(g["kind"], int(g["repetitions"])) for r in runs for s in r["summaries"] for g in s["groups"]},
+    cells = sorted({(g["kind"], int(g["repetitions"])) for r in runs for s in r["summaries"] for g in s["requests"]},
                    key=lambda c: (kind_key(c[0]), c[1]))
     everything = [s for r in runs for s in r["summaries"]]
 
@@ -104,8 +104,8 @@ def compare_runs(dirs: list[Path], out_dir: Path) -> None:
                   "| kind | reps | " + " | ".join(r["label"] for r in runs) + " | all runs |",
                   "|" + "---|" * (len(runs) + 3)]
         for kind, reps in cells:
-            per = [mean_ci(group_values(r["summaries"], kind, reps, col)) for r in runs]
-            pooled = mean_ci(group_values(everything, kind, reps, col))
+            per = [mean_ci(cell_values(r["summaries"], kind, reps, col)) for r in runs]
+            pooled = mean_ci(cell_values(everything, kind, reps, col))
             stats[(col, kind, reps)] = per
             lines.append(f"| {kind} | {reps} | " + " | ".join(_ci(p, fmt) for p in per) + f" | {_ci(pooled, fmt)} |")
         lines.append("")

@@ -23,12 +23,12 @@ def _outcomes(gs: list[dict]) -> str:
     return " ".join(f"{v}{k}" for k, v in counts.items() if v) or "–"
 
 
-def group_table(summary: dict) -> list[str]:
+def cell_table(summary: dict) -> list[str]:
     """Markdown table per (kind, repetitions); cells with several requests show means."""
     lines = ["| kind | reps | requests | examples | outcomes | steps to unlearn | utility drop there | final UQ "
              "| max UQ | exposure θ0 (bits) | exposure θr (bits) | steps to forget | censored | memorization "
              "(nats/tok) | difficulty (nats/tok) | diverged | nothing to forget |", "|" + "---|" * 17]
-    for kind, reps, gs in request_cells(summary["groups"]):
+    for kind, reps, gs in request_cells(summary["requests"]):
         unlearned = [g for g in gs if g.get("steps_to_unlearn") is not None and not g.get("nothing_to_forget")]
         lines.append(
             f"| {kind} | {reps} | {len(gs)} | {sum(g['n_examples'] for g in gs)} | {_outcomes(gs)} | "
@@ -52,7 +52,7 @@ def _interval(e: dict, fmt: str = "{:.3g}") -> str:
 def finding_lines(findings: dict) -> list[str]:
     """F1-F3 with their verdicts, effects with intervals over replicates, outcome counts and stability."""
     if not findings:
-        return ["No findings: the run has no (kind, repetitions) groups or no per-example results."]
+        return ["No findings: the run has no (kind, repetitions) requests or no forgetting tables."]
     lines = []
     for key, f in findings.items():
         lines.append(f"- **{key}: {f['verdict']}** ({f['holds']} of {f['of']} cells reproduce it). {f['statement']}. "
@@ -143,7 +143,7 @@ def cost_lines(summary: dict) -> list[str]:
         lines.append(f"| {stage} | {num(c.get('seconds'), '{:.1f}')} | {num(c.get('device_seconds'), '{:.1f}')} | "
                      f"{num(c.get('peak_memory_mib'), '{:.0f}')} | {num(c.get('flops'), '{:.3g}')} |")
     lines += ["", "| request | outcome | steps | wall s | eval share | est. FLOPs | device-s |", "|---|---|---|---|---|---|---|"]
-    for g in summary["groups"]:
+    for g in summary["requests"]:
         lines.append(f"| {g['request']} | {g.get('outcome')} | {g.get('steps_run')} | {num(g.get('wall_seconds'), '{:.1f}')} | "
                      f"{num(g.get('eval_share'), '{:.0%}')} | {num(g.get('flops'), '{:.3g}')} | "
                      f"{num(g.get('device_seconds'), '{:.1f}')} |")
@@ -186,7 +186,7 @@ def render_markdown(summary: dict, figures: dict[str, str] | None = None,
              f"UQ target {summary['uq_target']}, max steps {summary['max_steps']}.", "",
              e_r_line(summary), "",
              "## Forget requests per kind and repetitions", ""]
-    lines += group_table(summary)
+    lines += cell_table(summary)
     lines += ["", "Outcomes: u unlearned (UQ reached the target), c censored (the budget ran out first), x collapsed "
               "(diverged first), n nothing to forget. Steps to unlearn and the utility drop there (ppl_t / ppl_0 − 1 on "
               "the ID holdout) are means over the unlearned requests only: read them with the outcome counts.", "", "## Findings", ""]

@@ -20,10 +20,10 @@ from unlearnbench.reporting.style import (ATTACK_FIGURES, FIGURES, KIND_LABELS, 
 
 
 def _by_reps(summary: dict, curves: dict) -> tuple[list[int], list[str], dict[int, list[dict]]]:
-    groups = [g for g in summary["groups"] if g["request"] in curves]
-    reps = sorted({int(g["repetitions"]) for g in groups})
-    kinds = sorted({g["kind"] for g in groups}, key=kind_key)
-    per = {r: sorted([g for g in groups if int(g["repetitions"]) == r], key=lambda g: kind_key(g["kind"]))
+    requests = [g for g in summary["requests"] if g["request"] in curves]
+    reps = sorted({int(g["repetitions"]) for g in requests})
+    kinds = sorted({g["kind"] for g in requests}, key=kind_key)
+    per = {r: sorted([g for g in requests if int(g["repetitions"]) == r], key=lambda g: kind_key(g["kind"]))
            for r in reps}
     return reps, kinds, per
 
@@ -56,7 +56,7 @@ def fig_exposure(summary: dict, curves: dict, path: Path) -> None:
 
 def fig_uq(summary: dict, curves: dict, path: Path) -> None:
     """UQ vs step with the bootstrap band, one panel per (kind, repetitions)."""
-    cells = [(k, r, [g for g in gs if g["request"] in curves]) for k, r, gs in request_cells(summary["groups"])]
+    cells = [(k, r, [g for g in gs if g["request"] in curves]) for k, r, gs in request_cells(summary["requests"])]
     cells = [c for c in cells if c[2]]
     kinds = sorted({k for k, _, _ in cells}, key=kind_key)
     reps = sorted({r for _, r, _ in cells})

@@ -62,17 +62,17 @@ def run(ctx: Context) -> None:
                       f"(padding {info[name]['padding_fraction']:.1%})")
     forget_scores = build_forget_scores(cfg, meta, scores, ctx.run_dir)
     utility = {name: utility_table(scores[name], meta) for name in ("original", "oracle") if name in scores}
-    groups = group_summary(forget_scores)
+    cells = cell_summary(forget_scores)
     if ctx.is_main:
         write_parquet(ctx.run_dir / "scores" / "forget.parquet", forget_scores)
         write_json(ctx.run_dir / "scores" / "utility.json", utility)
-        write_json(ctx.run_dir / "scores" / "groups.json", groups.to_dict(orient="records"))
+        write_json(ctx.run_dir / "scores" / "cells.json", cells.to_dict(orient="records"))
         trk.log_table("score/forget", forget_scores)
-        for rec in groups.to_dict(orient="records"):
+        for rec in cells.to_dict(orient="records"):
             trk.log({f"score/{rec['kind']}_r{rec['repetitions']}/{k}": v for k, v in rec.items()
                      if k not in ("kind", "repetitions")})
         trk.summary({f"utility/{m}/{k}": v for m, u in utility.items() for k, v in u.items()})
-    ctx.acc.print(format_group_table(groups))
+    ctx.acc.print(format_cell_table(cells))
     ctx.acc.print("[score] utility: " + ", ".join(f"{m} ID-holdout ppl {u.get('id_holdout_ppl', float('nan')):.1f}"
                                                   for m, u in utility.items()))
     if not cfg.train.oracle:
@@ -126,7 +126,7 @@ def build_forget_scores(cfg, meta: pd.DataFrame, scores: dict, run_dir: Path) ->
     return forget_scores
 
 
-def group_summary(forget_scores: pd.DataFrame) -> pd.DataFrame:
+def cell_summary(forget_scores: pd.DataFrame) -> pd.DataFrame:
     """Means per (kind, repetitions): exposure under original and oracle, memorization, difficulty, counts."""
     agg = {"n": ("example_id", "size"), "exposure_original": ("exposure_original", "mean"),
            "exposure_oracle": ("exposure_oracle", "mean"),
@@ -137,12 +137,12 @@ def group_summary(forget_scores: pd.DataFrame) -> pd.DataFrame:
     return forget_scores.groupby(["kind", "repetitions"]).agg(**agg).reset_index()
 
 
-def format_group_table(groups: pd.DataFrame) -> str:
+def format_cell_table(cells: pd.DataFrame) -> str:
     """The per-(kind, repetitions) table printed by the score stage."""
     head = (f"{'kind':<7} {'reps':>4} {'n':>4} {'exp θ0':>8} {'exp θr':>8} {'rank θ0':>8} {'rank θr':>8} "
             f"{'nll θ0':>7} {'nll θr':>7} {'mem':>6} {'diff':>6}")
     lines = ["[score] exposure in bits (extrapolated and rank), nll in nats/token", head, "-" * len(head)]
-    for r in groups.itertuples():
+    for r in cells.itertuples():
         lines.append(f"{r.kind:<7} {r.repetitions:>4} {r.n:>4} {r.exposure_original:>8.2f} {r.exposure_oracle:>8.2f} "
                      f"{r.rank_exposure_original:>8.2f} {r.rank_exposure_oracle:>8.2f} {r.nll_original:>7.3f} "
                      f"{r.nll_oracle:>7.3f} {r.memorization:>6.3f} {r.difficulty:>6.3f}")
