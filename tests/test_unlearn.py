@@ -82,7 +82,7 @@ def test_smoke_study_writes_every_output(smoke_study):
     f1 = summary["findings"]["F1"]
     assert f1["holds"] == sum(c["verdict"] == "reproduced" for c in f1["cells"])
     assert all(c["verdict"] == c["by_target"][c["main"]]["verdict"] for c in f1["cells"])
-    # one replicate forgetting cell in the smoke preset: no interval, so every cell is inconclusive, never a verdict
+    # one replicate per cell in the smoke preset: no interval, so every cell is inconclusive, never a verdict
     assert all(c["verdict"] == "inconclusive" for c in f1["cells"] + summary["findings"]["F2"]["cells"])
 
 
@@ -236,7 +236,7 @@ def test_in_loop_reference_sample_is_consistent(smoke_study, tmp_path):
     uq = metrics.unlearning_quality(e_t, t.exposure_extrapolated_original.to_numpy(),
                                     t.exposure_extrapolated_oracle.to_numpy(), cfg.metrics.uq_min_gap_bits).uq
     # this pass batches every example, the check only the request's sets: other batch shapes round differently
-    # (about 1e-6 nats forgetting example, README "Scoring"), which moved UQ by 3.7e-6 on an Intel Xeon (and 0 on an EPYC)
+    # (about 1e-6 nats per example, README "Scoring"), which moved UQ by 3.7e-6 on an Intel Xeon (and 0 on an EPYC)
     assert res["uq_final_all"] == pytest.approx(uq, abs=2e-5)
     assert res["exposure_final_all_mean"] == pytest.approx(e_t.mean(), rel=1e-5)
     hold = sc[(sc.split == "holdout") & (sc.kind == "id")]
