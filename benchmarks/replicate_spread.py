@@ -45,7 +45,7 @@ def _cells(summary: dict) -> dict:
     out: dict = {}
     for g in summary["requests"]:
         if not g.get("nothing_to_forget"):
-            out.setdefault(f"{g['kind']}_r{g['repetitions']}", {})[g["replicate"]] = g
+            out.setdefault(f"{g['kind']}_r{g['repetitions']}", {})[g["group"]] = g
     return out
 
 

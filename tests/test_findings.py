@@ -16,7 +16,7 @@ def result(kind, reps, rep, outcome="unlearned", step=10.0, auc=0.5, log_ppl=0.1
     for t in ("0.5", "0.8", "0.9"):
         o, s = (targets or {}).get(t, (outcome, step))
         outs[t] = {"outcome": o, "step": s, "log_ppl_ratio": log_ppl if o == "unlearned" else None}
-    return {"request": f"{kind}_r{reps}_g{rep}", "kind": kind, "repetitions": reps, "replicate": rep,
+    return {"request": f"{kind}_r{reps}_g{rep}", "kind": kind, "repetitions": reps, "group": rep,
             "outcome": outs["0.9"]["outcome"], "outcomes": outs, "uq_auc": auc, "nothing_to_forget": nothing}
 
 
@@ -101,11 +101,11 @@ def test_f2_uses_log_cost_at_each_target_and_only_unlearned_pairs():
     assert c["by_target"]["uq_0.5"]["n_informative"] == 4 and c["stable_across_targets"]
 
 
-def test_pairs_match_replicate_index_and_kind():
+def test_pairs_match_group_index_and_kind():
     res = [result("id", 4, 1), result("canary", 4, 0), result("canary", 4, 1), result("domain", 16, 0)]
     pairs = replicate_pairs(res)
     assert list(pairs) == [(4, "canary")]
-    assert [(i["replicate"], o["replicate"]) for i, o in pairs[(4, "canary")]] == [(1, 1)]
+    assert [(i["group"], o["group"]) for i, o in pairs[(4, "canary")]] == [(1, 1)]
 
 
 @pytest.mark.parametrize("verdicts, expected", [
@@ -202,7 +202,7 @@ def test_a_target_off_the_reported_grid_gets_outcomes_everywhere_the_findings_lo
                             "utility_drop": None}
 
     def result(kind, j, outcomes):
-        return {"kind": kind, "repetitions": 4, "replicate": j, "outcomes": outcomes, "uq_auc": 0.5,
+        return {"kind": kind, "repetitions": 4, "group": j, "outcomes": outcomes, "uq_auc": 0.5,
                 "outcome": outcomes["0.95"]["outcome"]}
     results = [result("id", j, out) for j in range(3)] + [result("canary", j, out) for j in range(3)]
     f1 = finding_f1(results, 0.95)
@@ -214,7 +214,7 @@ def test_a_target_off_the_reported_grid_gets_outcomes_everywhere_the_findings_lo
 
 def _attack_result(kind, j, recovered, baseline="oracle"):
     share = {"recovered": recovered}
-    return {"kind": kind, "repetitions": 16, "replicate": j, "baseline": baseline,
+    return {"kind": kind, "repetitions": 16, "group": j, "baseline": baseline,
             "relearn_forget_fraction": share, "relearn_retain": share, "quantization": {"int8": share, "int4": share}}
 
 

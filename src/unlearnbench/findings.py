@@ -4,7 +4,7 @@ them (`run_summary.merged_summary`) and writes them into the run's summary.json.
 docs/findings.md.
 
 A finding is an effect over replicates (disjoint forget groups of the same kind and repetitions, paired by
-replicate index) with a Student-t interval, never one comparison; censored and collapsed requests are outcomes,
+their `group` index) with a Student-t interval, never one comparison; censored and collapsed requests are outcomes,
 counted, never sentinel numbers; crossing steps are interpolated and read at several UQ targets plus one
 threshold-free summary (the area under UQ against log(1+step)), and a verdict that changes between targets says so.
 """
@@ -43,8 +43,9 @@ def _outcome(r: dict, target: float) -> metrics.Outcome:
 
 
 def replicate_pairs(results: list[dict]) -> dict[tuple[int, str], list[tuple[dict, dict]]]:
-    """(repetitions, OOD kind) -> [(ID result, OOD result)] paired by replicate index inside one θ₀/θᵣ pair."""
-    by = {(r["kind"], int(r["repetitions"]), int(r.get("replicate", 0))): r for r in results}
+    """(repetitions, OOD kind) -> [(ID result, OOD result)] paired by their `group` index (the data column)
+    inside one θ₀/θᵣ pair."""
+    by = {(r["kind"], int(r["repetitions"]), int(r.get("group", 0))): r for r in results}
     out: dict[tuple[int, str], list] = {}
     for (kind, reps, j), ood in sorted(by.items()):
         if kind in OOD_KINDS and ("id", reps, j) in by:
@@ -106,7 +107,7 @@ def _cell_rows(pairs: dict, compare, targets: list, main: str, alpha: float) -> 
         for t in targets:
             comps = [compare(i, o, t) for i, o in ps]
             by_target["auc" if t is None else f"uq_{t:g}"] = {**_effect(comps, alpha), "pairs": [
-                {"replicate": int(i.get("replicate", 0)), **c} for (i, _), c in zip(ps, comps)]}
+                {"group": int(i.get("group", 0)), **c} for (i, _), c in zip(ps, comps)]}
         across = metrics.verdict_across({k: v["verdict"] for k, v in by_target.items()})
         rows.append({"repetitions": reps, "ood_kind": kind, "replicates": len(ps), "main": main,
                      "verdict": by_target[main]["verdict"],

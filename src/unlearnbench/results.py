@@ -18,7 +18,7 @@ from unlearnbench.records import read_record
 
 # One row of the request table (`requests` of unlearn/summary.json and of summary.json): a request's main
 # result.json numbers, plus its interpolated crossing step per UQ target (`step_uq_<t>`).
-REQUEST_COLUMNS = ("request", "kind", "repetitions", "replicate", "n_examples", "status", "outcome", "steps_to_unlearn",
+REQUEST_COLUMNS = ("request", "kind", "repetitions", "group", "n_examples", "status", "outcome", "steps_to_unlearn",
                  "utility_drop_at_unlearned", "uq_auc", "uq_final", "uq_max", "exposure_original_mean",
                  "exposure_oracle_mean", "exposure_gap_bits", "nothing_to_forget", "steps_to_forget_mean",
                  "censored_fraction", "memorization_mean", "difficulty_mean", "diverged", "steps_run", "wall_seconds",

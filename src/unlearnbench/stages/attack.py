@@ -172,7 +172,7 @@ class Attacker:
                                   cfg.score.batch_tokens)
         held = np.isin(sets.example_ids, sets.held_out)
         res = {"request": r["request"], "kind": r["kind"], "repetitions": r["repetitions"],
-               "replicate": r.get("replicate", 0), "n_examples": len(sets.example_ids), "n_seen": len(sets.seen),
+               "group": r.get("group", 0), "n_examples": len(sets.example_ids), "n_seen": len(sets.seen),
                "n_held_out": len(sets.held_out), "gap_bits": float(np.mean(sets.e_0 - sets.e_r)),
                "baseline": "oracle" if self.oracle is not None else "held_out_references"}
         curves = []

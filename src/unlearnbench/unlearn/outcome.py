@@ -55,7 +55,8 @@ def summarize_request(cfg: Config, request: Request, curve: pd.DataFrame, traj: 
     auc = metrics.uq_auc(v_steps, uq, cfg.unlearn.max_steps) if len(v_steps) else float("nan")
     result = {
         "request": request.name, "kind": request.kind, "repetitions": request.repetitions,
-        "replicate": request.replicate, "n_examples": len(request.example_ids), "method": cfg.unlearn.method, "lr": cfg.unlearn.lr,
+        "group": request.group, "n_examples": len(request.example_ids), "method": cfg.unlearn.method,
+        "lr": cfg.unlearn.lr,
         "status": "nothing_to_forget" if nothing and status != "diverged" else status,
         "stop_reason": reason, "steps_run": steps_run, "diverged": status == "diverged",
         "unlearned": unlearned_step is not None, "steps_to_unlearn": unlearned_step,

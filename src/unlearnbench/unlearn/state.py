@@ -24,7 +24,7 @@ class Request:
     example_ids: list[str]
     kind: str
     repetitions: int
-    replicate: int = 0  # which of the data.replicates disjoint groups of its (kind, repetitions)
+    group: int = 0  # the data column `group`: which of the data.replicates disjoint forget groups of its cell
 
 
 @dataclass
