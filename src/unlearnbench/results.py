@@ -17,19 +17,20 @@ from unlearnbench.io import read_json
 from unlearnbench.records import read_record
 
 # One row of the request table (`requests` of unlearn/summary.json and of summary.json): a request's main
-# result.json numbers, plus its interpolated crossing step per UQ target (`step_uq_<t>`).
+# result.json numbers, plus its interpolated crossing step per UQ target (`step_uq_<t>`: `outcomes[t].step`; the
+# first evaluated step at or above a target is result.json's `eval_step_uq_<t>` and `outcomes[t].grid_step`).
 REQUEST_COLUMNS = ("request", "kind", "repetitions", "group", "n_examples", "status", "outcome", "steps_to_unlearn",
-                 "utility_drop_at_unlearned", "uq_auc", "uq_final", "uq_max", "exposure_original_mean",
-                 "exposure_oracle_mean", "exposure_gap_bits", "nothing_to_forget", "steps_to_forget_mean",
-                 "censored_fraction", "memorization_mean", "difficulty_mean", "diverged", "steps_run", "wall_seconds",
-                 "eval_share", "flops", "device_seconds", "peak_memory_mib")
+                   "utility_drop_at_unlearned", "uq_auc", "uq_final", "uq_max", "exposure_original_mean",
+                   "exposure_oracle_mean", "exposure_gap_bits", "nothing_to_forget", "steps_to_forget_mean",
+                   "censored_fraction", "memorization_mean", "difficulty_mean", "diverged", "steps_run",
+                   "wall_seconds", "eval_share", "flops", "device_seconds", "peak_memory_mib")
 OUTCOMES = ("unlearned", "censored", "collapsed", "nothing_to_forget")
 
 
 def request_row(r: dict) -> dict:
     """A request's row of the request table, from its result.json."""
-    return {k: r.get(k) for k in REQUEST_COLUMNS} | {f"step_uq_{k}": o["step"] if o["outcome"] == "unlearned" else None
-                                                   for k, o in r.get("outcomes", {}).items()}
+    return {k: r.get(k) for k in REQUEST_COLUMNS} | {
+        f"step_uq_{k}": o["step"] if o["outcome"] == "unlearned" else None for k, o in r.get("outcomes", {}).items()}
 
 
 def outcome_of(r: dict) -> str:

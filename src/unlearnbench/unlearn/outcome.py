@@ -61,8 +61,9 @@ def summarize_request(cfg: Config, request: Request, curve: pd.DataFrame, traj: 
         "stop_reason": reason, "steps_run": steps_run, "diverged": status == "diverged",
         "unlearned": unlearned_step is not None, "steps_to_unlearn": unlearned_step,
         "outcome": outcomes[f"{cfg.metrics.uq_target:g}"]["outcome"], "outcomes": outcomes, "uq_auc": auc,
-        "step_uq_0.5": metrics.first_crossing(v_steps[1:], uq[1:], 0.5),
-        "step_uq_0.8": metrics.first_crossing(v_steps[1:], uq[1:], 0.8),
+        # the first evaluated step at or above UQ 0.5 / 0.8 (the request table's step_uq_* are interpolated)
+        "eval_step_uq_0.5": metrics.first_crossing(v_steps[1:], uq[1:], 0.5),
+        "eval_step_uq_0.8": metrics.first_crossing(v_steps[1:], uq[1:], 0.8),
         "utility_drop_at_unlearned": float(at.utility_drop) if at is not None else None,
         "id_holdout_ppl_at_unlearned": float(at.id_holdout_ppl) if at is not None else None,
         "uq_final": float(curve.uq.iloc[-1]), "uq_max": float(np.nanmax(curve.uq)),
