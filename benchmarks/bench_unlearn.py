@@ -58,8 +58,8 @@ def project_loop(acc, cfg, init_state, ds, forget_rows, steps, warmup) -> dict:
             t_begin = time.perf_counter()
         t0 = time.perf_counter()
         res = step(u, i)
-        if res.diverged:
-            raise RuntimeError(f"diverged at step {i}: {res.diverged}")
+        if res.collapsed:
+            raise RuntimeError(f"collapsed at step {i}: {res.collapsed}")
         total_loss = res.loss
         if i >= warmup:
             tokens += res.tokens

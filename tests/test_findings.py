@@ -191,13 +191,13 @@ def test_a_target_off_the_reported_grid_gets_outcomes_everywhere_the_findings_lo
     # UQ 0, 0.6, 0.92, 0.97 at steps 0, 1, 3, 7: 0.95 is crossed between steps 3 and 7
     curve = pd.DataFrame({"step": [0, 1, 3, 7], "uq": [0.0, 0.6, 0.92, 0.97],
                           "utility_drop": [0.0, 0.01, 0.05, 0.2]})
-    out = request_outcomes(curve, 0.95, diverged=False, last_step=7)
+    out = request_outcomes(curve, 0.95, collapsed=False, last_step=7)
     assert sorted(out) == ["0.5", "0.8", "0.9", "0.95"]
     x3, x7 = np.log1p(3), np.log1p(7)
     step95 = np.expm1(x3 + (0.95 - 0.92) / (0.97 - 0.92) * (x7 - x3))  # linear in log(1 + step)
     assert out["0.95"]["outcome"] == "unlearned" and out["0.95"]["step"] == pytest.approx(step95)
     assert out["0.95"]["grid_step"] == 7
-    late = request_outcomes(curve.assign(uq=[0.0, 0.5, 0.9, 0.93]), 0.95, diverged=True, last_step=7)
+    late = request_outcomes(curve.assign(uq=[0.0, 0.5, 0.9, 0.93]), 0.95, collapsed=True, last_step=7)
     assert late["0.95"] == {"outcome": "collapsed", "step": 7.0, "grid_step": None, "log_ppl_ratio": None,
                             "utility_drop": None}
 

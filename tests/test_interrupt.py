@@ -157,7 +157,7 @@ def test_sigterm_in_unlearn_checkpoints_and_resumes_identically(smoke_study, tmp
     old = run / "unlearn" / "canary_r16" / "checkpoint" / "step_0000001"
     shutil.copytree(run / "unlearn" / "canary_r4" / "checkpoint" / "step_0000001", old)
     loop = json.loads((old / "loop.json").read_text())
-    assert loop.pop("format") == 2 and loop["evaluator"]["last"] == "theta0"
+    assert loop.pop("format") == 3 and loop["evaluator"]["last"] == "theta0"
     (old / "loop.json").write_text(json.dumps(loop))
     integrity.mark_complete(old, 1)
 
@@ -169,7 +169,7 @@ def test_sigterm_in_unlearn_checkpoints_and_resumes_identically(smoke_study, tmp
     assert f"[unlearn] {first}: its result was computed for another config; recomputing it" in out
     assert "canary_r4/checkpoint/step_0000001: it was written for another config; this request starts again" in out
     assert ("canary_r16/checkpoint/step_0000001: it was written by an older unlearnbench (checkpoint format 1; this "
-            "version reads format 2); this request starts again from θ₀ and the checkpoint is removed (a request "
+            "version reads format 3); this request starts again from θ₀ and the checkpoint is removed (a request "
             "checkpoint is only a resume aid)") in out
     assert not (run / "unlearn" / "canary_r16" / "checkpoint").exists()
     assert "resuming at step" not in out and not (run / "unlearn" / "canary_r4" / "checkpoint").exists()

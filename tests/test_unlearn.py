@@ -1,4 +1,4 @@
-"""The unlearning loop and the smoke study end to end: outputs, UQ at step 0, stopping, divergence, 2 processes."""
+"""The unlearning loop and the smoke study end to end: outputs, UQ at step 0, stopping, collapse, 2 processes."""
 
 import json
 import shutil
@@ -57,7 +57,7 @@ def test_smoke_study_writes_every_output(smoke_study):
         forgetting = pd.read_parquet(d / "forgetting.parquet")
         assert forgetting.steps_to_forget.between(0, cfg.unlearn.max_steps).all()
         # never-forgotten examples are censored at the last valid evaluation (not the one that found a collapse)
-        collapsed_there = result["diverged"] and "perplexity" in result["stop_reason"]
+        collapsed_there = result["collapsed"] and "perplexity" in result["stop_reason"]
         last = curve.step.iloc[-2] if collapsed_there else curve.step.iloc[-1]
         assert (forgetting.steps_to_forget[forgetting.censored] == last).all()
         # the outcome at the target agrees with the crossing, and is never a sentinel number
@@ -102,23 +102,23 @@ def test_stopping_rules(smoke_study, tmp_path):
     for r in (4, 16):
         res = json.loads((run / f"unlearn/domain_r{r}/result.json").read_text())
         curve = pd.read_parquet(run / f"unlearn/domain_r{r}/curve.parquet")
-        if res["status"] == "unlearned":  # target held for 2 consecutive evaluations, then stopped
+        if res["status"] == "target":  # target held for 2 consecutive evaluations, then stopped
             assert (curve.uq.iloc[-2:] >= cfg.metrics.uq_target).all()
             assert res["steps_run"] == curve.step.iloc[-1]
     cfg = smoke_config(run, "unlearn.request_kinds=[domain]", "unlearn.stop_on_target=false", "unlearn.max_steps=8")
     run_study(cfg, "unlearn", force=True)
     for r in (1, 4, 16):
         res = json.loads((run / f"unlearn/domain_r{r}/result.json").read_text())
-        assert res["steps_run"] == 8 or res["diverged"]
+        assert res["steps_run"] == 8 or res["collapsed"]
 
 
-def test_huge_learning_rate_diverges_without_failing_the_study(smoke_study, tmp_path):
-    run = _copy(smoke_study, tmp_path / "diverge")
+def test_huge_learning_rate_collapses_without_failing_the_study(smoke_study, tmp_path):
+    run = _copy(smoke_study, tmp_path / "collapse")
     cfg = smoke_config(run, "unlearn.lr=50.0", "unlearn.request_kinds=[id,canary]")
     run_study(cfg, "unlearn", force=True)
     results = [json.loads((run / f"unlearn/{k}_r{r}/result.json").read_text()) for k in ("id", "canary")
                for r in (1, 4, 16)]
-    assert all(r["diverged"] for r in results)
+    assert all(r["collapsed"] for r in results)
     assert all(r["stop_reason"] for r in results)
     assert (run / "unlearn" / "summary.json").exists()
 
@@ -254,14 +254,14 @@ def _weights(path):
 
 
 def test_exploding_gradient_stops_the_request_and_keeps_the_last_good_state(smoke_study, tmp_path):
-    """A gradient norm over unlearn.max_grad_norm at the first step: diverged, the reason names the limit, and the
+    """A gradient norm over unlearn.max_grad_norm at the first step: collapsed, the reason names the limit, and the
     saved model is θ₀ untouched (the offending update is never applied)."""
     run = _copy(smoke_study, tmp_path / "explode")
     run_study(smoke_config(run, "unlearn.max_grad_norm=1e-6", "unlearn.request_kinds=[canary]",
                            "unlearn.save_model=true"), "unlearn", force=True)
     for r in (1, 4, 16):
         res = json.loads((run / f"unlearn/canary_r{r}/result.json").read_text())
-        assert res["status"] == "diverged" and res["steps_run"] == 0
+        assert res["status"] == "collapsed" and res["steps_run"] == 0
         assert "gradient norm" in res["stop_reason"] and "max_grad_norm=1e-06" in res["stop_reason"]
         assert list(pd.read_parquet(run / f"unlearn/canary_r{r}/curve.parquet").step) == [0]
     saved, original = _weights(run / "unlearn/canary_r16/model"), _weights(run / "models/original")
@@ -297,7 +297,7 @@ def test_non_finite_loss_keeps_the_state_before_that_step(smoke_study, tmp_path,
     run_study(smoke_config(nan, *base, "unlearn.max_steps=10"), "unlearn", force=True)
     for r in (1, 4, 16):
         res = json.loads((nan / f"unlearn/canary_r{r}/result.json").read_text())
-        assert res["status"] == "diverged" and res["steps_run"] == 3 and "non-finite loss" in res["stop_reason"]
+        assert res["status"] == "collapsed" and res["steps_run"] == 3 and "non-finite loss" in res["stop_reason"]
         a, b = _weights(nan / f"unlearn/canary_r{r}/model"), _weights(clean / f"unlearn/canary_r{r}/model")
         assert all(torch.equal(a[k], b[k]) for k in a)
         assert not all(torch.equal(a[k], w) for k, w in _weights(nan / "models/original").items())  # it did move
@@ -305,20 +305,20 @@ def test_non_finite_loss_keeps_the_state_before_that_step(smoke_study, tmp_path,
 
 def test_stop_rule_continues_past_the_target_until_every_example_is_forgotten():
     """The request's target is reached at step 4 but one example is still exposed: the run goes on and stops at
-    the first evaluation where every example is forgotten; a diverged perplexity stops it first; without
-    until_all_forgotten it stops at the target."""
+    the first evaluation where every example is forgotten; a perplexity past its limit (a collapse) stops it first;
+    without until_all_forgotten it stops at the target."""
     from unlearnbench.unlearn.request import StopRule
 
     cfg = smoke_config(Path("/tmp/x"), "metrics.uq_target=0.9", "unlearn.max_steps=20")
     rows = [(0, 0.0, 0.0), (1, 0.5, 0.5), (4, 0.95, 0.9), (6, 0.8, 0.95), (8, 0.97, 1.0)]
     rule = StopRule(cfg)
     stops = [rule.check({"uq": uq, "forgotten_fraction": f, "id_holdout_ppl": 10.0}, s, 10.0) for s, uq, f in rows]
-    assert stops[:4] == [None] * 4 and stops[4][0] == "unlearned" and "every example" in stops[4][1]
+    assert stops[:4] == [None] * 4 and stops[4][0] == "target" and "every example" in stops[4][1]
     early = StopRule(smoke_config(Path("/tmp/x"), "unlearn.until_all_forgotten=false"))
     assert [early.check({"uq": uq, "forgotten_fraction": f, "id_holdout_ppl": 10.0}, s, 10.0) is None
             for s, uq, f in rows[:3]] == [True, True, False]
     collapse = StopRule(cfg)
-    assert collapse.check({"uq": 0.95, "forgotten_fraction": 1.0, "id_holdout_ppl": 1e9}, 3, 10.0)[0] == "diverged"
+    assert collapse.check({"uq": 0.95, "forgotten_fraction": 1.0, "id_holdout_ppl": 1e9}, 3, 10.0)[0] == "collapsed"
     assert StopRule(cfg).check({"uq": 0.1, "forgotten_fraction": 0.0, "id_holdout_ppl": 10.0}, 20, 10.0)[0] == "max_steps"
 
 

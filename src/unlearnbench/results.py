@@ -22,7 +22,7 @@ from unlearnbench.records import read_record
 REQUEST_COLUMNS = ("request", "kind", "repetitions", "group", "n_examples", "status", "outcome", "steps_to_unlearn",
                    "utility_drop_at_unlearned", "uq_auc", "uq_final", "uq_max", "exposure_original_mean",
                    "exposure_oracle_mean", "exposure_gap_bits", "nothing_to_forget", "steps_to_forget_mean",
-                   "censored_fraction", "memorization_mean", "difficulty_mean", "diverged", "steps_run",
+                   "censored_fraction", "memorization_mean", "difficulty_mean", "collapsed", "steps_run",
                    "wall_seconds", "eval_share", "flops", "device_seconds", "peak_memory_mib")
 OUTCOMES = ("unlearned", "censored", "collapsed", "nothing_to_forget")
 

@@ -27,7 +27,7 @@ def cell_table(summary: dict) -> list[str]:
     """Markdown table per (kind, repetitions); cells with several requests show means."""
     lines = ["| kind | reps | requests | examples | outcomes | steps to unlearn | utility drop there | final UQ "
              "| max UQ | exposure θ0 (bits) | exposure θr (bits) | steps to forget | censored | memorization "
-             "(nats/tok) | difficulty (nats/tok) | diverged | nothing to forget |", "|" + "---|" * 17]
+             "(nats/tok) | difficulty (nats/tok) | collapsed | nothing to forget |", "|" + "---|" * 17]
     for kind, reps, gs in request_cells(summary["requests"]):
         unlearned = [g for g in gs if g.get("steps_to_unlearn") is not None and not g.get("nothing_to_forget")]
         lines.append(
@@ -41,7 +41,7 @@ def cell_table(summary: dict) -> list[str]:
             f"{num(mean(g.get('censored_fraction') for g in gs), '{:.0%}')} | "
             f"{num(mean(g['memorization_mean'] for g in gs), '{:.3f}')} | "
             f"{num(mean(g['difficulty_mean'] for g in gs), '{:.3f}')} | "
-            f"{sum(bool(g.get('diverged')) for g in gs)} | {sum(bool(g.get('nothing_to_forget')) for g in gs)} |")
+            f"{sum(bool(g.get('collapsed')) for g in gs)} | {sum(bool(g.get('nothing_to_forget')) for g in gs)} |")
     return lines
 
 
@@ -188,8 +188,9 @@ def render_markdown(summary: dict, figures: dict[str, str] | None = None,
              "## Forget requests per kind and repetitions", ""]
     lines += cell_table(summary)
     lines += ["", "Outcomes: u unlearned (UQ reached the target), c censored (the budget ran out first), x collapsed "
-              "(diverged first), n nothing to forget. Steps to unlearn and the utility drop there (ppl_t / ppl_0 − 1 on "
-              "the ID holdout) are means over the unlearned requests only: read them with the outcome counts.", "", "## Findings", ""]
+              "(a non-finite loss, an exploding gradient or the utility past its limit ended it first), n nothing to "
+              "forget. Steps to unlearn and the utility drop there (ppl_t / ppl_0 − 1 on the ID holdout) are means "
+              "over the unlearned requests only: read them with the outcome counts.", "", "## Findings", ""]
     lines += finding_lines(summary.get("findings", {}))
     if summary.get("survival"):
         lines += ["", "## Example level: steps to forget", ""] + survival_lines(summary["survival"])

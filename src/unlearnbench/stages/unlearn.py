@@ -107,7 +107,7 @@ def run(ctx: Context) -> None:
             msg = f"[unlearn] {req.name}: its result was computed for another config; recomputing it"
             print(msg, flush=True) if worker.local else acc.print(msg)
         res = unlearn_request(ctx, req, columns, subset, meta, forget_scores, tok, trk, worker)
-        msg = (f"[unlearn] {req.name}: {res['status']} after {res['steps_run']} steps; steps to unlearn "
+        msg = (f"[unlearn] {req.name}: stopped ({res['status']}) after {res['steps_run']} steps; steps to unlearn "
                f"{res['steps_to_unlearn']}, utility drop there {_fmt(res['utility_drop_at_unlearned'])}, "
                f"final UQ {res['uq_final']:.2f} (gap {res['exposure_gap_bits']:.1f} bits)")
         print(msg, flush=True) if worker.local else acc.print(msg)

@@ -25,7 +25,10 @@ from unlearnbench.unlearn.state import StepResult, Unlearner
 from unlearnbench.unlearn.worker import Worker
 
 CHECKPOINT = "checkpoint"  # unlearn/<request>/checkpoint/step_<N>/: written on SIGINT / SIGTERM, gone once done
-FORMAT = 2  # of loop.json; 1 (no "format" key) kept the evaluator's last scores in last_scores.parquet
+# of loop.json. 3: the window's steps say `collapsed` (was `diverged`) and the layout `job_parallel` (was `local`);
+# 2: the evaluator's and stopping rule's state_dict; 1 (no "format" key) kept the evaluator's last scores in
+# last_scores.parquet
+FORMAT = 3
 
 
 def checkpoint_identity(cfg: Config, worker: Worker) -> dict:

@@ -26,12 +26,12 @@ def summarize_request(cfg: Config, request: Request, curve: pd.DataFrame, traj: 
                       evaluator: RequestEvaluator) -> tuple[dict, pd.DataFrame]:
     """result.json (when the request was unlearned, the utility cost there) and the forgetting table (each example's
     steps to forget, memorization, difficulty: `forgetting.parquet`)."""
-    # The evaluation that found the utility diverged is not a state anyone would keep: forgetting "at the collapse"
+    # The evaluation that found the utility collapsed is not a state anyone would keep: forgetting "at the collapse"
     # and a crossing there do not count (the request collapsed at that step).
-    valid = curve.iloc[:-1] if status == "diverged" and "perplexity" in reason and len(curve) > 1 else curve
+    valid = curve.iloc[:-1] if status == "collapsed" and "perplexity" in reason and len(curve) > 1 else curve
     steps = valid.step.to_numpy()
     wide = traj.pivot(index="step", columns="example_id", values="forgotten").loc[steps, request.example_ids]
-    # Censored at the last valid evaluation: a request that stopped early (all forgotten, or diverged) did not
+    # Censored at the last valid evaluation: a request that stopped early (all forgotten, or collapsed) did not
     # observe its remaining examples beyond it, so max_steps would overstate their steps to forget.
     per_steps, censored = metrics.steps_to_forget(steps, wide.to_numpy(), int(steps[-1]))
     forget_scores = forget_scores.set_index("example_id").loc[request.example_ids]  # the request's rows
@@ -51,14 +51,14 @@ def summarize_request(cfg: Config, request: Request, curve: pd.DataFrame, traj: 
     at = curve[curve.step == unlearned_step].iloc[0] if unlearned_step is not None else None
     first = curve.iloc[0]
     nothing = bool(first.nothing_to_forget)
-    outcomes = request_outcomes(valid, cfg.metrics.uq_target, status == "diverged", int(curve.step.iloc[-1]))
+    outcomes = request_outcomes(valid, cfg.metrics.uq_target, status == "collapsed", int(curve.step.iloc[-1]))
     auc = metrics.uq_auc(v_steps, uq, cfg.unlearn.max_steps) if len(v_steps) else float("nan")
     result = {
         "request": request.name, "kind": request.kind, "repetitions": request.repetitions,
         "group": request.group, "n_examples": len(request.example_ids), "method": cfg.unlearn.method,
         "lr": cfg.unlearn.lr,
-        "status": "nothing_to_forget" if nothing and status != "diverged" else status,
-        "stop_reason": reason, "steps_run": steps_run, "diverged": status == "diverged",
+        "status": "nothing_to_forget" if nothing and status != "collapsed" else status,
+        "stop_reason": reason, "steps_run": steps_run, "collapsed": status == "collapsed",
         "unlearned": unlearned_step is not None, "steps_to_unlearn": unlearned_step,
         "outcome": outcomes[f"{cfg.metrics.uq_target:g}"]["outcome"], "outcomes": outcomes, "uq_auc": auc,
         # the first evaluated step at or above UQ 0.5 / 0.8 (the request table's step_uq_* are interpolated)
@@ -81,20 +81,21 @@ def summarize_request(cfg: Config, request: Request, curve: pd.DataFrame, traj: 
     return result, forgetting
 
 
-def request_outcomes(curve: pd.DataFrame, uq_target: float, diverged: bool, last_step: int) -> dict[str, dict]:
+def request_outcomes(curve: pd.DataFrame, uq_target: float, collapsed: bool, last_step: int) -> dict[str, dict]:
     """`request_outcome` at 0.5, 0.8, 0.9 and the configured target, keyed by the target as `f"{t:g}"`."""
-    return {f"{t:g}": request_outcome(curve, t, diverged, last_step)
+    return {f"{t:g}": request_outcome(curve, t, collapsed, last_step)
             for t in sorted({*metrics.UQ_TARGETS, float(uq_target)})}
 
 
-def request_outcome(curve: pd.DataFrame, target: float, diverged: bool, last_step: int) -> dict:
+def request_outcome(curve: pd.DataFrame, target: float, collapsed: bool, last_step: int) -> dict:
     """How a request ended with respect to one UQ target: `unlearned` at the crossing step (interpolated linearly
-    in log(1+step) between evaluations), `collapsed` (diverged first) or `censored` (stopped first), at the last
-    step observed. With the utility cost there: log(ppl/ppl_0) on the ID holdout, interpolated the same way."""
+    in log(1+step) between evaluations), `collapsed` (the request collapsed first) or `censored` (stopped first), at
+    the last step observed. With the utility cost there: log(ppl/ppl_0) on the ID holdout, interpolated the same
+    way."""
     steps, uq = curve.step.to_numpy(), curve.uq.to_numpy()
     step = metrics.interpolated_crossing(steps, uq, target) if len(steps) > 1 else None
     if step is None:
-        return {"outcome": "collapsed" if diverged else "censored", "step": float(last_step), "grid_step": None,
+        return {"outcome": "collapsed" if collapsed else "censored", "step": float(last_step), "grid_step": None,
                 "log_ppl_ratio": None, "utility_drop": None}
     log_ratio = np.log1p(curve.utility_drop.to_numpy().astype(float))
     lr = float(metrics.value_at_step(steps, log_ratio, step))

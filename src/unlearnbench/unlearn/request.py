@@ -6,7 +6,7 @@ a finished one (`unlearn/outcome.py`).
 
 At step 0 and on the evaluation schedule, the evaluator (`evaluation.RequestEvaluator`) scores the request's
 examples, their references and the utility sets; the loop stops when the UQ target held for `patience`
-evaluations, on divergence (non-finite loss, exploding gradient, perplexity past `max_ppl_ratio` x θ₀'s) or at
+evaluations, when it collapses (non-finite loss, exploding gradient, perplexity past `max_ppl_ratio` x θ₀'s) or at
 `max_steps`. Each finished request writes its files; `result.json` last, so a rerun skips finished requests.
 """
 
@@ -166,7 +166,7 @@ def step(u: Unlearner, step_index: int) -> StepResult:
         u.opt.zero_grad(set_to_none=True)
         reason = (f"non-finite loss ({total_loss})" if not math.isfinite(total_loss)
                   else f"gradient norm {grad_norm:.3g} (limit unlearn.max_grad_norm={cfg.unlearn.max_grad_norm:g})")
-        return StepResult(total_loss, grad_norm, stats, tokens, diverged=reason)
+        return StepResult(total_loss, grad_norm, stats, tokens, collapsed=reason)
     u.opt.step()
     u.sched.step()
     u.opt.zero_grad(set_to_none=True)
@@ -198,7 +198,7 @@ def _retain_inputs(u: Unlearner, rb: dict) -> dict:
 
 
 class StopRule:
-    """When a request stops: utility perplexity past `max_ppl_ratio` x θ₀'s (diverged); once the UQ target held
+    """When a request stops: utility perplexity past `max_ppl_ratio` x θ₀'s (collapsed); once the UQ target held
     for `patience` evaluations (if `stop_on_target`) and, with `until_all_forgotten`, every example of the request
     is forgotten (the run goes on past the target so that every example's steps to forget are observed); or at
     `max_steps`. The request's own verdict uses its first crossing whatever happens after it."""
@@ -225,11 +225,11 @@ class StopRule:
         self.held = self.held + 1 if row["uq"] >= m.uq_target and step_index > 0 else 0
         ppl = row["id_holdout_ppl"]
         if not np.isfinite(ppl) or ppl > m.max_ppl_ratio * ppl_0:
-            return "diverged", f"ID-holdout perplexity {ppl:.3g} exceeds {m.max_ppl_ratio:g} x θ₀'s {ppl_0:.3g}"
+            return "collapsed", f"ID-holdout perplexity {ppl:.3g} exceeds {m.max_ppl_ratio:g} x θ₀'s {ppl_0:.3g}"
         self.reached = self.reached or self.held >= u.patience
         all_forgotten = row["forgotten_fraction"] >= 1.0
         if u.stop_on_target and self.reached and (all_forgotten or not u.until_all_forgotten):
-            return "unlearned", (f"UQ >= {m.uq_target} held for {u.patience} evaluation(s)"
+            return "target", (f"UQ >= {m.uq_target} held for {u.patience} evaluation(s)"
                                  + (" and every example is forgotten" if u.until_all_forgotten else ""))
         if step_index >= u.max_steps:
             return "max_steps", f"reached max_steps={u.max_steps}"
@@ -304,8 +304,8 @@ def _run_request(ctx, request: Request, columns: dict, subset, meta: pd.DataFram
                 break
         t0 = time.perf_counter()
         res = step(u, step_index)
-        if res.diverged:
-            status, reason = "diverged", res.diverged
+        if res.collapsed:
+            status, reason = "collapsed", res.collapsed
             break  # the last good state is the one before this step; it is not updated
         window.append(res)
         tokens += res.tokens

@@ -96,4 +96,4 @@ class StepResult:
     grad_norm: float
     stats: dict = field(default_factory=dict)
     tokens: int = 0
-    diverged: str | None = None  # the reason, when the update was refused
+    collapsed: str | None = None  # the reason, when the update was refused (the request collapsed)
