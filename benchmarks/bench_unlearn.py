@@ -51,7 +51,7 @@ def project_loop(acc, cfg, init_state, ds, forget_rows, steps, warmup) -> dict:
     data = RequestData(all_ids, starts, ends, np.array([len(x) for x in all_ids]), list(forget_rows), [], order, 0)
     model = C.default_model(cfg.data.vocab_size)
     model.load_state_dict(init_state)
-    u = setup(cfg, Worker(acc, local=False), model, data)
+    u = setup(cfg, Worker(acc, job_parallel=False), model, data)
     tokens, step_s, t_begin, total_loss = 0, [], None, float("nan")
     for i in range(steps):
         if i == warmup:

@@ -156,7 +156,7 @@ def test_attack_columns_in_summary_json_and_curves_in_metrics_jsonl(smoke_study)
 
 
 def test_assign_keeps_kinds_together_and_covers_every_request_once():
-    """Request-parallel attacks: contiguous runs of the kind-sorted requests, near-equal in length, so a process
+    """Job-parallel attacks: contiguous runs of the kind-sorted requests, near-equal in length, so a process
     meets few kinds (each kind's θ₀/θᵣ work is done once per process that meets it)."""
     from unlearnbench.stages.attack import assign
 

@@ -202,7 +202,7 @@ def _interrupted_lines(err, stage):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", ["models", "data"])
+@pytest.mark.parametrize("parallel", ["jobs", "data"])
 def test_sigterm_during_train_on_two_processes(smoke_study, tmp_path, parallel):
     """SIGTERM to `accelerate launch` (forwarded to both workers) during training: each model stops after an
     optimizer step with a checkpoint (data-parallel: both ranks at the same step), the lock goes; the same command
@@ -233,7 +233,7 @@ def test_sigterm_during_train_on_two_processes(smoke_study, tmp_path, parallel):
 
 @pytest.mark.slow
 def test_sigterm_during_unlearn_on_two_processes(smoke_study, tmp_path):
-    """SIGTERM to the launcher during request-parallel unlearning: each process checkpoints the request it is in,
+    """SIGTERM to the launcher during job-parallel unlearning: each process checkpoints the request it is in,
     writes no result for it, exits; the same command resumes both and every request matches an uninterrupted run
     of that command. (Launched, like it: one thread per process. Scores depend on the thread count at float
     rounding, ~1e-6 nats on an example's NLL sum, so the in-process fixture, with the machine's threads, is no

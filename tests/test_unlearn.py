@@ -141,14 +141,14 @@ def test_rerun_is_skipped_and_other_config_refused(smoke_study, tmp_path, capsys
         run_study(smoke_config(run, "unlearn.lr=0.01"), "unlearn")
 
 
-def test_request_parallel_is_identical_to_sequential(smoke_study, tmp_path):
+def test_job_parallel_is_identical_to_sequential(smoke_study, tmp_path):
     overrides = ["unlearn.request_kinds=[canary]", "unlearn.max_steps=6"]
     one = _copy(smoke_study, tmp_path / "seq")
     run_study(smoke_config(one, *overrides), "unlearn", force=True)
     two = _copy(smoke_study, tmp_path / "par")
-    res = launch("unlearn", "--preset", "smoke", "--force", f"run.dir={two}", "unlearn.parallel=requests", *overrides)
+    res = launch("unlearn", "--preset", "smoke", "--force", f"run.dir={two}", "unlearn.parallel=jobs", *overrides)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "request-parallel" in res.stdout
+    assert "job-parallel" in res.stdout
     for r in (1, 4, 16):
         a = pd.read_parquet(one / f"unlearn/canary_r{r}/trajectory.parquet")
         b = pd.read_parquet(two / f"unlearn/canary_r{r}/trajectory.parquet")

@@ -81,7 +81,7 @@ class TrainConfig:
     checkpoint_every: int = 200
     keep_checkpoints: int = 0  # checkpoints kept once the model is saved and verified (0: none; N: the newest N)
     log_every: int = 50
-    parallel: str = "auto"  # auto | models | data: how several processes share the models to train (README)
+    parallel: str = "auto"  # auto | jobs | data: how several processes share the models to train (README)
     oracle: bool = True  # train the oracle θᵣ; false = no-oracle mode: e_r from θ₀'s held-out references of the kind, leave-one-out (docs/definitions.md §11)
 
 
@@ -153,7 +153,7 @@ class UnlearnConfig:
     save_model: bool = False  # the final unlearned model, as safetensors
     lora: LoraConfig = field(default_factory=LoraConfig)  # LoRA unlearning (unlearn.lora.*; off by default)
     save_unlearned: bool = True  # the model at the step the request became unlearned (the attacks start there)
-    parallel: str = "auto"  # auto | data | requests: how several processes share the requests (README)
+    parallel: str = "auto"  # auto | jobs | data: how several processes share the requests (README)
 
 
 @dataclass

@@ -144,14 +144,15 @@ class RequestEvaluator:
       are not scored again when the model is still in that state (its request's losses unchanged).
 
     `seconds` is the evaluator's own wall time (scoring and metrics), `tokens_scored` the tokens its passes read.
-    `local=True`: this process scores alone (request-parallel unlearning), no collective operation.
+    `job_parallel=True`: this process scores alone (job-parallel unlearning), no collective operation.
     θᵣ's exposures come from `forget_scores` (`scores/forget.parquet`; no-oracle mode: the held-out-reference e_r);
     θ₀'s stored scores are read from `run.dir`/scores/original.parquet.
     """
 
     def __init__(self, acc, cfg, example_ids: list[str], subset, meta: pd.DataFrame,
-                 forget_scores: pd.DataFrame, pad_id: int, local: bool = False):
-        self.acc, self.cfg, self.example_ids, self.local, self.pad_id = acc, cfg, list(example_ids), local, pad_id
+                 forget_scores: pd.DataFrame, pad_id: int, job_parallel: bool = False):
+        self.acc, self.cfg, self.example_ids, self.pad_id = acc, cfg, list(example_ids), pad_id
+        self.job_parallel = job_parallel
         self.subset, self.seconds, self.tokens_scored = subset, 0.0, 0
         variant = cfg.metrics.exposure
         forget_scores = forget_scores.set_index("example_id").loc[self.example_ids]  # the request's rows
@@ -237,7 +238,7 @@ class RequestEvaluator:
         return self._part("check")[0]
 
     def _score(self, model, data: dict) -> pd.DataFrame:
-        scores, _ = score_pass(self.acc, model, data, self.cfg.score.batch_size, self.pad_id, local=self.local,
+        scores, _ = score_pass(self.acc, model, data, self.cfg.score.batch_size, self.pad_id, local=self.job_parallel,
                                batch_tokens=self.cfg.score.batch_tokens)
         self.tokens_scored += sum(len(x) for x in data["input_ids"])
         return scores

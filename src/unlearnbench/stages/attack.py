@@ -69,7 +69,7 @@ def kinds_of(forget_scores: pd.DataFrame, ids: list[str]) -> tuple[str, ...]:
 
 def assign(requests: list[dict], kinds: dict[str, tuple], n: int, rank: int,
            weights: dict[str, float] | None = None) -> list[dict]:
-    """The attacked requests one process runs in request-parallel order: the requests sorted by kind, cut into `n`
+    """The attacked requests one process runs (job-parallel: each process runs whole requests): the requests sorted by kind, cut into `n`
     contiguous runs of near-equal total weight (`weights`: a request's cost, e.g. the tokens each of its scoring
     passes reads; 1 each by default), so that a process meets as few kinds as possible (each kind's θ₀/θᵣ work is
     done once per process that meets it: `Baselines`). Every request goes to exactly one process."""
@@ -196,7 +196,7 @@ class Attacker:
             res[f"relearn_{variant}"] = {**share, "held_out": held_share, "steps": a.relearn_steps}
         res["quantization"] = self.quantization(sets, base, unlearned, e_u)
         res["mia"] = self.membership(sets, base, unlearned)
-        # request-parallel: each process writes the requests it ran; result.json last marks the request done
+        # job-parallel: each process writes the requests it ran; result.json last marks the request done
         write_parquet(out_dir / "relearning.parquet", pd.concat(curves, ignore_index=True))
         write_json(out_dir / "result.json", {**res, "fingerprint": stage_fingerprint(cfg, NAME)})
         return res
@@ -267,7 +267,7 @@ def run(ctx: Context) -> None:
     columns = examples.select_columns(["example_id", "input_ids", "score_start", "score_end", "split", "text"]).to_dict()
     meta = subset.select_columns(["example_id", "kind", "split"]).to_pandas()
     forget_scores = pd.read_parquet(ctx.run_dir / "scores" / "forget.parquet")
-    trk = open_tracker(ctx, NAME, writer=True)
+    trk = open_tracker(ctx, NAME, job_parallel=True)
     todo, ids_of, skipped = [], {}, []
     for r in selected(cfg, results):
         model_dir = ctx.run_dir / "unlearn" / r["request"] / "model_unlearned"

@@ -113,7 +113,7 @@ def request_cost(u: Unlearner, evaluator: RequestEvaluator, n_evals: int, steps_
     from unlearnbench.models import n_params
     from unlearnbench.unlearn.lora import optimizer_state_bytes, trainable_params
 
-    unwrapped = u.worker.acc.unwrap_model(u.model) if not u.worker.local else u.model
+    unwrapped = u.worker.acc.unwrap_model(u.model) if not u.worker.job_parallel else u.model
     n, trained = n_params(unwrapped), trainable_params(unwrapped)
     per_eval = sum(len(x) for x in evaluator.data["input_ids"])
     full = sum(len(x) for x in evaluator.full_data["input_ids"]) if evaluator.sampled else 0

@@ -112,9 +112,9 @@ def setup(cfg: Config, worker: Worker, model, data: RequestData, load_reference=
         reference = worker.eval_model(model) if spec.needs_reference else None
     else:
         reference = load_reference() if spec.needs_reference and load_reference is not None else None
-    # output layer on the scored positions only, where the model is not wrapped (one process, request-parallel)
-    head = split_head(worker.acc, model, worker.local)
-    ref_head = split_head(worker.acc, reference, worker.local) if reference is not None else None
+    # output layer on the scored positions only, where the model is not wrapped (one process, job-parallel)
+    head = split_head(worker.acc, model, worker.job_parallel)
+    ref_head = split_head(worker.acc, reference, worker.job_parallel) if reference is not None else None
     return Unlearner(cfg, worker, data, model, opt, sched, spec, method_params(cfg), reference, head, ref_head,
                      adapter)
 
@@ -249,7 +249,7 @@ def unlearn_request(ctx, request: Request, columns: dict, subset, meta: pd.DataF
     writes a request checkpoint (`unlearn/<name>/checkpoint/`) and raises `interrupt.Interrupted`; the next run
     resumes from it to the same numbers. The checkpoint goes once the request's result is written.
     """
-    with interrupt.safe_points(worker.acc, not worker.local, stage="unlearn", what=request.name):
+    with interrupt.safe_points(worker.acc, not worker.job_parallel, stage="unlearn", what=request.name):
         return _run_request(ctx, request, columns, subset, meta, forget_scores, tok, trk, worker)
 
 
@@ -259,7 +259,7 @@ def _run_request(ctx, request: Request, columns: dict, subset, meta: pd.DataFram
     out_dir = ctx.run_dir / "unlearn" / request.name
     pad_id = tok.pad_token_id or 0
     evaluator = RequestEvaluator(worker.acc, cfg, request.example_ids, subset, meta, forget_scores, pad_id,
-                                 worker.local)
+                                 worker.job_parallel)
     data = RequestData.build(cfg, request, columns, pad_id)
     # θ₀ frozen, for methods that compare with it: a DeepSpeed inference engine under ZeRO-3 (sharded parameters)
     # The random state is the request's own (dropout in LoRA or a pretrained model's config; any method that
@@ -282,7 +282,7 @@ def _run_request(ctx, request: Request, columns: dict, subset, meta: pd.DataFram
         step_index, curve, trajs, window, saved = (resumed[k] for k in ("step", "curve", "trajs", "window", "saved"))
         train_time, tokens, t_start = resumed["train_time"], resumed["tokens"], t_start - resumed["elapsed_seconds"]
         msg = f"[unlearn] {request.name}: resuming at step {step_index} ({resumed['path']})"
-        print(msg, flush=True) if worker.local else worker.acc.print(msg)
+        print(msg, flush=True) if worker.job_parallel else worker.acc.print(msg)
     while True:
         if step_index in schedule:
             row, traj = evaluator.evaluate(worker.eval_model(u.model), step_index)
@@ -311,13 +311,13 @@ def _run_request(ctx, request: Request, columns: dict, subset, meta: pd.DataFram
         tokens += res.tokens
         train_time += time.perf_counter() - t0
         step_index += 1
-        if interrupt.should_stop(worker.acc, collective=not worker.local):  # safe point: between two steps
+        if interrupt.should_stop(worker.acc, collective=not worker.job_parallel):  # safe point: between two steps
             path = save_request_checkpoint(out_dir, u, {
                 "step": step_index, "curve": curve, "trajs": trajs, "window": window, "saved": saved,
                 "train_time": train_time, "tokens": tokens, "elapsed_seconds": time.perf_counter() - t_start,
                 "evaluator": evaluator.state_dict(), "rule": rule.state_dict()})
             raise interrupt.Interrupted(stage="unlearn", step=step_index, checkpoint=path, what=request.name,
-                                        local=worker.local)
+                                        local=worker.job_parallel)
     if worker.writes:
         # before result.json: a kill in between loses only a finished trajectory (rerun, bit for bit), while a
         # checkpoint left beside a result would never be removed
