@@ -86,7 +86,7 @@ def test_attack_stage_outputs_and_f4(smoke_study):
         assert set(curve.variant) == {"retain", "forget_fraction"} and set(curve.start) == {"unlearned", "oracle"}
     f4 = json.loads((run / "summary.json").read_text())["attacks"]["findings"]["F4"]
     assert f4["verdict"] in ("reproduced", "partly reproduced", "not reproduced", "reversed", "inconclusive")
-    assert f4["of"] == len(f4["cells"])
+    assert f4["of"] == len(f4["contrasts"])
     md = (run / "report" / "report.md").read_text()
     assert "## Does forgetting last?" in md and f"**F4: {f4['verdict']}**" in md
 

@@ -25,14 +25,14 @@ def t_half(values):
     return stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
 
 
-def cell(f, reps=16, kind="canary"):
-    return next(c for c in f["cells"] if c["repetitions"] == reps and c["ood_kind"] == kind)
+def contrast(f, reps=16, kind="canary"):
+    return next(c for c in f["contrasts"] if c["repetitions"] == reps and c["ood_kind"] == kind)
 
 
 def test_f1_three_replicates_all_later_is_reproduced_with_the_t_interval():
     res = [result("id", 16, j, step=s) for j, s in enumerate((8.0, 10.0, 9.0))]
     res += [result("canary", 16, j, step=s) for j, s in enumerate((13.0, 16.0, 16.0))]
-    c = cell(finding_f1(res, 0.9))
+    c = contrast(finding_f1(res, 0.9))
     e = c["by_target"]["uq_0.9"]
     diffs = [5.0, 6.0, 7.0]
     assert e["mean"] == pytest.approx(np.mean(diffs))
@@ -48,7 +48,7 @@ def test_a_collapsed_side_is_never_evidence_and_both_censored_is_inconclusive():
     res = [result("id", 4, 0, step=10.0), result("domain", 4, 0, "collapsed", 40.0),   # collapse: no evidence
            result("id", 4, 1, "censored", 100.0), result("domain", 4, 1, "censored", 100.0),  # both censored
            result("id", 4, 2, step=10.0), result("domain", 4, 2, "censored", 100.0)]  # censored after: a bound
-    c = cell(finding_f1(res, 0.9), 4, "domain")
+    c = contrast(finding_f1(res, 0.9), 4, "domain")
     e = c["by_target"]["uq_0.9"]
     assert [p["class"] for p in e["pairs"]] == ["inconclusive", "inconclusive", "ood_later"]
     assert e["pairs"][0]["reason"] == "collapsed"
@@ -63,7 +63,7 @@ def test_censoring_before_the_other_event_is_inconclusive_and_after_it_is_agains
            result("id", 16, 1, "censored", 50.0), result("canary", 16, 1, step=8.0),  # ID slower for sure
            result("id", 16, 2, "censored", 50.0), result("canary", 16, 2, step=10.0),
            result("id", 16, 3, "censored", 50.0), result("canary", 16, 3, step=13.0)]
-    e = cell(finding_f1(res, 0.9))["by_target"]["uq_0.9"]
+    e = contrast(finding_f1(res, 0.9))["by_target"]["uq_0.9"]
     assert e["pairs"][0]["class"] == "inconclusive"
     assert [p["difference"] for p in e["pairs"][1:]] == [-42.0, -40.0, -37.0]
     assert e["verdict"] == "reversed" and e["mean"] == pytest.approx(-119 / 3)
@@ -73,9 +73,9 @@ def test_nothing_to_forget_pairs_are_counted_not_used_and_one_replicate_is_incon
     res = [result("id", 1, 0, nothing=True), result("canary", 1, 0, step=30.0),
            result("id", 4, 0, step=5.0), result("canary", 4, 0, step=9.0)]
     f = finding_f1(res, 0.9)
-    e1 = cell(f, 1)["by_target"]["uq_0.9"]
+    e1 = contrast(f, 1)["by_target"]["uq_0.9"]
     assert e1["n_informative"] == 0 and e1["reasons"] == ["ID had nothing to forget"]
-    e4 = cell(f, 4)["by_target"]["uq_0.9"]
+    e4 = contrast(f, 4)["by_target"]["uq_0.9"]
     assert e4["mean"] == 4.0 and e4["n_informative"] == 1 and e4["verdict"] == "inconclusive"
     assert f["verdict"] == "inconclusive" and f["holds"] == 0 and f["of"] == 2
 
@@ -83,7 +83,7 @@ def test_nothing_to_forget_pairs_are_counted_not_used_and_one_replicate_is_incon
 def test_f1_ties_and_mixed_signs_are_not_reproduced():
     res = [result("id", 16, j, step=s) for j, s in enumerate((10.0, 10.0, 10.0))]
     res += [result("domain", 16, j, step=s) for j, s in enumerate((10.0, 13.0, 8.0))]
-    e = cell(finding_f1(res, 0.9), 16, "domain")["by_target"]["uq_0.9"]
+    e = contrast(finding_f1(res, 0.9), 16, "domain")["by_target"]["uq_0.9"]
     assert e["counts"] == {"supports": 1, "against": 1, "tie": 1, "inconclusive": 0}
     assert e["mean"] == pytest.approx(1 / 3) and e["lo"] < 0 < e["hi"] and e["verdict"] == "not reproduced"
 
@@ -93,7 +93,7 @@ def test_f2_uses_log_cost_at_each_target_and_only_unlearned_pairs():
     res += [result("canary", 16, j, log_ppl=v) for j, v in enumerate((0.1, 0.3, 0.2))]
     res.append(result("id", 16, 3, log_ppl=2.0))
     res.append(result("canary", 16, 3, targets={"0.9": ("censored", 100.0)}, log_ppl=0.5))
-    c = cell(finding_f2(res, 0.9))
+    c = contrast(finding_f2(res, 0.9))
     e = c["by_target"]["uq_0.9"]
     assert e["mean"] == pytest.approx(np.mean([0.9, 0.9, 0.7])) and e["verdict"] == "reproduced"
     assert e["counts"]["inconclusive"] == 1 and "OOD censored" in e["reasons"][0]
@@ -206,10 +206,10 @@ def test_a_target_off_the_reported_grid_gets_outcomes_everywhere_the_findings_lo
                 "outcome": outcomes["0.95"]["outcome"]}
     results = [result("id", j, out) for j in range(3)] + [result("canary", j, out) for j in range(3)]
     f1 = finding_f1(results, 0.95)
-    cell = f1["cells"][0]
-    assert cell["main"] == "uq_0.95" and set(cell["by_target"]) >= {"uq_0.5", "uq_0.8", "uq_0.9", "uq_0.95"}
-    assert cell["by_target"]["uq_0.95"]["counts"]["tie"] == 3  # identical sides: three ties, no evidence
-    assert finding_f2(results, 0.95)["cells"][0]["main"] == "uq_0.95"
+    contrast = f1["contrasts"][0]
+    assert contrast["main"] == "uq_0.95" and set(contrast["by_target"]) >= {"uq_0.5", "uq_0.8", "uq_0.9", "uq_0.95"}
+    assert contrast["by_target"]["uq_0.95"]["counts"]["tie"] == 3  # identical sides: three ties, no evidence
+    assert finding_f2(results, 0.95)["contrasts"][0]["main"] == "uq_0.95"
 
 
 def _attack_result(kind, j, recovered, baseline="oracle"):
@@ -224,13 +224,13 @@ def test_f4_paired_recovered_share_and_no_oracle_results_left_out():
     res = [_attack_result("id", j, 0.2) for j in range(3)] + \
           [_attack_result("canary", j, 0.2 + d) for j, d in enumerate((0.2, 0.25, 0.3))]
     f4 = finding_f4(res)
-    cell = f4["cells"][0]["by_attack"]["relearn_forget_fraction"]
+    effect = f4["contrasts"][0]["by_attack"]["relearn_forget_fraction"]
     half = stats.t.ppf(0.975, 2) * np.std([0.2, 0.25, 0.3], ddof=1) / np.sqrt(3)
     assert half == pytest.approx(0.124, abs=1e-3)
-    assert cell["mean"] == pytest.approx(0.25) and cell["lo"] == pytest.approx(0.25 - half)
-    assert cell["verdict"] == "reproduced" and cell["direction"] == "OOD recovers more"
+    assert effect["mean"] == pytest.approx(0.25) and effect["lo"] == pytest.approx(0.25 - half)
+    assert effect["verdict"] == "reproduced" and effect["direction"] == "OOD recovers more"
     assert f4["excluded_without_oracle"] == 0
     # the same numbers measured against the unattacked held-out-reference e_r (no oracle): not evidence
     blind = [{**r, "baseline": "held_out_references"} for r in res]
     f4 = finding_f4(blind)
-    assert f4["cells"] == [] and f4["verdict"] == "inconclusive" and f4["excluded_without_oracle"] == 6
+    assert f4["contrasts"] == [] and f4["verdict"] == "inconclusive" and f4["excluded_without_oracle"] == 6

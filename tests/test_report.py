@@ -63,7 +63,7 @@ def test_report_renders_every_figure_and_references_it(smoke_study, tmp_path, mo
     for c in summary["findings"]["F3"]["kinds"]:
         hr = c["cox"]["memorization"]["hr"]
         assert f"- {c['kind']}: **{c['verdict']}**; hazard ratio of forgetting per SD of memorization {hr:.3g}" in md
-    for c in summary["findings"]["F1"]["cells"]:
+    for c in summary["findings"]["F1"]["contrasts"]:
         assert f"| {c['repetitions']} | {c['ood_kind']} | {c['replicates']} | **{c['verdict']}** |" in md
     f4 = summary["attacks"]["findings"]["F4"]
     assert f"**F4: {f4['verdict']}**" in md and trk.summaries["findings/F4/verdict"] == f4["verdict"]
@@ -142,7 +142,7 @@ def test_report_force_redecides_every_finding_from_the_stored_results(smoke_stud
     assert after["outcomes"]["collapsed"] == before["outcomes"].get("collapsed", 0) + 1
     assert after["outcomes"]["unlearned"] == before["outcomes"]["unlearned"] - 1
     for key in ("F1", "F2"):
-        for c_before, c_after in zip(before["findings"][key]["cells"], after["findings"][key]["cells"]):
+        for c_before, c_after in zip(before["findings"][key]["contrasts"], after["findings"][key]["contrasts"]):
             e_b, e_a = (c["by_target"][c["main"]] for c in (c_before, c_after))
             if c_after["repetitions"] == 16 and e_b["n_informative"]:
                 assert e_a["n_informative"] == 0  # the collapsed ID side leaves the pair without evidence

@@ -80,10 +80,10 @@ def test_smoke_study_writes_every_output(smoke_study):
                                                        "reversed", "inconclusive")
     # F1's verdict is what its cells say, and each cell's what its main target's effect says
     f1 = summary["findings"]["F1"]
-    assert f1["holds"] == sum(c["verdict"] == "reproduced" for c in f1["cells"])
-    assert all(c["verdict"] == c["by_target"][c["main"]]["verdict"] for c in f1["cells"])
+    assert f1["holds"] == sum(c["verdict"] == "reproduced" for c in f1["contrasts"])
+    assert all(c["verdict"] == c["by_target"][c["main"]]["verdict"] for c in f1["contrasts"])
     # one replicate per cell in the smoke preset: no interval, so every cell is inconclusive, never a verdict
-    assert all(c["verdict"] == "inconclusive" for c in f1["cells"] + summary["findings"]["F2"]["cells"])
+    assert all(c["verdict"] == "inconclusive" for c in f1["contrasts"] + summary["findings"]["F2"]["contrasts"])
 
 
 def test_ga_raises_uq_on_a_memorized_canary(smoke_study):

@@ -292,10 +292,10 @@ def _main(args: argparse.Namespace, argv: list[str] | None = None) -> None:
             on_main_or_fail(acc, lambda: compare_runs([Path(d) for d in args.compare], run_dir / "compare"))
             return
         if args.stage == "map":
-            from unlearnbench.findings_map import map_cells
+            from unlearnbench.findings_map import map_settings
 
             grid = {k: v for k, v in (("lr", args.lr), ("method", args.methods), ("exposure", args.exposures)) if v}
-            map_cells(cfg, grid, acc)
+            map_settings(cfg, grid, acc)
             return
         from unlearnbench.study import run_stages
 

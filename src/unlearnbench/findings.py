@@ -100,7 +100,8 @@ def _effect(comparisons: list[dict], alpha: float) -> dict:
     return eff
 
 
-def _cell_rows(pairs: dict, compare, targets: list, main: str, alpha: float) -> list[dict]:
+def _contrast_rows(pairs: dict, compare, targets: list, main: str, alpha: float) -> list[dict]:
+    """One row per contrast (an OOD kind against ID at one repetitions): its effect and verdict per target."""
     rows = []
     for (reps, kind), ps in pairs.items():
         by_target = {}
@@ -116,10 +117,11 @@ def _cell_rows(pairs: dict, compare, targets: list, main: str, alpha: float) -> 
     return rows
 
 
-def overall_verdict(cell_verdicts: list[str]) -> str:
-    """A finding over its cells (repetitions x OOD kind): reproduced when every informative cell is, reversed
-    or not reproduced when none is, partly reproduced otherwise; inconclusive when no cell is informative."""
-    informative = [v for v in cell_verdicts if v != "inconclusive"]
+def overall_verdict(verdicts: list[str]) -> str:
+    """A finding over its units (for F1, F2 and F4 its contrasts, an OOD kind against ID at one repetitions; for F3
+    its kinds; across seeds, the seeds' verdicts): reproduced when every informative one is, reversed or not
+    reproduced when none is, partly reproduced otherwise; inconclusive when none is informative."""
+    informative = [v for v in verdicts if v != "inconclusive"]
     if not informative:
         return "inconclusive"
     n = sum(v == "reproduced" for v in informative)
@@ -132,24 +134,26 @@ def overall_verdict(cell_verdicts: list[str]) -> str:
 
 def _finding(statement: str, rows: list[dict], effect_label: str) -> dict:
     verdicts = [r["verdict"] for r in rows]
-    return {"statement": statement, "effect": effect_label, "cells": rows,
+    return {"statement": statement, "effect": effect_label, "contrasts": rows,
             "holds": sum(v == "reproduced" for v in verdicts), "of": len(verdicts),
             "stable_across_targets": all(r["stable_across_targets"] for r in rows) if rows else None,
             "verdict": overall_verdict(verdicts)}
 
 
 def finding_f1(results: list[dict], uq_target: float, alpha: float = 0.05) -> dict:
-    """F1 per (repetitions, OOD kind): the paired difference OOD − ID in interpolated steps to reach each UQ
-    target, and ID − OOD in the area under UQ; the verdict at `uq_target`, with its stability across targets."""
+    """F1 per contrast (an OOD kind against ID at one repetitions): the paired difference OOD − ID in interpolated
+    steps to reach each UQ target, and ID − OOD in the area under UQ; the verdict at `uq_target`, with its stability
+    across targets."""
     targets = sorted(set(TARGETS) | {uq_target})
-    rows = _cell_rows(replicate_pairs(results), compare_f1, [*targets, None], f"uq_{uq_target:g}", alpha)
+    rows = _contrast_rows(replicate_pairs(results), compare_f1, [*targets, None], f"uq_{uq_target:g}", alpha)
     return _finding(F1_STATEMENT, rows, "OOD − ID steps to reach the target (uq_*), ID − OOD area under UQ (auc)")
 
 
 def finding_f2(results: list[dict], uq_target: float, alpha: float = 0.05) -> dict:
-    """F2 per (repetitions, OOD kind): the paired difference ID − OOD in log(ppl/ppl_0) at the crossing."""
+    """F2 per contrast (an OOD kind against ID at one repetitions): the paired difference ID − OOD in log(ppl/ppl_0)
+    at the crossing."""
     targets = sorted(set(TARGETS) | {uq_target})
-    rows = _cell_rows(replicate_pairs(results), compare_f2, targets, f"uq_{uq_target:g}", alpha)
+    rows = _contrast_rows(replicate_pairs(results), compare_f2, targets, f"uq_{uq_target:g}", alpha)
     return _finding(F2_STATEMENT, rows, "ID − OOD log(ppl_t / ppl_0) on the ID holdout at the crossing")
 
 
@@ -216,10 +220,11 @@ def _recovered(res: dict, attack: str) -> float | None:
 
 
 def finding_f4(attack_results: list[dict], alpha: float = 0.05) -> dict:
-    """F4 per (repetitions, OOD kind) and attack: the paired difference OOD − ID in the recovered share of the
-    exposure gap; "reproduced" when the interval excludes 0 in either direction (the direction is reported).
-    Only requests measured against the oracle attacked the same way count: without θᵣ (no-oracle mode) the
-    unattacked held-out-reference e_r is no yardstick, as θᵣ would also gain exposure from the attack."""
+    """F4 per contrast (an OOD kind against ID at one repetitions) and attack: the paired difference OOD − ID in the
+    recovered share of the exposure gap; "reproduced" when the interval excludes 0 in either direction (the
+    direction is reported). Only requests measured against the oracle attacked the same way count: without θᵣ
+    (no-oracle mode) the unattacked held-out-reference e_r is no yardstick, as θᵣ would also gain exposure from the
+    attack."""
     usable = [r for r in attack_results if r.get("baseline", "oracle") == "oracle"]
     pairs = replicate_pairs([{**r, "nothing_to_forget": False} for r in usable])
     rows, verdicts = [], []
@@ -241,7 +246,7 @@ def finding_f4(attack_results: list[dict], alpha: float = 0.05) -> dict:
         rows.append({"repetitions": reps, "ood_kind": kind, "replicates": len(ps), "verdict": main,
                      "by_attack": by_attack})
     return {"statement": F4_STATEMENT, "effect": "OOD − ID recovered share of the exposure gap", "attacks": F4_ATTACKS,
-            "cells": rows, "holds": sum(v == "reproduced" for v in verdicts), "of": len(verdicts),
+            "contrasts": rows, "holds": sum(v == "reproduced" for v in verdicts), "of": len(verdicts),
             "verdict": overall_verdict(verdicts), "excluded_without_oracle": len(attack_results) - len(usable)}
 
 
@@ -317,7 +322,7 @@ def flatten_findings(summary: dict) -> dict:
     for key, f in summary.get("findings", {}).items():
         out.update({f"findings/{key}/verdict": f["verdict"], f"findings/{key}/holds": f["holds"],
                     f"findings/{key}/of": f["of"]})
-        for c in f.get("cells", []):
+        for c in f.get("contrasts", []):
             base = f"findings/{key}/r{c['repetitions']}_{c['ood_kind']}"
             out[f"{base}/verdict"] = c["verdict"]
             for t, e in c["by_target"].items():

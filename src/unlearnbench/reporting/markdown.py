@@ -55,13 +55,14 @@ def finding_lines(findings: dict) -> list[str]:
         return ["No findings: the run has no (kind, repetitions) requests or no forgetting tables."]
     lines = []
     for key, f in findings.items():
-        lines.append(f"- **{key}: {f['verdict']}** ({f['holds']} of {f['of']} cells reproduce it). {f['statement']}. "
-                     f"Effect: {f['effect']}.")
-        if f.get("cells"):
-            targets = list(f["cells"][0]["by_target"])
+        units = "contrasts" if "contrasts" in f else "kinds"
+        lines.append(f"- **{key}: {f['verdict']}** ({f['holds']} of {f['of']} {units} reproduce it). "
+                     f"{f['statement']}. Effect: {f['effect']}.")
+        if f.get("contrasts"):
+            targets = list(f["contrasts"][0]["by_target"])
             lines += ["", "  | reps | OOD kind | replicates | verdict | " + " | ".join(targets) + " | stable across targets |",
                       "  |" + "---|" * (len(targets) + 5)]
-            for c in f["cells"]:
+            for c in f["contrasts"]:
                 cells = []
                 for t in targets:
                     e = c["by_target"][t]
@@ -121,9 +122,9 @@ def attack_lines(results: list[dict], f4: dict | None) -> list[str]:
         lines += ["No oracle (`train.oracle=false`): θr was not attacked. \"ē oracle attacked\" is replaced by the "
                   "held-out-reference e_r (unattacked), and the AUC and PrivLeak under θr are not available (–).", ""]
     if f4:
-        lines.append(f"- **F4: {f4['verdict']}** ({f4['holds']} of {f4['of']} cells). {f4['statement']}. Effect: "
+        lines.append(f"- **F4: {f4['verdict']}** ({f4['holds']} of {f4['of']} contrasts). {f4['statement']}. Effect: "
                      f"{f4['effect']}.")
-        for c in f4["cells"]:
+        for c in f4["contrasts"]:
             parts = [f"{a}: {_interval(e)} {e['verdict']}" + (f" ({e['direction']})" if e.get("direction") else "")
                      for a, e in c["by_attack"].items()]
             lines.append(f"  - r{c['repetitions']} {c['ood_kind']} vs id ({c['replicates']} replicates): " + "; ".join(parts))
@@ -213,7 +214,7 @@ def format_findings(summary: dict) -> str:
     lines = ["[findings]"]
     for key, f in summary.get("findings", {}).items():
         lines.append(f"  {key}: {f['verdict']} — {f['statement']}")
-        for c in f.get("cells", []):
+        for c in f.get("contrasts", []):
             e = c["by_target"][c["main"]]
             lines.append(f"    r{c['repetitions']} {c['ood_kind']} vs id: {c['verdict']} "
                          f"(effect {num(e['mean'], G3)} [{num(e['lo'], G3)}, {num(e['hi'], G3)}], "

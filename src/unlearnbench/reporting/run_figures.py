@@ -211,13 +211,14 @@ def fig_survival(summary: dict, path: Path) -> None:
 
 
 def fig_effects(summary: dict, path: Path) -> None:
-    """F1 and F2 per (repetitions, OOD kind): every replicate pair's difference and the mean with its interval."""
+    """F1 and F2 per contrast (an OOD kind against ID at one repetitions): every replicate pair's difference and the
+    mean with its interval."""
     findings = summary.get("findings", {})
     fig, axes = new_figure(2, 5.2, 3.8)
     for ax, key, unit in ((axes[0][0], "F1", "OOD − ID steps to reach the target"),
                           (axes[0][1], "F2", "ID − OOD log(ppl_t / ppl_0) at the crossing")):
-        cells = findings.get(key, {}).get("cells", [])
-        for x, c in enumerate(cells):
+        contrasts = findings.get(key, {}).get("contrasts", [])
+        for x, c in enumerate(contrasts):
             e = c["by_target"][c["main"]]
             for p in e.get("pairs", []):
                 if p["difference"] is not None:
@@ -230,7 +231,7 @@ def fig_effects(summary: dict, path: Path) -> None:
                             color="black", capsize=4, ls="none")
             ax.annotate(c["verdict"], (x, 0), textcoords="offset points", xytext=(0, -14), ha="center", fontsize=7)
         ax.axhline(0, color="black", lw=0.8)
-        ax.set_xticks(range(len(cells)), [f"r{c['repetitions']}\n{c['ood_kind']}" for c in cells], fontsize=8)
+        ax.set_xticks(range(len(contrasts)), [f"r{c['repetitions']}\n{c['ood_kind']}" for c in contrasts], fontsize=8)
         ax.set_ylabel(unit, fontsize=8)
         ax.set_title(f"{key} at UQ {summary.get('uq_target')}")
         ax.grid(alpha=0.3, axis="y")
