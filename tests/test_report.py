@@ -160,28 +160,40 @@ def test_report_force_redecides_every_finding_from_the_stored_results(smoke_stud
     assert "**F3: partly reproduced**" in (run / "report" / "report.md").read_text()
 
 
-def test_a_run_directory_of_the_old_layout_is_refused_with_what_to_rerun(smoke_study, tmp_path):
-    """Before the report stage owned summary.json the unlearn stage wrote it (its record listed it) and there was
-    no unlearn/summary.json: the attack and report stages refuse such a directory, destroying nothing."""
-    from unlearnbench import integrity
+def test_a_run_directory_of_an_older_layout_is_refused_with_what_to_rerun(smoke_study, tmp_path):
+    """Every stage record carries the run directory's layout (2 since 0.2.0, whose names differ). A directory whose
+    records lack it was written by an older unlearnbench: every command that would read it refuses it in one
+    paragraph (what changed, the changelog, `run --force` or a new run.dir), never a KeyError, removing nothing; a
+    forced stage is recomputed and its new record carries the layout."""
+    from unlearnbench.records import LAYOUT
     from unlearnbench.study import run_study
 
+    assert LAYOUT == 2
     run = tmp_path / "run"
     shutil.copytree(smoke_study[1], run)
-    (run / "unlearn" / "summary.json").unlink()
-    rec = json.loads((run / "stages" / "unlearn.json").read_text())
-    del rec["files"]["unlearn/summary.json"]
-    rec["files"]["summary.json"] = integrity.file_entry(run / "summary.json")
-    rec["outputs_digest"] = integrity.digest_of(rec["files"])
-    (run / "stages" / "unlearn.json").write_text(json.dumps(rec))
-    attacks_before = sorted(p.name for p in (run / "attacks").iterdir())
-    for stage in ("report", "attack"):
-        with pytest.raises(UserError, match=r"older unlearnbench.*`unlearnbench unlearn --force run.dir="):
-            run_study(smoke_config(run), stage, force=True)
-    assert sorted(p.name for p in (run / "attacks").iterdir()) == attacks_before  # refused before removing anything
+    for p in sorted((run / "stages").glob("*.json")):
+        rec = json.loads(p.read_text())
+        assert rec["layout"] == 2, p.name
+        del rec["layout"]
+        p.write_text(json.dumps(rec))
+    before = {p.relative_to(run): p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    for stage in ("prepare", "train", "score", "unlearn", "attack", "report", "run"):
+        with pytest.raises(UserError) as err:
+            run_study(smoke_config(run), stage)
+        msg = str(err.value)
+        assert "written by an older unlearnbench" in msg and "Changelog" in msg and "\n" not in msg, stage
+        assert f"`unlearnbench run --force run.dir={run}`" in msg and "new directory" in msg
+    with pytest.raises(UserError, match="older unlearnbench"):
+        compare_runs([run], tmp_path / "cmp")
     res = cli("report", "--preset", "smoke", f"run.dir={run}", timeout=300)
     assert res.returncode == 2 and "older unlearnbench" in res.stderr and "Traceback" not in res.stderr
-
+    after = {p.relative_to(run): p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    assert {k: v for k, v in after.items() if k.parts[0] != ".cache"} == {
+        k: v for k, v in before.items() if k.parts[0] != ".cache"}  # refused before anything was touched
+    run_study(smoke_config(run), "prepare", force=True)  # --force recomputes the stage under the new layout
+    assert json.loads((run / "stages" / "prepare.json").read_text())["layout"] == 2
+    with pytest.raises(UserError, match="older unlearnbench"):
+        run_study(smoke_config(run), "train")  # the stages after it are still of the older layout
 
 def _fake_seed(src, dest, seed, shift):
     """A seed sub-run holding only what the comparison reads, with numbers shifted."""

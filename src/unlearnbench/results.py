@@ -14,7 +14,7 @@ import pandas as pd
 
 from unlearnbench.errors import UserError
 from unlearnbench.io import read_json
-from unlearnbench.records import read_record
+from unlearnbench.records import check_layout, read_record
 
 # One row of the request table (`requests` of unlearn/summary.json and of summary.json): a request's main
 # result.json numbers, plus its interpolated crossing step per UQ target (`step_uq_<t>`: `outcomes[t].step`; the
@@ -51,31 +51,11 @@ def outcome_counts(rows: list[dict]) -> dict[str, int]:
 # ----------------------------------------------------------------------------------------------- the run's files
 
 
-def old_layout(run_dir: Path) -> bool:
-    """True for a run directory made before the unlearn stage wrote `unlearn/summary.json`: its unlearn record
-    lists a top-level `summary.json` (now the report stage's merged view)."""
-    run_dir = Path(run_dir)
-    if (run_dir / "unlearn" / "summary.json").exists():
-        return False
-    files = (read_record(run_dir, "unlearn") or {}).get("files")
-    return isinstance(files, dict) and "summary.json" in files
-
-
-def check_layout(run_dir: Path) -> None:
-    """Refuse a run directory of the old layout (`old_layout`) with what to rerun."""
-    if old_layout(run_dir):
-        raise UserError(
-            f"{run_dir} was made by an older unlearnbench, whose unlearn stage wrote the run's summary.json itself; "
-            "now it writes unlearn/summary.json and the report stage writes summary.json from the stored results. "
-            f"Rerun the unlearn stage with the same --preset/--config/overrides, `unlearnbench unlearn --force "
-            f"run.dir={run_dir} ...`, then `unlearnbench run run.dir={run_dir} ...` for the attack and report stages "
-            "(data, models and scores are kept).")
-
-
 def read_unlearn_summary(run_dir: Path) -> dict:
-    """`unlearn/summary.json`: the unlearn stage's request table, outcome counts and cost."""
+    """`unlearn/summary.json`: the unlearn stage's request table, outcome counts and cost. A run directory of an
+    older layout is refused (`records.check_layout`)."""
     run_dir = Path(run_dir)
-    check_layout(run_dir)
+    check_layout(run_dir, ["unlearn"])
     path = run_dir / "unlearn" / "summary.json"
     if not path.exists():
         raise UserError(f"No unlearn/summary.json in {run_dir}: run the unlearn stage first "

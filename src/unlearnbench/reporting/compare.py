@@ -14,6 +14,7 @@ from unlearnbench.errors import UserError
 from unlearnbench.findings import cell_values
 from unlearnbench.io import atomic_dir, read_json
 from unlearnbench.metrics import mean_ci
+from unlearnbench.records import check_layout
 from unlearnbench.reporting.style import KIND_LABELS, kind_color, kind_key, reps_title
 
 
@@ -83,6 +84,8 @@ def compare_runs(dirs: list[Path], out_dir: Path) -> None:
     runs = []
     for d in dirs:
         subs = _seed_dirs(d)
+        for s in subs:  # a summary.json of an older layout names its keys otherwise: refused, never half read
+            check_layout(s, ["report"])
         summaries = [read_json(s / "summary.json") for s in subs]
         label = d.name if d.name not in [r["label"] for r in runs] else str(d)
         runs.append({"label": label, "dir": d, "summaries": summaries, "settings": _settings(subs[0], summaries)})
