@@ -103,7 +103,8 @@ def main() -> None:
     m = body["log1p_steps_mean"]
     print(f"mean over cells: group var {m['within_seed_group_var']:.3f}, seed var {m['between_seed_var']:.3f}")
     for f in ("F1", "F2", "F3"):
-        print(f, body["findings"][f]["verdicts"], body["findings"][f].get("contrasts_with_intervals_covering_each_other", ""))
+        print(f, body["findings"][f]["verdicts"],
+              body["findings"][f].get("contrasts_with_intervals_covering_each_other", ""))
     body["inputs"] = [C.portable_path(p) for p in args.summaries]
     print("wrote", C.write_result("replicate_spread", body, False, args.out_dir))
 

@@ -117,8 +117,9 @@ def test_attack_stage_writes_nothing_outside_attacks(smoke_study, tmp_path):
 
 
 def test_attack_columns_in_summary_json_and_curves_in_metrics_jsonl(smoke_study):
-    """The report stage's summary.json gives the attacked requests' rows the attack columns and an `attacks` block with F4;
-    metrics.jsonl holds each relearning curve on its own step axis, whose last recovered share is the result's."""
+    """The report stage's summary.json gives the attacked requests' rows the attack columns and an `attacks` block
+    with F4; metrics.jsonl holds each relearning curve on its own step axis, whose last recovered share is the
+    result's."""
     cfg, run = smoke_study
     attack_summary = json.loads((run / "attacks" / "summary.json").read_text())
     results = {r["request"]: r for r in attack_summary["requests"]}

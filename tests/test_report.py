@@ -291,7 +291,8 @@ def test_multi_seed_study_aggregates_and_reports(tmp_path):
     assert agg["seeds"] == [0, 1]
     runs = [json.loads((d / "summary.json").read_text()) for d in dirs]
     for g in agg["cells"]:  # every replicate group of every seed counts once
-        cell = [x for r in runs for x in r["requests"] if x["kind"] == g["kind"] and x["repetitions"] == g["repetitions"]]
+        cell = [x for r in runs for x in r["requests"]
+                if x["kind"] == g["kind"] and x["repetitions"] == g["repetitions"]]
         assert g["requests"] == len(cell) == sum(g["outcomes"].values()) >= 2
         vals = [x["uq_final"] for x in cell if x.get("uq_final") is not None and np.isfinite(x["uq_final"])]
         assert g["uq_final"]["n"] == len(vals) > 0

@@ -101,7 +101,8 @@ def render(rows: pd.DataFrame, out_dir: Path) -> None:
     from matplotlib.patches import Patch
 
     rows.to_csv(out_dir / "findings_map.csv", index=False)
-    lines = ["# Findings map", "", "Each entry: the verdict, and the effect with its 95% interval at the main UQ target "
+    lines = ["# Findings map", "", "Each entry: the verdict, and the effect with its 95% interval at the main UQ "
+             "target "
              "(F1: OOD − ID steps; F2: ID − OOD log perplexity ratio; F3: Cox coefficient of memorization, < 0 means "
              "more memorized examples take longer); for F1 and F2 also the informative replicate pairs it rests on "
              "(a contrast needs at least three for a verdict). Settings in rows, where the finding is tested in "

@@ -1,7 +1,8 @@
 """The stages of a run, in order: prepare -> train -> score -> unlearn -> attack -> report. `STAGES` is the one table
 the CLI, the study runner, the stage records and the benchmarks read: each row declares, as data, what the stage
 does (`summary`, the line `unlearnbench --help` shows), what it writes in the run directory (`outputs`) and the
-config keys those outputs depend on (`sections`: its fingerprint). A stage's module (`stages/<name>.py`) holds its code, with one entry point, `run(ctx)`.
+config keys those outputs depend on (`sections`: its fingerprint). A stage's module (`stages/<name>.py`) holds its
+code, with one entry point, `run(ctx)`.
 
 A stage module is imported when its `run` is first asked for, not when the table is: the CLI can list the stages
 before the run directory's cache variables are set (matplotlib, torch and W&B read them when imported).

@@ -69,8 +69,8 @@ def kinds_of(forget_scores: pd.DataFrame, ids: list[str]) -> tuple[str, ...]:
 
 def assign(requests: list[dict], kinds: dict[str, tuple], n: int, rank: int,
            weights: dict[str, float] | None = None) -> list[dict]:
-    """The attacked requests one process runs (job-parallel: each process runs whole requests): the requests sorted by kind, cut into `n`
-    contiguous runs of near-equal total weight (`weights`: a request's cost, e.g. the tokens each of its scoring
+    """The attacked requests one process runs (job-parallel: each process runs whole requests): the requests sorted
+    by kind, cut into `n` contiguous runs of near-equal total weight (`weights`: a request's cost, e.g. the tokens each of its scoring
     passes reads; 1 each by default), so that a process meets as few kinds as possible (each kind's θ₀/θᵣ work is
     done once per process that meets it: `Baselines`). Every request goes to exactly one process."""
     order = sorted(requests, key=lambda r: (kinds[r["request"]], r["request"]))

@@ -1,6 +1,6 @@
 """Who runs a forget request and who writes what: one process alone on its own model copy (job-parallel: a job is
-one request; no collective operation, it writes the request's files itself), or one rank of a data-parallel group (DDP, DeepSpeed,
-FSDP), where the main process writes (README, "Launching with your own accelerate config")."""
+one request; no collective operation, it writes the request's files itself), or one rank of a data-parallel group
+(DDP, DeepSpeed, FSDP), where the main process writes (README, "Launching with your own accelerate config")."""
 
 from __future__ import annotations
 
