@@ -10,7 +10,7 @@ Efficiency = throughput(2) / (2 x throughput(1)). Target: >= 0.8 for scoring.
 Training (part `train`): the wall time of the train stage (between two barriers, inside the processes) on a
 freshly prepared `default` run directory, with the `default` model and batch and `train.steps=150`:
   (1) original + oracle on 2 processes: data-parallel (`train.parallel=data`, DDP) vs job-parallel
-      (`train.parallel=models`: each process trains one model alone). Target: job-parallel >= 1.5x.
+      (`train.parallel=jobs`: each process trains one model alone). Target: job-parallel >= 1.5x.
   (2) 4 shadow models only (original and oracle already trained in the run directory, so the stage skips them):
       1 process training them in turn vs 2 processes job-parallel (2 each). Target: >= 1.8x.
 Launches alternate within each round (data, models / 1, 2), and the order flips every round; the load average
@@ -153,15 +153,17 @@ def measure_training(tmp: Path, rounds: int, quick: bool) -> dict:
     common = [f"train.steps={steps}", "train.checkpoint_every=100", "train.log_every=50"]
     base = tmp / "prepared"
     prepare_run(base, preset)
+    # the result files name job-parallel `models` (the value's name before 0.2.0); the config value is `jobs`
     pair = {"data": [], "models": []}
+    value = {"data": "data", "models": "jobs"}
     shadows = {1: [], 2: []}
     shadow_base = tmp / "shadow_base"
     for r in range(rounds):
         for mode in (("data", "models") if r % 2 == 0 else ("models", "data")):
             dest = tmp / f"pair_r{r}_{mode}"
-            res = train_launch(2, base, dest, tmp / f"pair_r{r}_{mode}.json", preset, common + [f"train.parallel={mode}"],
-                               timeout=1800)
-            assert res["parallel"] == mode, res
+            res = train_launch(2, base, dest, tmp / f"pair_r{r}_{mode}.json", preset,
+                               common + [f"train.parallel={value[mode]}"], timeout=1800)
+            assert res["parallel"] == value[mode], res
             pair[mode].append(res)
             print(f"[bench_scaling] train round {r} original+oracle 2 processes {mode}: {res['train_seconds']:.1f}s, "
                   f"CPU {sum(res['cpu_seconds_per_process']):.0f}s (load {res['load_1min_before']:.1f} -> "
@@ -175,7 +177,7 @@ def measure_training(tmp: Path, rounds: int, quick: bool) -> dict:
             res = train_launch(n, shadow_base, dest, tmp / f"shadows_r{r}_n{n}.json", preset,
                                common + [f"score.shadow_models={k}"], timeout=3600)
             assert sorted(res["models"]) == [f"shadow_{j}" for j in range(k)], res["models"]  # shadows only
-            assert res["parallel"] == ("models" if n == 2 else "data"), res
+            assert res["parallel"] == ("jobs" if n == 2 else "data"), res
             shadows[n].append(res)
             print(f"[bench_scaling] train round {r} {k} shadow models, {n} process(es): {res['train_seconds']:.1f}s, "
                   f"CPU {sum(res['cpu_seconds_per_process']):.0f}s (load {res['load_1min_before']:.1f} -> "

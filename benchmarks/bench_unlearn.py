@@ -51,15 +51,15 @@ def project_loop(acc, cfg, init_state, ds, forget_rows, steps, warmup) -> dict:
     data = RequestData(all_ids, starts, ends, np.array([len(x) for x in all_ids]), list(forget_rows), [], order, 0)
     model = C.default_model(cfg.data.vocab_size)
     model.load_state_dict(init_state)
-    u = setup(cfg, Worker(acc, local=False), model, data)
+    u = setup(cfg, Worker(acc, job_parallel=False), model, data)
     tokens, step_s, t_begin, total_loss = 0, [], None, float("nan")
     for i in range(steps):
         if i == warmup:
             t_begin = time.perf_counter()
         t0 = time.perf_counter()
         res = step(u, i)
-        if res.diverged:
-            raise RuntimeError(f"diverged at step {i}: {res.diverged}")
+        if res.collapsed:
+            raise RuntimeError(f"collapsed at step {i}: {res.collapsed}")
         total_loss = res.loss
         if i >= warmup:
             tokens += res.tokens

@@ -30,9 +30,9 @@ TARGETS = ("0.5", "0.8", "0.9")
 
 def _cells(summary: dict) -> dict:
     out: dict = {}
-    for g in summary["groups"]:
+    for g in summary["requests"]:
         if not g.get("nothing_to_forget"):
-            out.setdefault(f"{g['kind']}_r{g['repetitions']}", {})[g["replicate"]] = g
+            out.setdefault(f"{g['kind']}_r{g['repetitions']}", {})[g["group"]] = g
     return out
 
 
@@ -60,14 +60,14 @@ def spread(summaries: list[dict]) -> dict:
     for f in ("F1", "F2"):
         rows = {}
         for s in summaries:
-            for c in s["findings"][f]["cells"]:
+            for c in s["findings"][f]["contrasts"]:
                 b = c["by_target"][c["main"]]
                 rows.setdefault(f"r{c['repetitions']} {c['ood_kind']}", []).append(
                     {k: b[k] for k in ("mean", "lo", "hi", "n_informative")} | {"verdict": c["verdict"]})
         covered = [all(x["lo"] <= y["mean"] <= x["hi"] for x in v for y in v)
                    for v in rows.values() if all(x["lo"] is not None and x["mean"] is not None for x in v)]
-        findings[f] = {"cells": rows, "verdicts": [s["findings"][f]["verdict"] for s in summaries],
-                       "cells_with_intervals_covering_each_other": f"{sum(covered)} of {len(covered)}"}
+        findings[f] = {"contrasts": rows, "verdicts": [s["findings"][f]["verdict"] for s in summaries],
+                       "contrasts_with_intervals_covering_each_other": f"{sum(covered)} of {len(covered)}"}
     findings["F3"] = {"verdicts": [s["findings"]["F3"]["verdict"] for s in summaries]}
     return {"seeds": [s.get("seed") for s in summaries], "log1p_steps": steps, "log1p_steps_mean": mean_of(steps),
             "log1p_utility_drop": utility, "log1p_utility_drop_mean": mean_of(utility) if utility else None,
@@ -90,7 +90,8 @@ def main() -> None:
     m = body["log1p_steps_mean"]
     print(f"mean over cells: group var {m['within_seed_group_var']:.3f}, seed var {m['between_seed_var']:.3f}")
     for f in ("F1", "F2", "F3"):
-        print(f, body["findings"][f]["verdicts"], body["findings"][f].get("cells_with_intervals_covering_each_other", ""))
+        print(f, body["findings"][f]["verdicts"],
+              body["findings"][f].get("contrasts_with_intervals_covering_each_other", ""))
     body["inputs"] = [C.portable_path(p) for p in args.summaries]
     print("wrote", C.write_result("replicate_spread", body, False, args.out_dir))
 

@@ -36,9 +36,9 @@ def test_relearning_on_the_forget_examples_brings_exposure_back(smoke_study):
     ex = load_examples(run / "data")
     columns = ex.select_columns(["example_id", "input_ids", "score_start", "score_end", "split", "text"]).to_dict()
     meta = eval_subset(ex).select_columns(["example_id", "kind", "split"]).to_pandas()
-    table = pd.read_parquet(run / "scores/examples.parquet")
-    ids = list(pd.read_parquet(run / "unlearn" / name / "examples.parquet").example_id)
-    sets = request_sets(cfg, ids, columns, meta, table)
+    forget_scores = pd.read_parquet(run / "scores/forget.parquet")
+    ids = list(pd.read_parquet(run / "unlearn" / name / "forgetting.parquet").example_id)
+    sets = request_sets(cfg, ids, columns, meta, forget_scores)
     assert sorted(sets.seen + sets.held_out) == sorted(ids) and not set(sets.seen) & set(sets.held_out)
     from unlearnbench.attacks import relearning_curve
 
@@ -86,7 +86,7 @@ def test_attack_stage_outputs_and_f4(smoke_study):
         assert set(curve.variant) == {"retain", "forget_fraction"} and set(curve.start) == {"unlearned", "oracle"}
     f4 = json.loads((run / "summary.json").read_text())["attacks"]["findings"]["F4"]
     assert f4["verdict"] in ("reproduced", "partly reproduced", "not reproduced", "reversed", "inconclusive")
-    assert f4["of"] == len(f4["cells"])
+    assert f4["of"] == len(f4["contrasts"])
     md = (run / "report" / "report.md").read_text()
     assert "## Does forgetting last?" in md and f"**F4: {f4['verdict']}**" in md
 
@@ -117,8 +117,9 @@ def test_attack_stage_writes_nothing_outside_attacks(smoke_study, tmp_path):
 
 
 def test_attack_columns_in_summary_json_and_curves_in_metrics_jsonl(smoke_study):
-    """The report stage's summary.json gives the attacked groups the attack columns and an `attacks` block with F4;
-    metrics.jsonl holds each relearning curve on its own step axis, whose last recovered share is the result's."""
+    """The report stage's summary.json gives the attacked requests' rows the attack columns and an `attacks` block
+    with F4; metrics.jsonl holds each relearning curve on its own step axis, whose last recovered share is the
+    result's."""
     cfg, run = smoke_study
     attack_summary = json.loads((run / "attacks" / "summary.json").read_text())
     results = {r["request"]: r for r in attack_summary["requests"]}
@@ -127,7 +128,7 @@ def test_attack_columns_in_summary_json_and_curves_in_metrics_jsonl(smoke_study)
     assert summary["attacks"]["requests"] == sorted(results)
     assert summary["attacks"]["relearn_steps"] == cfg.attack.relearn_steps
     assert summary["attacks"]["selection"] == attack_summary["selection"] == cfg.attack.requests
-    for g in summary["groups"]:
+    for g in summary["requests"]:
         assert g["attacked"] == (g["request"] in results)
         if not g["attacked"]:
             assert not [k for k in g if k.startswith("attack_")]
@@ -156,7 +157,7 @@ def test_attack_columns_in_summary_json_and_curves_in_metrics_jsonl(smoke_study)
 
 
 def test_assign_keeps_kinds_together_and_covers_every_request_once():
-    """Request-parallel attacks: contiguous runs of the kind-sorted requests, near-equal in length, so a process
+    """Job-parallel attacks: contiguous runs of the kind-sorted requests, near-equal in length, so a process
     meets few kinds (each kind's θ₀/θᵣ work is done once per process that meets it)."""
     from unlearnbench.stages.attack import assign
 
@@ -204,15 +205,15 @@ def test_shared_baselines_match_a_per_request_computation(smoke_study, tmp_path)
     ex = load_examples(run / "data")
     columns = ex.select_columns(["example_id", "input_ids", "score_start", "score_end", "split", "text"]).to_dict()
     meta = eval_subset(ex).select_columns(["example_id", "kind", "split"]).to_pandas()
-    table = pd.read_parquet(run / "scores/examples.parquet")
-    ids = list(pd.read_parquet(run / "unlearn" / r["request"] / "examples.parquet").example_id)
-    kinds = kinds_of(table, ids)
-    others = list(table[(table.kind == r["kind"]) & ~table.example_id.isin(ids)].example_id)
+    forget_scores = pd.read_parquet(run / "scores/forget.parquet")
+    ids = list(pd.read_parquet(run / "unlearn" / r["request"] / "forgetting.parquet").example_id)
+    kinds = kinds_of(forget_scores, ids)
+    others = list(forget_scores[(forget_scores.kind == r["kind"]) & ~forget_scores.example_id.isin(ids)].example_id)
     assert others, "another group of the same kind makes the union larger than the request"
-    sets = request_sets(cfg, ids, columns, meta, table)
+    sets = request_sets(cfg, ids, columns, meta, forget_scores)
     acc, tok = make_accelerator(), load_tokenizer(run / "data")
     pad = tok.pad_token_id or 0
-    res = Attacker(Context(cfg=cfg, run_dir=run, acc=acc), columns, meta, table, tok,
+    res = Attacker(Context(cfg=cfg, run_dir=run, acc=acc), columns, meta, forget_scores, tok,
                    {kinds: others[:8] + ids + others[8:]}).request(r, sets, kinds)
     oracle, original = load_trained(run, "oracle"), load_trained(run, "original")
 

@@ -32,7 +32,7 @@ BACKENDS = {  # name: (accelerate config, distributed type and ZeRO stage printe
     "zero3": ("cpu_deepspeed_zero3.yaml", "type=DEEPSPEED backend=gloo zero_stage=3"),
 }
 # Short enough for CI; train.parallel=data and unlearn.parallel=data so that DDP trains both models and runs the
-# requests data-parallel (the all-reduce paths under test) rather than job- or request-parallel, which never
+# requests data-parallel (the all-reduce paths under test) rather than job-parallel, which never
 # communicate (the default `auto` picks those with 2 models or 2+ requests on 2 processes).
 OVERRIDES = ["train.steps=30", "unlearn.max_steps=4", "unlearn.request_kinds=[canary]", "train.parallel=data",
              "unlearn.parallel=data"]

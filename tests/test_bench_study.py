@@ -19,9 +19,9 @@ def _result(run, name, **values):
 
 def test_per_request_totals_sum_by_kind_and_repetitions(tmp_path):
     _result(tmp_path, "id_r4_g0", steps_run=10, wall_seconds=20.0, eval_seconds=15.0, flops=1e12,
-            device_seconds=40.0, peak_memory_mib=900.0, status="unlearned")
+            device_seconds=40.0, peak_memory_mib=900.0, status="target")
     _result(tmp_path, "id_r4_g1", steps_run=30, wall_seconds=40.0, eval_seconds=25.0, flops=3e12,
-            device_seconds=80.0, peak_memory_mib=1000.0, status="diverged")
+            device_seconds=80.0, peak_memory_mib=1000.0, status="collapsed")
     _result(tmp_path, "canary_r16_g0", steps_run=0, wall_seconds=1.0, eval_seconds=1.0, flops=1e10,
             device_seconds=2.0, peak_memory_mib=500.0, status="nothing_to_forget")
     out = bench_study.per_request_totals(tmp_path)

@@ -50,6 +50,17 @@ def test_bad_values_name_the_key(override, words):
         assert w in str(err.value)
 
 
+@pytest.mark.parametrize("key, old", [("train.parallel", "models"), ("unlearn.parallel", "requests")])
+def test_a_renamed_parallel_value_is_refused_naming_the_new_one(key, old):
+    """0.2.0 renamed the job-parallel value of both keys to `jobs`: the old one is refused in one paragraph that
+    names the new value and the changelog; the new one loads."""
+    with pytest.raises(UserError) as err:
+        load_config("smoke", None, [f"{key}={old}"])
+    msg = str(err.value)
+    assert f"{key}={old}" in msg and f"Set {key}=jobs" in msg and "Changelog" in msg and "\n" not in msg
+    assert getattr(load_config("smoke", None, [f"{key}=jobs"]), key.split(".")[0]).parallel == "jobs"
+
+
 def test_every_list_key_has_its_item_type_checked():
     from unlearnbench.config import list_items
 

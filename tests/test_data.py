@@ -154,4 +154,4 @@ def test_replicate_groups_are_disjoint_and_trained_as_often_as_their_repetitions
     assert not set(rows[e] for e in forget.example_id) & set(mixture(ds, "oracle"))
     reqs = build_requests(cfg, forget)
     assert len(reqs) == 27 and {r.name for r in reqs} >= {"canary_r4_g0", "domain_r16_g2"}
-    assert all(len(r.example_ids) == 4 and r.replicate in (0, 1, 2) for r in reqs)
+    assert all(len(r.example_ids) == 4 and r.group in (0, 1, 2) for r in reqs)

@@ -18,7 +18,7 @@ from conftest import smoke_config
 
 @pytest.fixture(scope="module")
 def study(smoke_study):
-    """The smoke study's inputs to an evaluator, loaded once: data, forget table, stored scores, models."""
+    """The smoke study's inputs to an evaluator, loaded once: data, forget scores, stored scores, models."""
     from unlearnbench.data.build import load_examples
     from unlearnbench.distributed import make_accelerator
     from unlearnbench.evaluation import eval_subset
@@ -28,14 +28,14 @@ def study(smoke_study):
     subset = eval_subset(load_examples(run / "data"))
     return {"run": run, "subset": subset, "acc": make_accelerator(),
             "meta": subset.select_columns(["example_id", "kind", "repetitions", "split"]).to_pandas(),
-            "table": pd.read_parquet(run / "scores/examples.parquet"),
+            "forget_scores": pd.read_parquet(run / "scores/forget.parquet"),
             "original": pd.read_parquet(run / "scores/original.parquet").set_index("example_id"),
             "oracle": pd.read_parquet(run / "scores/oracle.parquet").set_index("example_id"),
             "theta0": load_trained(run, "original", "float32"), "theta_r": load_trained(run, "oracle", "float32")}
 
 
 def _ids(study, kind="canary", reps=16) -> list[str]:
-    t = study["table"]
+    t = study["forget_scores"]
     return sorted(t[(t.kind == kind) & (t.repetitions == reps)].example_id)
 
 
@@ -43,7 +43,8 @@ def _evaluator(study, ids, *overrides):
     from unlearnbench.evaluation import RequestEvaluator
 
     cfg = smoke_config(study["run"], *overrides)
-    return RequestEvaluator(study["acc"], cfg, ids, study["subset"], study["meta"], study["table"], 0, True), cfg
+    return (RequestEvaluator(study["acc"], cfg, ids, study["subset"], study["meta"], study["forget_scores"], 0, True),
+            cfg)
 
 
 def _ppl(scores: pd.DataFrame, ids) -> float:
@@ -57,7 +58,7 @@ SAMPLED = ("unlearn.eval_references=64", "unlearn.eval_utility=40")
 def test_e0_and_er_are_the_score_stage_exposures(study):
     ids = _ids(study)
     ev, _ = _evaluator(study, ids, *SAMPLED)
-    t = study["table"].set_index("example_id").loc[ids]
+    t = study["forget_scores"].set_index("example_id").loc[ids]
     assert ev.sampled
     np.testing.assert_array_equal(ev.e_0, t.exposure_extrapolated_original.to_numpy())
     np.testing.assert_array_equal(ev.e_r, t.exposure_extrapolated_oracle.to_numpy())
@@ -72,7 +73,7 @@ def test_step_zero_on_theta0_is_the_score_stage_uq_0_and_no_utility_drop(study):
     ids = _ids(study)
     ev, _ = _evaluator(study, ids, *SAMPLED)
     row, traj = ev.evaluate(study["theta0"], 0)
-    t = study["table"].set_index("example_id").loc[ids]
+    t = study["forget_scores"].set_index("example_id").loc[ids]
     assert row["gap"] >= 1.0  # canary_r16 has something to forget, so UQ₀ = 0 is not the floor's doing
     assert row["uq"] == 0.0 and row["utility_drop"] == 0.0
     assert list(traj.example_id) == ids and (traj.step == 0).all()
@@ -96,7 +97,7 @@ def test_step_zero_measures_a_model_that_is_not_theta0(study):
     ev, _ = _evaluator(study, ids, *SAMPLED)
     assert ev.is_theta0(study["theta0"]) and not ev.is_theta0(study["theta_r"])
     row, traj = ev.evaluate(study["theta_r"], 0)
-    t = study["table"].set_index("example_id").loc[ids]
+    t = study["forget_scores"].set_index("example_id").loc[ids]
     np.testing.assert_allclose(traj.exposure.to_numpy(), t.exposure_extrapolated_oracle.to_numpy(), rtol=1e-5)
     assert row["uq"] == pytest.approx(1.0, abs=1e-5)
     sample = ev.meta[(ev.meta.split == "holdout") & (ev.meta.kind == "id")].example_id
@@ -155,7 +156,7 @@ def test_full_check_matches_the_score_stage(study):
     ids = _ids(study)
     ev, cfg = _evaluator(study, ids, *SAMPLED)
     full = ev.evaluate_full(study["theta_r"])
-    t = study["table"].set_index("example_id").loc[ids]
+    t = study["forget_scores"].set_index("example_id").loc[ids]
     uq = metrics.unlearning_quality(t.exposure_extrapolated_oracle, t.exposure_extrapolated_original,
                                     t.exposure_extrapolated_oracle, cfg.metrics.uq_min_gap_bits).uq
     assert uq == 1.0 and full["uq_final_all"] == pytest.approx(uq, abs=1e-5)
@@ -266,14 +267,14 @@ def test_state_dict_round_trip_gives_the_same_next_evaluation(study):
 def test_state_dict_carries_the_measured_theta0_numbers(study):
     """Without the score stage's θ₀ exposures step 0 measures e₀ and ppl₀: the state carries them, and a restored
     evaluator's next evaluation is the original's."""
-    table = study["table"].drop(columns=[c for c in study["table"] if c.endswith("_original")])
+    no_theta0 = study["forget_scores"].drop(columns=[c for c in study["forget_scores"] if c.endswith("_original")])
     ids = _ids(study)
     cfg = smoke_config(study["run"], *SAMPLED)
 
     def make():
         from unlearnbench.evaluation import RequestEvaluator
 
-        return RequestEvaluator(study["acc"], cfg, ids, study["subset"], study["meta"], table, 0, True)
+        return RequestEvaluator(study["acc"], cfg, ids, study["subset"], study["meta"], no_theta0, 0, True)
 
     ev = make()
     assert ev.e_0 is None and ev.ppl_0 is None

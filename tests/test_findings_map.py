@@ -10,38 +10,39 @@ from conftest import cli, smoke_config
 
 
 def test_findings_map_reuses_the_models_and_tabulates_every_setting(smoke_study, tmp_path):
-    from unlearnbench.findings_map import cell_configs, run_map
+    from unlearnbench.findings_map import run_map, setting_configs
     from unlearnbench.study import run_study
 
     run = tmp_path / "run"
     shutil.copytree(smoke_study[1], run, symlinks=True)
     cfg = smoke_config(run, "unlearn.max_steps=4", "unlearn.request_kinds=[id,canary]")
     out = run_map(cfg, {"lr": [1e-3], "method": ["ga", "npo"], "exposure": ["rank"]})
-    cells = ["lr0.001_ga_rank", "lr0.001_npo_rank"]
-    for c in cells:
+    settings = ["lr0.001_ga_rank", "lr0.001_npo_rank"]
+    for c in settings:
         assert (out / c / "models").is_symlink() and (out / c / "unlearn" / "summary.json").exists()
         assert not (out / c / "checkpoints").exists()  # nothing was trained again
-        assert not (out / c / "summary.json").exists()  # a cell's findings are decided for the map, no report
+        assert not (out / c / "summary.json").exists()  # a setting's findings are decided for the map, no report
     rows = pd.read_csv(out / "findings_map.csv")
-    assert sorted(rows.cell.unique()) == cells
+    assert sorted(rows.setting.unique()) == settings
     assert set(rows.finding) == {"F1", "F2", "F3"} and set(rows.exposure) == {"rank"}
-    # the map decides a cell's findings as the report stage would: run the cell's report and compare
-    cell_cfg = dict(cell_configs(cfg, {"lr": [1e-3], "method": ["npo"], "exposure": ["rank"]}))["lr0.001_npo_rank"]
-    run_study(cell_cfg, "report")
+    # the map decides a setting's findings as the report stage would: run the setting's report and compare
+    setting_cfg = dict(setting_configs(cfg, {"lr": [1e-3], "method": ["npo"], "exposure": ["rank"]})
+                       )["lr0.001_npo_rank"]
+    run_study(setting_cfg, "report")
     summary = json.loads((out / "lr0.001_npo_rank" / "summary.json").read_text())
     for key, f in summary["findings"].items():
-        assert rows[(rows.cell == "lr0.001_npo_rank") & (rows.finding == key) & (rows["where"] == "overall")
+        assert rows[(rows.setting == "lr0.001_npo_rank") & (rows.finding == key) & (rows["where"] == "overall")
                     ].verdict.item() == f["verdict"]
     f1 = summary["findings"]["F1"]
-    cell_rows = rows[(rows.cell == "lr0.001_npo_rank") & (rows.finding == "F1") & (rows["where"] != "overall")]
-    assert len(cell_rows) == len(f1["cells"]) > 0
-    for c in f1["cells"]:  # the pairs each cell's interval rests on, as the summary counts them
+    contrast_rows = rows[(rows.setting == "lr0.001_npo_rank") & (rows.finding == "F1") & (rows["where"] != "overall")]
+    assert len(contrast_rows) == len(f1["contrasts"]) > 0
+    for c in f1["contrasts"]:  # the pairs each contrast's interval rests on, as the summary counts them
         e = c["by_target"][c["main"]]
-        r = cell_rows[cell_rows["where"] == f"r{c['repetitions']} {c['ood_kind']}"].iloc[0]
+        r = contrast_rows[contrast_rows["where"] == f"r{c['repetitions']} {c['ood_kind']}"].iloc[0]
         assert (r.n_informative, r.n_pairs) == (e["n_informative"], e["n_pairs"])
         assert r.verdict == c["verdict"] and (pd.isna(r["mean"]) if e["mean"] is None else r["mean"] == pytest.approx(e["mean"]))
     for c in summary["findings"]["F3"]["kinds"]:
-        r = rows[(rows.cell == "lr0.001_npo_rank") & (rows.finding == "F3") & (rows["where"] == c["kind"])].iloc[0]
+        r = rows[(rows.setting == "lr0.001_npo_rank") & (rows.finding == "F3") & (rows["where"] == c["kind"])].iloc[0]
         assert r.verdict == c["verdict"] and r["mean"] == pytest.approx(c["cox"]["memorization"]["coef"])
     md = (out / "findings_map.md").read_text()
     for _, r in rows[rows.n_pairs.notna() & rows.lo.notna() & rows.hi.notna()].iterrows():

@@ -65,7 +65,7 @@ def test_killed_score_resumes_identically(smoke_study, tmp_path):
     assert not (run / "stages" / "score.json").exists()
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
-    for name in ("original.parquet", "oracle.parquet", "examples.parquet"):
+    for name in ("original.parquet", "oracle.parquet", "forget.parquet"):
         pd.testing.assert_frame_equal(pd.read_parquet(ref / "scores" / name), pd.read_parquet(run / "scores" / name),
                                       check_exact=False, rtol=1e-6)
 
@@ -79,7 +79,7 @@ _TIMING = {"eval_seconds", "elapsed_seconds", "tokens_per_s", "wall_seconds", "d
 
 def _same_request(ref, run, name):
     """A request's files in `run` equal the reference's, to the bit (wall-clock numbers aside)."""
-    for f in ("trajectory.parquet", "curve.parquet", "examples.parquet"):
+    for f in ("trajectory.parquet", "curve.parquet", "forgetting.parquet"):
         a, b = pd.read_parquet(ref / "unlearn" / name / f), pd.read_parquet(run / "unlearn" / name / f)
         pd.testing.assert_frame_equal(a.drop(columns=[c for c in a if c in _TIMING]),
                                       b.drop(columns=[c for c in b if c in _TIMING]), check_exact=True)
@@ -157,7 +157,7 @@ def test_sigterm_in_unlearn_checkpoints_and_resumes_identically(smoke_study, tmp
     old = run / "unlearn" / "canary_r16" / "checkpoint" / "step_0000001"
     shutil.copytree(run / "unlearn" / "canary_r4" / "checkpoint" / "step_0000001", old)
     loop = json.loads((old / "loop.json").read_text())
-    assert loop.pop("format") == 2 and loop["evaluator"]["last"] == "theta0"
+    assert loop.pop("format") == 3 and loop["evaluator"]["last"] == "theta0"
     (old / "loop.json").write_text(json.dumps(loop))
     integrity.mark_complete(old, 1)
 
@@ -169,7 +169,7 @@ def test_sigterm_in_unlearn_checkpoints_and_resumes_identically(smoke_study, tmp
     assert f"[unlearn] {first}: its result was computed for another config; recomputing it" in out
     assert "canary_r4/checkpoint/step_0000001: it was written for another config; this request starts again" in out
     assert ("canary_r16/checkpoint/step_0000001: it was written by an older unlearnbench (checkpoint format 1; this "
-            "version reads format 2); this request starts again from θ₀ and the checkpoint is removed (a request "
+            "version reads format 3); this request starts again from θ₀ and the checkpoint is removed (a request "
             "checkpoint is only a resume aid)") in out
     assert not (run / "unlearn" / "canary_r16" / "checkpoint").exists()
     assert "resuming at step" not in out and not (run / "unlearn" / "canary_r4" / "checkpoint").exists()
@@ -202,7 +202,7 @@ def _interrupted_lines(err, stage):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", ["models", "data"])
+@pytest.mark.parametrize("parallel", ["jobs", "data"])
 def test_sigterm_during_train_on_two_processes(smoke_study, tmp_path, parallel):
     """SIGTERM to `accelerate launch` (forwarded to both workers) during training: each model stops after an
     optimizer step with a checkpoint (data-parallel: both ranks at the same step), the lock goes; the same command
@@ -233,7 +233,7 @@ def test_sigterm_during_train_on_two_processes(smoke_study, tmp_path, parallel):
 
 @pytest.mark.slow
 def test_sigterm_during_unlearn_on_two_processes(smoke_study, tmp_path):
-    """SIGTERM to the launcher during request-parallel unlearning: each process checkpoints the request it is in,
+    """SIGTERM to the launcher during job-parallel unlearning: each process checkpoints the request it is in,
     writes no result for it, exits; the same command resumes both and every request matches an uninterrupted run
     of that command. (Launched, like it: one thread per process. Scores depend on the thread count at float
     rounding, ~1e-6 nats on an example's NLL sum, so the in-process fixture, with the machine's threads, is no

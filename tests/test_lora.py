@@ -33,8 +33,8 @@ def _request(run, cfg, kind="canary", reps=16):
 
     ex = load_examples(run / "data")
     columns = ex.select_columns(["example_id", "input_ids", "score_start", "score_end", "split"]).to_dict()
-    table = pd.read_parquet(run / "scores/examples.parquet")
-    ids = sorted(table[(table.kind == kind) & (table.repetitions == reps)].example_id)
+    forget_scores = pd.read_parquet(run / "scores/forget.parquet")
+    ids = sorted(forget_scores[(forget_scores.kind == kind) & (forget_scores.repetitions == reps)].example_id)
     return RequestData.build(cfg, Request("r", ids, kind, reps), columns, 0), ids, ex
 
 
@@ -125,7 +125,7 @@ def test_lora_ga_trains_only_the_adapters_and_lowers_the_forget_likelihood(smoke
     before = _forget_loglik(u.model, data)
     for i in range(5):
         res = step(u, i)
-        assert res.diverged is None
+        assert res.collapsed is None
         grads = [n for n, p in u.model.named_parameters() if p.grad is not None]
         assert all(_is_adapter(n) for n in grads)  # zeroed after the step; nothing else ever had one
     after = _forget_loglik(u.model, data)
@@ -267,8 +267,8 @@ def test_lora_unlearn_stage_saves_a_merged_model_and_records_the_saving(smoke_st
 
     run = tmp_path / "run"
     shutil.copytree(src, run)
-    table = pd.read_parquet(run / "scores/examples.parquet")
-    ids = sorted(table[(table.kind == "canary") & (table.repetitions == 16)].example_id)
+    forget_scores = pd.read_parquet(run / "scores/forget.parquet")
+    ids = sorted(forget_scores[(forget_scores.kind == "canary") & (forget_scores.repetitions == 16)].example_id)
     cfg = smoke_config(run, *LORA, "unlearn.requests=ids", f"unlearn.example_ids=[{','.join(ids)}]",
                        "unlearn.max_steps=3", "unlearn.save_model=true", "unlearn.stop_on_target=false")
     run_study(cfg, "unlearn", force=True)
@@ -292,7 +292,8 @@ def test_lora_unlearn_stage_saves_a_merged_model_and_records_the_saving(smoke_st
     scores, _ = score_pass(make_accelerator(), model, ex.select(rows), batch_size=64, local=True)
     scores = scores.set_index("example_id").loc[ids]
     np.testing.assert_allclose(scores.nll.to_numpy(), last.nll.to_numpy(), atol=1e-5, rtol=0)
-    assert (last.nll.to_numpy() > table.set_index("example_id").loc[ids, "nll_original"].to_numpy()).mean() > 0.9
+    theta0_nll = forget_scores.set_index("example_id").loc[ids, "nll_original"].to_numpy()
+    assert (last.nll.to_numpy() > theta0_nll).mean() > 0.9
 
 
 # ---------------------------------------------------------------------------------------------------------------

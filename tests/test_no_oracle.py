@@ -49,14 +49,14 @@ def test_no_oracle_trains_no_oracle_and_takes_e_r_from_references(no_oracle_run)
     assert not (run / "models" / "oracle").exists()
     assert not (run / "scores" / "oracle.parquet").exists()
     theta0 = pd.read_parquet(run / "scores" / "original.parquet")
-    table = pd.read_parquet(run / "scores" / "examples.parquet")
-    assert set(table.e_r_source) == {"held_out_references"}
-    assert table.nll_oracle.isna().all() and table.memorization.isna().all() and table.difficulty.isna().all()
+    forget_scores = pd.read_parquet(run / "scores" / "forget.parquet")
+    assert set(forget_scores.e_r_source) == {"held_out_references"}
+    assert forget_scores[["nll_oracle", "memorization", "difficulty"]].isna().all().all()
     for kind in ("id", "canary", "domain"):
         refs = theta0[(theta0.kind == kind) & (theta0.split == "reference")]["nll"].to_numpy()  # metrics.loss = nll
         assert len(refs) == 60
         rank, ext = loo_by_hand(refs)
-        rows = table[table.kind == kind]
+        rows = forget_scores[forget_scores.kind == kind]
         np.testing.assert_allclose(rows.exposure_rank_oracle, rank, rtol=1e-9)
         np.testing.assert_allclose(rows.exposure_extrapolated_oracle, ext, rtol=1e-6)
         np.testing.assert_allclose(rows.exposure_oracle, ext, rtol=1e-6)  # metrics.exposure = extrapolated
@@ -65,8 +65,8 @@ def test_no_oracle_trains_no_oracle_and_takes_e_r_from_references(no_oracle_run)
         # gap clears the floor (the request's e_0 is θ₀'s, as with an oracle)
         for reps in (16,):
             curve = pd.read_parquet(run / "unlearn" / f"{kind}_r{reps}" / "curve.parquet")
-            per = pd.read_parquet(run / "unlearn" / f"{kind}_r{reps}" / "examples.parquet")
-            np.testing.assert_allclose(per.exposure_oracle, ext, rtol=1e-6)
+            forgetting = pd.read_parquet(run / "unlearn" / f"{kind}_r{reps}" / "forgetting.parquet")
+            np.testing.assert_allclose(forgetting.exposure_oracle, ext, rtol=1e-6)
             np.testing.assert_allclose(curve.exposure_oracle_mean, ext, rtol=1e-6)
             first = curve.iloc[0]
             assert first.step == 0

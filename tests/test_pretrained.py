@@ -148,8 +148,8 @@ def test_pretrained_model_end_to_end(arch, tmp_path):
         diffs = [float((before[k] - after[k]).abs().max()) for k in before if k in after]
         assert diffs and 0 < max(diffs) < 0.5  # fine-tuned from the pretrained weights, not from scratch
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["e_r_source"] == "oracle" and len(summary["groups"]) == 6
-    assert all(g["exposure_oracle_mean"] is not None for g in summary["groups"])
+    assert summary["e_r_source"] == "oracle" and len(summary["requests"]) == 6
+    assert all(g["exposure_oracle_mean"] is not None for g in summary["requests"])
     assert (run / "report" / "report.md").exists()
     assert "e_r source: the oracle" in (run / "report" / "report.md").read_text()
 

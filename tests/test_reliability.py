@@ -391,7 +391,7 @@ def _flip(p: Path) -> None:
 
 KINDS = [  # (file, the stage that wrote it, a later stage that reads it)
     ("models/original/model.safetensors", "train", "score"),
-    ("scores/examples.parquet", "score", "unlearn"),
+    ("scores/forget.parquet", "score", "unlearn"),
     ("data/examples/*.arrow", "prepare", "train"),
     ("scores/utility.json", "score", "unlearn"),
 ]
@@ -488,8 +488,8 @@ def test_verify_input_checks_another_stage_s_output_before_it_is_read(smoke_stud
 
     run = tmp_path / "run"
     shutil.copytree(smoke_study[1], run)
-    verify_input(run / "scores" / "examples.parquet")
-    assert len(read_parquet(run / "scores" / "examples.parquet")) > 0
+    verify_input(run / "scores" / "forget.parquet")
+    assert len(read_parquet(run / "scores" / "forget.parquet")) > 0
     verify_input(run / "scores")  # a directory: every recorded file under it
     verify_input(tmp_path / "run" / "summary.json")
     _truncate(run / "summary.json")

@@ -55,7 +55,7 @@ def test_report_renders_every_figure_and_references_it(smoke_study, tmp_path, mo
     assert all(p.exists() for p in trk.images.values())
 
     summary = json.loads((run / "summary.json").read_text())
-    for g in summary["groups"]:
+    for g in summary["requests"]:
         assert f"| {g['kind']} | {g['repetitions']} | 1 | {g['n_examples']} |" in md
     for key, f in summary["findings"].items():
         assert f"**{key}: {f['verdict']}** ({f['holds']} of {f['of']}" in md
@@ -63,7 +63,7 @@ def test_report_renders_every_figure_and_references_it(smoke_study, tmp_path, mo
     for c in summary["findings"]["F3"]["kinds"]:
         hr = c["cox"]["memorization"]["hr"]
         assert f"- {c['kind']}: **{c['verdict']}**; hazard ratio of forgetting per SD of memorization {hr:.3g}" in md
-    for c in summary["findings"]["F1"]["cells"]:
+    for c in summary["findings"]["F1"]["contrasts"]:
         assert f"| {c['repetitions']} | {c['ood_kind']} | {c['replicates']} | **{c['verdict']}** |" in md
     f4 = summary["attacks"]["findings"]["F4"]
     assert f"**F4: {f4['verdict']}**" in md and trk.summaries["findings/F4/verdict"] == f4["verdict"]
@@ -87,9 +87,9 @@ def test_the_merged_summary_is_the_report_stages_own(smoke_study, tmp_path):
     attacked = {r["request"]: r for r in attacks["requests"]}
     assert attacked and {x["request"] for x in attacks["skipped"]} | set(attacked) == {
         g["request"] for g in unlearn["requests"] if g["repetitions"] == 16}  # the smoke preset: max_repetitions
-    assert [{k: v for k, v in g.items() if k != "attacked" and not k.startswith("attack_")} for g in summary["groups"]
+    assert [{k: v for k, v in g.items() if k != "attacked" and not k.startswith("attack_")} for g in summary["requests"]
             ] == unlearn["requests"]
-    for g in summary["groups"]:
+    for g in summary["requests"]:
         assert g["attacked"] == (g["request"] in attacked)
         if g["attacked"]:
             r = attacked[g["request"]]
@@ -122,12 +122,12 @@ def test_report_force_redecides_every_finding_from_the_stored_results(smoke_stud
         o["outcome"] = "collapsed"
     res_path.write_text(json.dumps(res))
     # canary's memorization negated: the Cox coefficient of memorization changes sign, F3 for canary reverses
-    canary = [g["request"] for g in before["groups"] if g["kind"] == "canary"]
+    canary = [g["request"] for g in before["requests"] if g["kind"] == "canary"]
     for name in canary:
-        p = run / "unlearn" / name / "examples.parquet"
+        p = run / "unlearn" / name / "forgetting.parquet"
         df = pd.read_parquet(p)
         df.assign(memorization=-df.memorization).to_parquet(p, index=False)
-    for rel in ["unlearn/id_r16/result.json"] + [f"unlearn/{n}/examples.parquet" for n in canary]:
+    for rel in ["unlearn/id_r16/result.json"] + [f"unlearn/{n}/forgetting.parquet" for n in canary]:
         amend_record(run, "unlearn", rel)  # a deliberate change, not damage
     unlearn_record = (run / "stages" / "unlearn.json").read_text()
     curve_mtime = os.stat(run / "unlearn" / "id_r16" / "curve.parquet").st_mtime_ns
@@ -137,12 +137,12 @@ def test_report_force_redecides_every_finding_from_the_stored_results(smoke_stud
     assert (run / "stages" / "unlearn.json").read_text() == unlearn_record  # unlearn did not run again
     assert os.stat(run / "unlearn" / "id_r16" / "curve.parquet").st_mtime_ns == curve_mtime
     assert json.loads(res_path.read_text())["outcome"] == "collapsed"
-    row = next(g for g in after["groups"] if g["request"] == "id_r16")
+    row = next(g for g in after["requests"] if g["request"] == "id_r16")
     assert row["outcome"] == "collapsed" and all(row[f"step_uq_{t}"] is None for t in res["outcomes"])
     assert after["outcomes"]["collapsed"] == before["outcomes"].get("collapsed", 0) + 1
     assert after["outcomes"]["unlearned"] == before["outcomes"]["unlearned"] - 1
     for key in ("F1", "F2"):
-        for c_before, c_after in zip(before["findings"][key]["cells"], after["findings"][key]["cells"]):
+        for c_before, c_after in zip(before["findings"][key]["contrasts"], after["findings"][key]["contrasts"]):
             e_b, e_a = (c["by_target"][c["main"]] for c in (c_before, c_after))
             if c_after["repetitions"] == 16 and e_b["n_informative"]:
                 assert e_a["n_informative"] == 0  # the collapsed ID side leaves the pair without evidence
@@ -156,32 +156,44 @@ def test_report_force_redecides_every_finding_from_the_stored_results(smoke_stud
     assert {k: f3a[k]["verdict"] for k in ("id", "domain")} == {k: f3b[k]["verdict"] for k in ("id", "domain")}
     assert after["findings"]["F3"]["verdict"] == "partly reproduced"
     # the attack stage ran on the unlearn results before the change: its results no longer count in the merged view
-    assert "attacks" in before and "attacks" not in after and not any("attacked" in g for g in after["groups"])
+    assert "attacks" in before and "attacks" not in after and not any("attacked" in g for g in after["requests"])
     assert "**F3: partly reproduced**" in (run / "report" / "report.md").read_text()
 
 
-def test_a_run_directory_of_the_old_layout_is_refused_with_what_to_rerun(smoke_study, tmp_path):
-    """Before the report stage owned summary.json the unlearn stage wrote it (its record listed it) and there was
-    no unlearn/summary.json: the attack and report stages refuse such a directory, destroying nothing."""
-    from unlearnbench import integrity
+def test_a_run_directory_of_an_older_layout_is_refused_with_what_to_rerun(smoke_study, tmp_path):
+    """Every stage record carries the run directory's layout (2 since 0.2.0, whose names differ). A directory whose
+    records lack it was written by an older unlearnbench: every command that would read it refuses it in one
+    paragraph (what changed, the changelog, `run --force` or a new run.dir), never a KeyError, removing nothing; a
+    forced stage is recomputed and its new record carries the layout."""
+    from unlearnbench.records import LAYOUT
     from unlearnbench.study import run_study
 
+    assert LAYOUT == 2
     run = tmp_path / "run"
     shutil.copytree(smoke_study[1], run)
-    (run / "unlearn" / "summary.json").unlink()
-    rec = json.loads((run / "stages" / "unlearn.json").read_text())
-    del rec["files"]["unlearn/summary.json"]
-    rec["files"]["summary.json"] = integrity.file_entry(run / "summary.json")
-    rec["outputs_digest"] = integrity.digest_of(rec["files"])
-    (run / "stages" / "unlearn.json").write_text(json.dumps(rec))
-    attacks_before = sorted(p.name for p in (run / "attacks").iterdir())
-    for stage in ("report", "attack"):
-        with pytest.raises(UserError, match=r"older unlearnbench.*`unlearnbench unlearn --force run.dir="):
-            run_study(smoke_config(run), stage, force=True)
-    assert sorted(p.name for p in (run / "attacks").iterdir()) == attacks_before  # refused before removing anything
+    for p in sorted((run / "stages").glob("*.json")):
+        rec = json.loads(p.read_text())
+        assert rec["layout"] == 2, p.name
+        del rec["layout"]
+        p.write_text(json.dumps(rec))
+    before = {p.relative_to(run): p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    for stage in ("prepare", "train", "score", "unlearn", "attack", "report", "run"):
+        with pytest.raises(UserError) as err:
+            run_study(smoke_config(run), stage)
+        msg = str(err.value)
+        assert "written by an older unlearnbench" in msg and "Changelog" in msg and "\n" not in msg, stage
+        assert f"`unlearnbench run --force run.dir={run}`" in msg and "new directory" in msg
+    with pytest.raises(UserError, match="older unlearnbench"):
+        compare_runs([run], tmp_path / "cmp")
     res = cli("report", "--preset", "smoke", f"run.dir={run}", timeout=300)
     assert res.returncode == 2 and "older unlearnbench" in res.stderr and "Traceback" not in res.stderr
-
+    after = {p.relative_to(run): p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    assert {k: v for k, v in after.items() if k.parts[0] != ".cache"} == {
+        k: v for k, v in before.items() if k.parts[0] != ".cache"}  # refused before anything was touched
+    run_study(smoke_config(run), "prepare", force=True)  # --force recomputes the stage under the new layout
+    assert json.loads((run / "stages" / "prepare.json").read_text())["layout"] == 2
+    with pytest.raises(UserError, match="older unlearnbench"):
+        run_study(smoke_config(run), "train")  # the stages after it are still of the older layout
 
 def _fake_seed(src, dest, seed, shift):
     """A seed sub-run holding only what the comparison reads, with numbers shifted."""
@@ -189,7 +201,7 @@ def _fake_seed(src, dest, seed, shift):
     shutil.copy(src / "config.yaml", dest / "config.yaml")
     summary = json.loads((src / "summary.json").read_text())
     summary["seed"] = seed
-    for g in summary["groups"]:
+    for g in summary["requests"]:
         g["uq_final"] += shift
         g["memorization_mean"] += shift
     (dest / "summary.json").write_text(json.dumps(summary))
@@ -200,7 +212,7 @@ def test_compare_runs_side_by_side_with_multi_seed_parent(smoke_study, tmp_path)
     parent = tmp_path / "seeds"
     for seed, shift in ((0, 0.0), (1, 0.1), (2, -0.1)):
         _fake_seed(src, parent / f"seed_{seed}", seed, shift)
-    (parent / "summary.json").write_text(json.dumps({"seeds": [0, 1, 2], "runs": [], "groups": [], "findings": {}}))
+    (parent / "summary.json").write_text(json.dumps({"seeds": [0, 1, 2], "runs": [], "cells": [], "findings": {}}))
     out = tmp_path / "cmp"
     compare_runs([src, parent], out)
 
@@ -210,7 +222,7 @@ def test_compare_runs_side_by_side_with_multi_seed_parent(smoke_study, tmp_path)
     assert "](compare.png)" in md
     assert "| seeds | " in md and "0, 1, 2" in md
     summary = json.loads((src / "summary.json").read_text())
-    g = next(g for g in summary["groups"] if g["request"] == "canary_r16")
+    g = next(g for g in summary["requests"] if g["request"] == "canary_r16")
     # the parent's three seeds: mean uq_final equals the single run's (shifts cancel), with an interval
     row = next(line for line in md.split("### Final UQ")[1].splitlines() if line.startswith("| canary | 16 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
@@ -231,11 +243,11 @@ def test_compare_and_report_refuse_a_directory_without_summary(tmp_path):
 
 
 def test_seed_aggregate_and_compare_show_the_same_numbers(tmp_path):
-    """summary.json of a multi-seed parent and its compare.md come from one implementation: a group with nothing to
+    """summary.json of a multi-seed parent and its compare.md come from one implementation: a request with nothing to
     forget in one seed is left out of steps to unlearn in both, and both give the same mean and interval."""
     from unlearnbench.findings import aggregate_seeds
 
-    def group(steps, drop, nothing):
+    def request(steps, drop, nothing):
         return {"request": "id_r4", "kind": "id", "repetitions": 4, "n_examples": 8, "steps_to_unlearn": steps,
                 "utility_drop_at_unlearned": drop, "uq_final": 0.9, "steps_to_forget_mean": 5.0,
                 "memorization_mean": 1.0, "difficulty_mean": 4.0, "exposure_gap_bits": 3.0,
@@ -246,11 +258,11 @@ def test_seed_aggregate_and_compare_show_the_same_numbers(tmp_path):
         d.mkdir(parents=True)
         (d / "summary.json").write_text(json.dumps({"run": "x", "seed": seed, "method": "ga", "lr": 3e-4,
                                                     "exposure": "extrapolated", "max_steps": 100, "uq_target": 0.9,
-                                                    "groups": [group(steps, drop, nothing)], "findings": {}}))
+                                                    "requests": [request(steps, drop, nothing)], "findings": {}}))
     dirs = sorted(parent.glob("seed_*"))
     agg = aggregate_seeds(dirs)
     (parent / "summary.json").write_text(json.dumps(agg))
-    steps = agg["groups"][0]["steps_to_unlearn"]
+    steps = agg["cells"][0]["steps_to_unlearn"]
     # seeds 0, 1, 3 (seed 2 had nothing to forget): mean 31/3, t-interval by hand
     assert steps["n"] == 3 and steps["mean"] == pytest.approx(31 / 3)
     half = 4.302652729911275 * np.std([8, 13, 10], ddof=1) / np.sqrt(3)  # t(0.975, 2)
@@ -272,14 +284,15 @@ def test_multi_seed_study_aggregates_and_reports(tmp_path):
                        "unlearn.request_kinds=[canary]")
     dirs = run_study(cfg, "run")
     assert dirs == [parent / "seed_0", parent / "seed_1"]
-    ids = [pd.read_parquet(d / "scores/examples.parquet").example_id.tolist() for d in dirs]
+    ids = [pd.read_parquet(d / "scores/forget.parquet").example_id.tolist() for d in dirs]
     secrets = [pd.read_parquet(d / "scores/original.parquet").nll.sum() for d in dirs]
     assert ids[0] == ids[1] and secrets[0] != secrets[1]  # same layout, different seeds
     agg = json.loads((parent / "summary.json").read_text())
     assert agg["seeds"] == [0, 1]
     runs = [json.loads((d / "summary.json").read_text()) for d in dirs]
-    for g in agg["groups"]:  # every replicate group of every seed counts once
-        cell = [x for r in runs for x in r["groups"] if x["kind"] == g["kind"] and x["repetitions"] == g["repetitions"]]
+    for g in agg["cells"]:  # every replicate group of every seed counts once
+        cell = [x for r in runs for x in r["requests"]
+                if x["kind"] == g["kind"] and x["repetitions"] == g["repetitions"]]
         assert g["requests"] == len(cell) == sum(g["outcomes"].values()) >= 2
         vals = [x["uq_final"] for x in cell if x.get("uq_final") is not None and np.isfinite(x["uq_final"])]
         assert g["uq_final"]["n"] == len(vals) > 0

@@ -127,7 +127,7 @@ def test_batches_are_dealt_round_robin_with_a_dummy_for_the_process_one_short():
     acc = lambda rank: SimpleNamespace(num_processes=2, process_index=rank)  # noqa: E731
     assert _my_batches(batches, acc(0), local=False) == [([0, 1], True), ([3, 4, 5], True), ([7], True)]
     assert _my_batches(batches, acc(1), local=False) == [([2], True), ([6], True), ([0, 1], False)]
-    assert _my_batches(batches, acc(1), local=True) == [(b, True) for b in batches]  # request-parallel: all its own
+    assert _my_batches(batches, acc(1), local=True) == [(b, True) for b in batches]  # job-parallel: all its own
     three = [_my_batches(batches[:4], SimpleNamespace(num_processes=3, process_index=r), False) for r in range(3)]
     assert [len(m) for m in three] == [2, 2, 2] and three[0] == [([0, 1], True), ([6], True)]
     assert three[1][1] == three[2][1] == ([0, 1], False)

@@ -53,7 +53,7 @@ def test_offline_study_leaves_offline_run_and_curve_keys(run_copy, monkeypatch, 
     offline = sorted((run_copy / "wandb").glob("offline-run-*"))
     assert len(offline) == 1
     events = b"".join(p.read_bytes() for p in offline[0].glob("run-*.wandb"))  # the log `wandb sync` uploads
-    for key in (b"unlearn/canary_r16/uq", b"unlearn/step", b"unlearn/canary_r16/examples", b"fingerprints"):
+    for key in (b"unlearn/canary_r16/uq", b"unlearn/step", b"unlearn/canary_r16/forgetting", b"fingerprints"):
         assert key in events, key  # curves on the step axis, the per-example table, the resolved config
     assert f"wandb sync {offline[0]}" in capsys.readouterr().out
 
@@ -197,7 +197,7 @@ def test_tensorboard_tracker_takes_tables_images_and_summary(tmp_path, monkeypat
     trk = Tracker(smoke_config(tmp_path, "tracking.backends=[tensorboard]"), tmp_path, "report", True)
     assert list(trk.trackers) == ["tensorboard"] and trk.wandb_run is None
     trk.log({"train/original/loss": 2.5}, step=20, model="original")
-    trk.log_table("score/examples", pd.DataFrame({"example_id": ["a", "b"], "nll": [1.25, 2.0]}))
+    trk.log_table("score/forget", pd.DataFrame({"example_id": ["a", "b"], "nll": [1.25, 2.0]}))
     trk.log_images({"report/fig": tmp_path / "fig.png"})
     trk.summary({"findings/F1/verdict": "reproduced", "findings/F1/of": 3, "x": float("nan")})
     trk.finish()
@@ -209,8 +209,8 @@ def test_tensorboard_tracker_takes_tables_images_and_summary(tmp_path, monkeypat
     assert [e.value for e in ea.Scalars("findings/F1/of")] == [3.0] and "x" not in tags["scalars"]
     assert "report/fig" in tags["images"]
     text = {t for t in tags["tensors"]}
-    assert {"score/examples/text_summary", "findings/F1/verdict/text_summary"} <= text
-    table = ea.Tensors("score/examples/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert {"score/forget/text_summary", "findings/F1/verdict/text_summary"} <= text
+    table = ea.Tensors("score/forget/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "| example_id | nll |" in table and "| b | 2 |" in table
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert lines[0]["train/original/loss"] == 2.5 and lines[1]["findings/F1/verdict"] == "reproduced"

@@ -119,14 +119,14 @@ def test_killed_training_resumes_to_identical_weights(reference, prepared, tmp_p
 
 @pytest.mark.parametrize("choice, processes, untrained, sharded, mode", [
     ("auto", 1, 2, False, "data"),     # one process: nothing to share
-    ("auto", 2, 2, False, "models"),   # original + oracle on 2 processes
-    ("auto", 2, 6, False, "models"),   # + 4 shadow models
+    ("auto", 2, 2, False, "jobs"),     # original + oracle on 2 processes
+    ("auto", 2, 6, False, "jobs"),     # + 4 shadow models
     ("auto", 4, 2, False, "data"),     # fewer models than processes: every model on all of them
     ("auto", 2, 1, False, "data"),     # a resumed run with one model left
     ("auto", 2, 0, False, "data"),
     ("auto", 2, 6, True, "data"),      # ZeRO / FSDP shards the model: data-parallel
-    ("models", 4, 2, False, "models"),  # forced: two processes idle, still no collective in a loop
-    ("models", 1, 2, False, "data"),   # one process: the same loop either way
+    ("jobs", 4, 2, False, "jobs"),     # forced: two processes idle, still no collective in a loop
+    ("jobs", 1, 2, False, "data"),     # one process: the same loop either way
     ("data", 2, 6, False, "data"),
 ])
 def test_parallel_rule(choice, processes, untrained, sharded, mode):
@@ -147,11 +147,11 @@ def test_forced_models_is_refused_on_a_sharded_launch(acc):
     from unlearnbench.errors import UserError
     from unlearnbench.stages.train import parallel_mode
 
-    with pytest.raises(UserError, match=r"train.parallel=models .* shards the model .* Use train.parallel=data"):
-        parallel_mode(acc, "models", 6)
+    with pytest.raises(UserError, match=r"train.parallel=jobs .* shards the model .* Use train.parallel=data"):
+        parallel_mode(acc, "jobs", 6)
     assert parallel_mode(acc, "auto", 6) == "data"
-    assert parallel_mode(_fake_acc("MULTI_CPU"), "auto", 6) == "models"
-    assert parallel_mode(_fake_acc("DEEPSPEED", zero=0), "auto", 6) == "models"  # DeepSpeed without ZeRO: whole
+    assert parallel_mode(_fake_acc("MULTI_CPU"), "auto", 6) == "jobs"
+    assert parallel_mode(_fake_acc("DEEPSPEED", zero=0), "auto", 6) == "jobs"  # DeepSpeed without ZeRO: whole
 
 
 @pytest.mark.parametrize("acc, sharded, weights", [
@@ -173,20 +173,20 @@ def test_forced_models_is_refused_with_fp16():
 
     acc = _fake_acc("MULTI_GPU", mixed_precision="fp16")
     with pytest.raises(UserError, match="fp16"):
-        parallel_mode(acc, "models", 2)
+        parallel_mode(acc, "jobs", 2)
     assert parallel_mode(acc, "auto", 2) == "data"
-    assert parallel_mode(_fake_acc("MULTI_GPU", mixed_precision="bf16"), "auto", 2) == "models"
+    assert parallel_mode(_fake_acc("MULTI_GPU", mixed_precision="bf16"), "auto", 2) == "jobs"
 
 
 @pytest.mark.slow
-def test_forced_models_with_deepspeed_exits_2(prepared, tmp_path):
+def test_forced_jobs_with_deepspeed_exits_2(prepared, tmp_path):
     """The same refusal through a real ZeRO-2 launch: exit 2 and the fix, before any training."""
     run = _copy_prepared(prepared, tmp_path / "zero2")
     env = {"TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))}
-    res = launch("train", "--preset", "smoke", f"run.dir={run}", "train.parallel=models",
+    res = launch("train", "--preset", "smoke", f"run.dir={run}", "train.parallel=jobs",
                  config="cpu_deepspeed_zero2.yaml", env=env)
     assert res.returncode != 0
-    assert "train.parallel=models" in res.stderr and "Use train.parallel=data" in res.stderr
+    assert "train.parallel=jobs" in res.stderr and "Use train.parallel=data" in res.stderr
     assert not (run / "models").exists()
 
 
@@ -215,7 +215,7 @@ class _StopAt:
             raise _Stop
 
 
-def test_local_loop_is_bit_identical_to_the_accelerate_loop(prepared, tmp_path, one_thread):
+def test_job_parallel_loop_is_bit_identical_to_the_accelerate_loop(prepared, tmp_path, one_thread):
     """The job-parallel loop (no wrapper, no accelerate.backward / clip / accumulate) against the 1-process data
     path, with 4 micro-batches of accumulation, clipping and checkpoints on the way: the same bytes."""
     from unlearnbench.distributed import make_accelerator
@@ -226,15 +226,16 @@ def test_local_loop_is_bit_identical_to_the_accelerate_loop(prepared, tmp_path, 
                        "train.log_every=4", "train.grad_clip=0.5")
     acc = make_accelerator()
     infos = {}
-    for local in (False, True):
-        infos[local] = train_model(acc, cfg, tmp_path / str(local), "oracle", examples, tok, local=local)
+    for job_parallel in (False, True):
+        infos[job_parallel] = train_model(acc, cfg, tmp_path / str(job_parallel), "oracle", examples, tok,
+                                          job_parallel=job_parallel)
     assert infos[True]["grad_accum"] == infos[False]["grad_accum"] == 4
     assert _same_bytes(tmp_path / "False", tmp_path / "True", "oracle")
     assert not (tmp_path / "True" / "checkpoints" / "oracle").exists()  # removed once the model is saved
 
 
 @pytest.mark.parametrize("first, second", [(True, True), (True, False), (False, True)],
-                         ids=["models-models", "models-data", "data-models"])
+                         ids=["jobs-jobs", "jobs-data", "data-jobs"])
 def test_interrupted_training_resumes_in_either_mode(prepared, tmp_path, first, second, one_thread):
     """Interrupted at step 8 (last checkpoint: step 5) in one mode, resumed in the other: the uninterrupted
     weights, bit for bit. Job-parallel checkpoints use accelerate's file names, so either loop reads either."""
@@ -245,18 +246,18 @@ def test_interrupted_training_resumes_in_either_mode(prepared, tmp_path, first, 
     cfg = smoke_config(tmp_path / "cfg", "train.steps=12", "train.micro_batch_size=8", "train.checkpoint_every=5",
                        "train.log_every=4")
     acc = make_accelerator()
-    train_model(acc, cfg, tmp_path / "ref", "original", examples, tok, local=True)
+    train_model(acc, cfg, tmp_path / "ref", "original", examples, tok, job_parallel=True)
     with pytest.raises(_Stop):
-        train_model(acc, cfg, tmp_path / "run", "original", examples, tok, _StopAt(8), local=first)
+        train_model(acc, cfg, tmp_path / "run", "original", examples, tok, _StopAt(8), job_parallel=first)
     acc.free_memory()
     ckpt = tmp_path / "run" / "checkpoints" / "original"
     assert [p.name for p in ckpt.glob("step_*") if (p / "complete.json").exists()] == ["step_0000005"]
     assert not (tmp_path / "run" / "models" / "original").exists()
-    train_model(acc, cfg, tmp_path / "run", "original", examples, tok, local=second)
+    train_model(acc, cfg, tmp_path / "run", "original", examples, tok, job_parallel=second)
     assert _same_bytes(tmp_path / "ref", tmp_path / "run", "original")
 
 
-def test_local_resume_refuses_a_deepspeed_checkpoint(prepared, tmp_path):
+def test_job_parallel_resume_refuses_a_deepspeed_checkpoint(prepared, tmp_path):
     from unlearnbench.errors import UserError
     from unlearnbench.stages.train import _load_local_checkpoint
 
@@ -272,13 +273,13 @@ def test_local_resume_refuses_a_deepspeed_checkpoint(prepared, tmp_path):
 
 def test_job_parallel_two_processes_match_one_bit_for_bit(reference, prepared, tmp_path):
     two = _copy_prepared(prepared, tmp_path / "two")
-    res = launch("train", "--preset", "smoke", f"run.dir={two}", *STEPS, "train.parallel=models")
+    res = launch("train", "--preset", "smoke", f"run.dir={two}", *STEPS, "train.parallel=jobs")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "job-parallel" in res.stdout
     for name in MODELS:  # trained alone on one process each, with the 1-process arithmetic: the same bytes
         assert _same_bytes(reference, two, name), name
     info = json.loads((two / "stages" / "train.json").read_text())["info"]
-    assert info["parallel"] == "models"
+    assert info["parallel"] == "jobs"
     assert {n: info["models"][n]["process_index"] for n in MODELS} == {"original": 0, "oracle": 1}
     assert info["models"]["original"]["num_processes"] == 1 and info["models"]["original"]["steps"] == 30
     # each process logged its own model's curve; the same losses as the 1-process run
@@ -297,7 +298,7 @@ def test_killed_job_parallel_training_resumes_to_identical_weights(reference, pr
     """SIGKILL to the whole 2-process launch once both processes have a checkpoint; the relaunch resumes both
     models and ends on the 1-process weights, bit for bit."""
     run = _copy_prepared(prepared, tmp_path / "killed")
-    args = ["train", "--preset", "smoke", f"run.dir={run}", *STEPS, "train.parallel=models"]
+    args = ["train", "--preset", "smoke", f"run.dir={run}", *STEPS, "train.parallel=jobs"]
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     cmd = [str(Path(PY).parent / "accelerate"), "launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu_ddp.yaml"), "--num_processes", "2",
            "--main_process_port", str(free_port()), "-m", "unlearnbench", *args]

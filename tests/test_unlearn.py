@@ -1,4 +1,4 @@
-"""The unlearning loop and the smoke study end to end: outputs, UQ at step 0, stopping, divergence, 2 processes."""
+"""The unlearning loop and the smoke study end to end: outputs, UQ at step 0, stopping, collapse, 2 processes."""
 
 import json
 import shutil
@@ -33,11 +33,11 @@ def test_smoke_study_writes_every_output(smoke_study):
     cfg, run = smoke_study
     for path in ["config.yaml", "data/manifest.json", "models/original/model.safetensors",
                  "models/oracle/model.safetensors", "scores/original.parquet", "scores/oracle.parquet",
-                 "scores/examples.parquet", "unlearn/summary.json", "summary.json", "report/report.md",
+                 "scores/forget.parquet", "unlearn/summary.json", "summary.json", "report/report.md",
                  "metrics.jsonl"]:
         assert (run / path).exists(), path
-    examples = pd.read_parquet(run / "scores/examples.parquet")
-    assert len(examples) == 9 * cfg.data.group_size
+    forget_scores = pd.read_parquet(run / "scores/forget.parquet")
+    assert len(forget_scores) == 9 * cfg.data.group_size
     for name in REQUESTS:
         d = run / "unlearn" / name
         result = json.loads((d / "result.json").read_text())
@@ -54,36 +54,36 @@ def test_smoke_study_writes_every_output(smoke_study):
         assert set(curve.columns) >= {"uq", "uq_lo", "uq_hi", "id_holdout_ppl", "utility_drop", "train_loss", "lr",
                                       "tokens_per_s", "forget_quality"}
         assert result["steps_run"] <= cfg.unlearn.max_steps
-        per = pd.read_parquet(d / "examples.parquet")
-        assert per.steps_to_forget.between(0, cfg.unlearn.max_steps).all()
+        forgetting = pd.read_parquet(d / "forgetting.parquet")
+        assert forgetting.steps_to_forget.between(0, cfg.unlearn.max_steps).all()
         # never-forgotten examples are censored at the last valid evaluation (not the one that found a collapse)
-        collapsed_there = result["diverged"] and "perplexity" in result["stop_reason"]
+        collapsed_there = result["collapsed"] and "perplexity" in result["stop_reason"]
         last = curve.step.iloc[-2] if collapsed_there else curve.step.iloc[-1]
-        assert (per.steps_to_forget[per.censored] == last).all()
+        assert (forgetting.steps_to_forget[forgetting.censored] == last).all()
         # the outcome at the target agrees with the crossing, and is never a sentinel number
         o = result["outcomes"][f"{cfg.metrics.uq_target:g}"]
         assert o["outcome"] == result["outcome"]
         assert (o["outcome"] == "unlearned") == (result["steps_to_unlearn"] is not None)
         if o["outcome"] == "unlearned":
             assert o["grid_step"] == result["steps_to_unlearn"] and o["step"] <= o["grid_step"]
-        assert (per.steps_to_forget[~per.censored].isin(curve.step)).all()
+        assert (forgetting.steps_to_forget[~forgetting.censored].isin(curve.step)).all()
         # exposure under θ₀ measured in the loop equals the score stage's
-        ex = examples.set_index("example_id").loc[per.example_id]
-        np.testing.assert_allclose(per.exposure_original, ex.exposure_original, rtol=1e-4, atol=1e-4)
+        ex = forget_scores.set_index("example_id").loc[forgetting.example_id]
+        np.testing.assert_allclose(forgetting.exposure_original, ex.exposure_original, rtol=1e-4, atol=1e-4)
     unlearn = json.loads((run / "unlearn" / "summary.json").read_text())
     assert [g["request"] for g in unlearn["requests"]] == REQUESTS  # (kind, repetitions) groups, in order
     assert sum(unlearn["outcomes"].values()) == len(REQUESTS)
     summary = json.loads((run / "summary.json").read_text())
-    assert {g["request"] for g in summary["groups"]} == set(REQUESTS)
+    assert {g["request"] for g in summary["requests"]} == set(REQUESTS)
     for key in ("F1", "F2", "F3"):
         assert summary["findings"][key]["verdict"] in ("reproduced", "partly reproduced", "not reproduced",
                                                        "reversed", "inconclusive")
     # F1's verdict is what its cells say, and each cell's what its main target's effect says
     f1 = summary["findings"]["F1"]
-    assert f1["holds"] == sum(c["verdict"] == "reproduced" for c in f1["cells"])
-    assert all(c["verdict"] == c["by_target"][c["main"]]["verdict"] for c in f1["cells"])
+    assert f1["holds"] == sum(c["verdict"] == "reproduced" for c in f1["contrasts"])
+    assert all(c["verdict"] == c["by_target"][c["main"]]["verdict"] for c in f1["contrasts"])
     # one replicate per cell in the smoke preset: no interval, so every cell is inconclusive, never a verdict
-    assert all(c["verdict"] == "inconclusive" for c in f1["cells"] + summary["findings"]["F2"]["cells"])
+    assert all(c["verdict"] == "inconclusive" for c in f1["contrasts"] + summary["findings"]["F2"]["contrasts"])
 
 
 def test_ga_raises_uq_on_a_memorized_canary(smoke_study):
@@ -102,23 +102,23 @@ def test_stopping_rules(smoke_study, tmp_path):
     for r in (4, 16):
         res = json.loads((run / f"unlearn/domain_r{r}/result.json").read_text())
         curve = pd.read_parquet(run / f"unlearn/domain_r{r}/curve.parquet")
-        if res["status"] == "unlearned":  # target held for 2 consecutive evaluations, then stopped
+        if res["status"] == "target":  # target held for 2 consecutive evaluations, then stopped
             assert (curve.uq.iloc[-2:] >= cfg.metrics.uq_target).all()
             assert res["steps_run"] == curve.step.iloc[-1]
     cfg = smoke_config(run, "unlearn.request_kinds=[domain]", "unlearn.stop_on_target=false", "unlearn.max_steps=8")
     run_study(cfg, "unlearn", force=True)
     for r in (1, 4, 16):
         res = json.loads((run / f"unlearn/domain_r{r}/result.json").read_text())
-        assert res["steps_run"] == 8 or res["diverged"]
+        assert res["steps_run"] == 8 or res["collapsed"]
 
 
-def test_huge_learning_rate_diverges_without_failing_the_study(smoke_study, tmp_path):
-    run = _copy(smoke_study, tmp_path / "diverge")
+def test_huge_learning_rate_collapses_without_failing_the_study(smoke_study, tmp_path):
+    run = _copy(smoke_study, tmp_path / "collapse")
     cfg = smoke_config(run, "unlearn.lr=50.0", "unlearn.request_kinds=[id,canary]")
     run_study(cfg, "unlearn", force=True)
     results = [json.loads((run / f"unlearn/{k}_r{r}/result.json").read_text()) for k in ("id", "canary")
                for r in (1, 4, 16)]
-    assert all(r["diverged"] for r in results)
+    assert all(r["collapsed"] for r in results)
     assert all(r["stop_reason"] for r in results)
     assert (run / "unlearn" / "summary.json").exists()
 
@@ -141,14 +141,14 @@ def test_rerun_is_skipped_and_other_config_refused(smoke_study, tmp_path, capsys
         run_study(smoke_config(run, "unlearn.lr=0.01"), "unlearn")
 
 
-def test_request_parallel_is_identical_to_sequential(smoke_study, tmp_path):
+def test_job_parallel_is_identical_to_sequential(smoke_study, tmp_path):
     overrides = ["unlearn.request_kinds=[canary]", "unlearn.max_steps=6"]
     one = _copy(smoke_study, tmp_path / "seq")
     run_study(smoke_config(one, *overrides), "unlearn", force=True)
     two = _copy(smoke_study, tmp_path / "par")
-    res = launch("unlearn", "--preset", "smoke", "--force", f"run.dir={two}", "unlearn.parallel=requests", *overrides)
+    res = launch("unlearn", "--preset", "smoke", "--force", f"run.dir={two}", "unlearn.parallel=jobs", *overrides)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "request-parallel" in res.stdout
+    assert "job-parallel" in res.stdout
     for r in (1, 4, 16):
         a = pd.read_parquet(one / f"unlearn/canary_r{r}/trajectory.parquet")
         b = pd.read_parquet(two / f"unlearn/canary_r{r}/trajectory.parquet")
@@ -197,12 +197,12 @@ def test_in_loop_reference_sample_is_consistent(smoke_study, tmp_path):
     cfg = smoke_config(run, "unlearn.eval_references=64", "unlearn.eval_utility=40")
     subset = eval_subset(load_examples(run / "data"))
     meta = subset.select_columns(["example_id", "kind", "repetitions", "split"]).to_pandas()
-    table = pd.read_parquet(run / "scores/examples.parquet")
-    ids = sorted(table[(table.kind == "canary") & (table.repetitions == 16)].example_id)
+    forget_scores = pd.read_parquet(run / "scores/forget.parquet")
+    ids = sorted(forget_scores[(forget_scores.kind == "canary") & (forget_scores.repetitions == 16)].example_id)
     ctx = Context(cfg=cfg, run_dir=run, acc=make_accelerator())
 
     def evaluator():
-        return RequestEvaluator(ctx.acc, cfg, ids, subset, meta, table, 0, True)
+        return RequestEvaluator(ctx.acc, cfg, ids, subset, meta, forget_scores, 0, True)
 
     ev = evaluator()
     m = ev.meta
@@ -210,14 +210,14 @@ def test_in_loop_reference_sample_is_consistent(smoke_study, tmp_path):
     assert m[m.split == "holdout"].groupby("kind").size().to_dict() == {"domain": 40, "id": 40}
     assert (m.split == "retain").sum() == 40
     assert list(evaluator().meta.example_id) == list(m.example_id)  # seeded: the same sample every time
-    t = table.set_index("example_id").loc[ids]
+    t = forget_scores.set_index("example_id").loc[ids]
     np.testing.assert_array_equal(ev.e_r, t.exposure_extrapolated_oracle.to_numpy())
     np.testing.assert_array_equal(ev.e_0, t.exposure_extrapolated_original.to_numpy())
     model = load_trained(run, "original", "float32")
     full = ev.evaluate_full(model)  # θ₀ against every reference: the score stage's numbers, UQ 0
     assert abs(full["uq_final_all"]) < 1e-6
     assert full["exposure_final_all_mean"] == pytest.approx(
-        table.set_index("example_id").loc[ids, "exposure_extrapolated_original"].mean(), rel=1e-6)
+        forget_scores.set_index("example_id").loc[ids, "exposure_extrapolated_original"].mean(), rel=1e-6)
     utility = json.loads((run / "scores/utility.json").read_text())["original"]
     assert full["id_holdout_ppl_final_all"] == pytest.approx(utility["id_holdout_ppl"], rel=1e-6)
 
@@ -232,7 +232,7 @@ def test_in_loop_reference_sample_is_consistent(smoke_study, tmp_path):
     sc = meta.merge(scores, on="example_id").set_index("example_id")
     refs = sc[(sc.split == "reference") & (sc.kind == "canary")].nll.to_numpy()
     e_t = metrics.extrapolated_exposure(sc.loc[ids, "nll"].to_numpy(), refs)
-    t = table.set_index("example_id").loc[ids]
+    t = forget_scores.set_index("example_id").loc[ids]
     uq = metrics.unlearning_quality(e_t, t.exposure_extrapolated_original.to_numpy(),
                                     t.exposure_extrapolated_oracle.to_numpy(), cfg.metrics.uq_min_gap_bits).uq
     # this pass batches every example, the check only the request's sets: other batch shapes round differently
@@ -254,14 +254,14 @@ def _weights(path):
 
 
 def test_exploding_gradient_stops_the_request_and_keeps_the_last_good_state(smoke_study, tmp_path):
-    """A gradient norm over unlearn.max_grad_norm at the first step: diverged, the reason names the limit, and the
+    """A gradient norm over unlearn.max_grad_norm at the first step: collapsed, the reason names the limit, and the
     saved model is θ₀ untouched (the offending update is never applied)."""
     run = _copy(smoke_study, tmp_path / "explode")
     run_study(smoke_config(run, "unlearn.max_grad_norm=1e-6", "unlearn.request_kinds=[canary]",
                            "unlearn.save_model=true"), "unlearn", force=True)
     for r in (1, 4, 16):
         res = json.loads((run / f"unlearn/canary_r{r}/result.json").read_text())
-        assert res["status"] == "diverged" and res["steps_run"] == 0
+        assert res["status"] == "collapsed" and res["steps_run"] == 0
         assert "gradient norm" in res["stop_reason"] and "max_grad_norm=1e-06" in res["stop_reason"]
         assert list(pd.read_parquet(run / f"unlearn/canary_r{r}/curve.parquet").step) == [0]
     saved, original = _weights(run / "unlearn/canary_r16/model"), _weights(run / "models/original")
@@ -297,7 +297,7 @@ def test_non_finite_loss_keeps_the_state_before_that_step(smoke_study, tmp_path,
     run_study(smoke_config(nan, *base, "unlearn.max_steps=10"), "unlearn", force=True)
     for r in (1, 4, 16):
         res = json.loads((nan / f"unlearn/canary_r{r}/result.json").read_text())
-        assert res["status"] == "diverged" and res["steps_run"] == 3 and "non-finite loss" in res["stop_reason"]
+        assert res["status"] == "collapsed" and res["steps_run"] == 3 and "non-finite loss" in res["stop_reason"]
         a, b = _weights(nan / f"unlearn/canary_r{r}/model"), _weights(clean / f"unlearn/canary_r{r}/model")
         assert all(torch.equal(a[k], b[k]) for k in a)
         assert not all(torch.equal(a[k], w) for k, w in _weights(nan / "models/original").items())  # it did move
@@ -305,20 +305,20 @@ def test_non_finite_loss_keeps_the_state_before_that_step(smoke_study, tmp_path,
 
 def test_stop_rule_continues_past_the_target_until_every_example_is_forgotten():
     """The request's target is reached at step 4 but one example is still exposed: the run goes on and stops at
-    the first evaluation where every example is forgotten; a diverged perplexity stops it first; without
-    until_all_forgotten it stops at the target."""
+    the first evaluation where every example is forgotten; a perplexity past its limit (a collapse) stops it first;
+    without until_all_forgotten it stops at the target."""
     from unlearnbench.unlearn.request import StopRule
 
     cfg = smoke_config(Path("/tmp/x"), "metrics.uq_target=0.9", "unlearn.max_steps=20")
     rows = [(0, 0.0, 0.0), (1, 0.5, 0.5), (4, 0.95, 0.9), (6, 0.8, 0.95), (8, 0.97, 1.0)]
     rule = StopRule(cfg)
     stops = [rule.check({"uq": uq, "forgotten_fraction": f, "id_holdout_ppl": 10.0}, s, 10.0) for s, uq, f in rows]
-    assert stops[:4] == [None] * 4 and stops[4][0] == "unlearned" and "every example" in stops[4][1]
+    assert stops[:4] == [None] * 4 and stops[4][0] == "target" and "every example" in stops[4][1]
     early = StopRule(smoke_config(Path("/tmp/x"), "unlearn.until_all_forgotten=false"))
     assert [early.check({"uq": uq, "forgotten_fraction": f, "id_holdout_ppl": 10.0}, s, 10.0) is None
             for s, uq, f in rows[:3]] == [True, True, False]
     collapse = StopRule(cfg)
-    assert collapse.check({"uq": 0.95, "forgotten_fraction": 1.0, "id_holdout_ppl": 1e9}, 3, 10.0)[0] == "diverged"
+    assert collapse.check({"uq": 0.95, "forgotten_fraction": 1.0, "id_holdout_ppl": 1e9}, 3, 10.0)[0] == "collapsed"
     assert StopRule(cfg).check({"uq": 0.1, "forgotten_fraction": 0.0, "id_holdout_ppl": 10.0}, 20, 10.0)[0] == "max_steps"
 
 

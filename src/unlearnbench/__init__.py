@@ -7,4 +7,4 @@ import logging as _logging
 _logging.getLogger("torchao").setLevel(_logging.ERROR)
 _logging.getLogger("torch.utils._pytree").setLevel(_logging.ERROR)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

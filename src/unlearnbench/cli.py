@@ -32,15 +32,6 @@ OPTIONS: dict[str, dict] = {
 }
 COMMON = ("--preset", "--config", "--debug")  # every command reads these
 
-# One line per stage of the STAGES table (the stage list itself comes from the table).
-STAGE_SUMMARIES = {
-    "prepare": "build every data set (ID corpus, canaries, OOD domain, references, holdouts) into data/",
-    "train": "train the original model (with the forget sets) and the oracle (without), and any shadow models",
-    "score": "score every example under the original and the oracle: exposure, memorization, difficulty",
-    "unlearn": "unlearn each forget request from the original model; summary.json with findings F1-F3",
-    "attack": "relearning, quantization and membership inference on each unlearned model (F4)",
-    "report": "report/report.md: tables, the findings' verdicts and figures; --compare: runs side by side",
-}
 STAGE_OPTIONS = {"report": ("--force", "--compare")}  # a stage's options besides COMMON (default: --force)
 
 
@@ -57,7 +48,7 @@ def command_table() -> dict[str, Command]:
     """Every command: the stages of the STAGES table, then `run`, `map` and `config`."""
     from unlearnbench.stages import STAGES
 
-    rows = [Command(name, STAGE_SUMMARIES[name], STAGE_OPTIONS.get(name, ("--force",))) for name in STAGES]
+    rows = [Command(name, s.summary, STAGE_OPTIONS.get(name, ("--force",))) for name, s in STAGES.items()]
     rows += [
         Command("run", f"every stage in order ({', '.join(STAGES)}), for each seed of run.seeds", ("--force",)),
         Command("map", "the findings map: score and unlearn over a grid of --lr x --methods x --exposures on a run's "
@@ -292,10 +283,10 @@ def _main(args: argparse.Namespace, argv: list[str] | None = None) -> None:
             on_main_or_fail(acc, lambda: compare_runs([Path(d) for d in args.compare], run_dir / "compare"))
             return
         if args.stage == "map":
-            from unlearnbench.findings_map import map_cells
+            from unlearnbench.findings_map import map_settings
 
             grid = {k: v for k, v in (("lr", args.lr), ("method", args.methods), ("exposure", args.exposures)) if v}
-            map_cells(cfg, grid, acc)
+            map_settings(cfg, grid, acc)
             return
         from unlearnbench.study import run_stages
 

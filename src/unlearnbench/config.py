@@ -81,7 +81,7 @@ class TrainConfig:
     checkpoint_every: int = 200
     keep_checkpoints: int = 0  # checkpoints kept once the model is saved and verified (0: none; N: the newest N)
     log_every: int = 50
-    parallel: str = "auto"  # auto | models | data: how several processes share the models to train (README)
+    parallel: str = "auto"  # auto | jobs | data: how several processes share the models to train (README)
     oracle: bool = True  # train the oracle θᵣ; false = no-oracle mode: e_r from θ₀'s held-out references of the kind, leave-one-out (docs/definitions.md §11)
 
 
@@ -149,11 +149,11 @@ class UnlearnConfig:
     stop_on_target: bool = True  # stop once the target held (and, with until_all_forgotten, every example is forgotten)
     until_all_forgotten: bool = True  # continue past the target until every example is forgotten (survival view)
     skip_nothing_to_forget: bool = False  # stop a request at step 0 when its gap is under the floor (excluded anyway)
-    max_grad_norm: float = 1.0e6  # a larger (or non-finite) gradient norm counts as divergence
+    max_grad_norm: float = 1.0e6  # a larger (or non-finite) gradient norm: the request collapsed
     save_model: bool = False  # the final unlearned model, as safetensors
     lora: LoraConfig = field(default_factory=LoraConfig)  # LoRA unlearning (unlearn.lora.*; off by default)
     save_unlearned: bool = True  # the model at the step the request became unlearned (the attacks start there)
-    parallel: str = "auto"  # auto | data | requests: how several processes share the requests (README)
+    parallel: str = "auto"  # auto | jobs | data: how several processes share the requests (README)
 
 
 @dataclass

@@ -24,10 +24,12 @@ CHOICES = {
     "unlearn.optimizer": ("adamw", "adam", "sgd"),
     "unlearn.scheduler": ("constant", "linear", "cosine"),
     "unlearn.eval_schedule": ("log", "every"),
-    "train.parallel": ("auto", "models", "data"),
-    "unlearn.parallel": ("auto", "data", "requests"),
+    "train.parallel": ("auto", "jobs", "data"),
+    "unlearn.parallel": ("auto", "jobs", "data"),
     "attack.requests": ("all", "max_repetitions"),
 }
+# Values renamed in 0.2.0 (README, Changelog): (key, old value) -> the new value, refused with the new name.
+RENAMED_CHOICES = {("train.parallel", "models"): "jobs", ("unlearn.parallel", "requests"): "jobs"}
 OPTIONAL_CHOICES = {"tracking.mode": ("online", "offline", "disabled"), "tracking.backend": ("wandb", "none")}
 # The trackers Accelerate knows by name (accelerate.tracking.LOGGER_TYPE_TO_CLASS) and the pip package of each.
 TRACKERS = {"wandb": "wandb", "tensorboard": "tensorboard", "mlflow": "mlflow", "comet_ml": "comet-ml", "aim": "aim",
@@ -85,6 +87,12 @@ def _check_tables(cfg) -> None:
                             f"{key}=[...] with {what} inside, e.g. {key}={'[1,4,16]' if kind is int else '[a,b]'}.")
     for key, allowed in CHOICES.items():
         val = _get(cfg, key)
+        if (key, val) in RENAMED_CHOICES:
+            new = RENAMED_CHOICES[(key, val)]
+            raise UserError(f"{key}={val} is the name unlearnbench used before 0.2.0 for job-parallel work (each "
+                            f"process runs whole jobs, a model to train or a request to unlearn, on its own model "
+                            f"copy); it is now {key}={new}. Set {key}={new} (or auto, or data) in your config or "
+                            "overrides; the README's Changelog lists every rename.")
         if val not in allowed:
             raise UserError(f"Invalid value '{val}' for '{key}'. Allowed: {', '.join(allowed)}.")
     for key, allowed in OPTIONAL_CHOICES.items():

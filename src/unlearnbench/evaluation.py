@@ -122,7 +122,7 @@ class RequestEvaluator:
     What an evaluation measures (README, "In-loop evaluation"; docs/definitions.md, sections 4 and 7):
 
     - **e₀ and e_r** are the score stage's exposures of the request's examples under θ₀ and θᵣ against *every*
-      reference of their kind (`forget_table` columns `exposure_<variant>_original` / `_oracle`): the numbers the
+      reference of their kind (`forget_scores` columns `exposure_<variant>_original` / `_oracle`): the numbers the
       score stage and the final check use. The loop never re-estimates them, so UQ's denominator ē₀ − ē_r, which
       for a strongly memorized request lies far out in the fitted tail, carries no sampling error. In the no-oracle
       mode (`train.oracle=false`) the `_oracle` columns hold the held-out-reference e_r (`held_out_e_r`), and
@@ -144,21 +144,23 @@ class RequestEvaluator:
       are not scored again when the model is still in that state (its request's losses unchanged).
 
     `seconds` is the evaluator's own wall time (scoring and metrics), `tokens_scored` the tokens its passes read.
-    `local=True`: this process scores alone (request-parallel unlearning), no collective operation.
-    θᵣ's exposures come from `forget_table` (no-oracle mode: the held-out-reference e_r); θ₀'s stored scores are read
-    from `run.dir`/scores/original.parquet.
+    `job_parallel=True`: this process scores alone (job-parallel unlearning), no collective operation.
+    θᵣ's exposures come from `forget_scores` (`scores/forget.parquet`; no-oracle mode: the held-out-reference e_r);
+    θ₀'s stored scores are read from `run.dir`/scores/original.parquet.
     """
 
-    def __init__(self, acc, cfg, example_ids: list[str], subset, meta: pd.DataFrame, forget_table: pd.DataFrame,
-                 pad_id: int, local: bool = False):
-        self.acc, self.cfg, self.example_ids, self.local, self.pad_id = acc, cfg, list(example_ids), local, pad_id
+    def __init__(self, acc, cfg, example_ids: list[str], subset, meta: pd.DataFrame,
+                 forget_scores: pd.DataFrame, pad_id: int, job_parallel: bool = False):
+        self.acc, self.cfg, self.example_ids, self.pad_id = acc, cfg, list(example_ids), pad_id
+        self.job_parallel = job_parallel
         self.subset, self.seconds, self.tokens_scored = subset, 0.0, 0
         variant = cfg.metrics.exposure
-        table = forget_table.set_index("example_id").loc[self.example_ids]
-        self.e_r = table[f"exposure_{variant}_oracle"].to_numpy(dtype=float)
-        has_e0 = f"exposure_{variant}_original" in table
-        self.e_0: np.ndarray | None = table[f"exposure_{variant}_original"].to_numpy(dtype=float) if has_e0 else None
-        stored = _stored_scores(cfg, "original") if has_e0 and "nll_original" in table else None
+        forget_scores = forget_scores.set_index("example_id").loc[self.example_ids]  # the request's rows
+        self.e_r = forget_scores[f"exposure_{variant}_oracle"].to_numpy(dtype=float)
+        has_e0 = f"exposure_{variant}_original" in forget_scores
+        self.e_0: np.ndarray | None = (forget_scores[f"exposure_{variant}_original"].to_numpy(dtype=float)
+                                       if has_e0 else None)
+        stored = _stored_scores(cfg, "original") if has_e0 and "nll_original" in forget_scores else None
 
         meta = meta.reset_index(drop=True)
         kinds = set(meta.set_index("example_id").loc[self.example_ids, "kind"])
@@ -188,9 +190,10 @@ class RequestEvaluator:
         self._theta0 = None  # the score stage's step-0 numbers
         self._last: pd.DataFrame | None = None  # the scores behind the last evaluation
         if stored is not None:
-            traj = pd.DataFrame({"example_id": self.example_ids, "nll": table.nll_original.to_numpy(dtype=float)})
+            traj = pd.DataFrame({"example_id": self.example_ids,
+                                 "nll": forget_scores.nll_original.to_numpy(dtype=float)})
             for v in metrics.EXPOSURE_KINDS:
-                traj[f"exposure_{v}"] = table[f"exposure_{v}_original"].to_numpy(dtype=float)
+                traj[f"exposure_{v}"] = forget_scores[f"exposure_{v}_original"].to_numpy(dtype=float)
             util_0 = utility_table(stored, self.meta)
             self._theta0 = {"traj": traj, "utility": util_0, "scores": stored}
             self.ppl_0 = util_0["id_holdout_ppl"]
@@ -235,7 +238,7 @@ class RequestEvaluator:
         return self._part("check")[0]
 
     def _score(self, model, data: dict) -> pd.DataFrame:
-        scores, _ = score_pass(self.acc, model, data, self.cfg.score.batch_size, self.pad_id, local=self.local,
+        scores, _ = score_pass(self.acc, model, data, self.cfg.score.batch_size, self.pad_id, local=self.job_parallel,
                                batch_tokens=self.cfg.score.batch_tokens)
         self.tokens_scored += sum(len(x) for x in data["input_ids"])
         return scores
@@ -271,7 +274,7 @@ class RequestEvaluator:
         cfg = self.cfg
         traj["exposure"] = traj[f"exposure_{cfg.metrics.exposure}"]
         e_t, e_r = traj.exposure.to_numpy(), self.e_r
-        if self.e_0 is None:  # a forget table without θ₀'s exposure: step 0's own, against every reference
+        if self.e_0 is None:  # forget scores without θ₀'s exposure: step 0's own, against every reference
             self.e_0 = e_t.copy()
         if self.ppl_0 is None:  # no stored θ₀ scores: step 0's own
             self.ppl_0 = util["id_holdout_ppl"]

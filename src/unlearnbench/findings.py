@@ -4,7 +4,7 @@ them (`run_summary.merged_summary`) and writes them into the run's summary.json.
 docs/findings.md.
 
 A finding is an effect over replicates (disjoint forget groups of the same kind and repetitions, paired by
-replicate index) with a Student-t interval, never one comparison; censored and collapsed requests are outcomes,
+their `group` index) with a Student-t interval, never one comparison; censored and collapsed requests are outcomes,
 counted, never sentinel numbers; crossing steps are interpolated and read at several UQ targets plus one
 threshold-free summary (the area under UQ against log(1+step)), and a verdict that changes between targets says so.
 """
@@ -43,8 +43,9 @@ def _outcome(r: dict, target: float) -> metrics.Outcome:
 
 
 def replicate_pairs(results: list[dict]) -> dict[tuple[int, str], list[tuple[dict, dict]]]:
-    """(repetitions, OOD kind) -> [(ID result, OOD result)] paired by replicate index inside one θ₀/θᵣ pair."""
-    by = {(r["kind"], int(r["repetitions"]), int(r.get("replicate", 0))): r for r in results}
+    """(repetitions, OOD kind) -> [(ID result, OOD result)] paired by their `group` index (the data column)
+    inside one θ₀/θᵣ pair."""
+    by = {(r["kind"], int(r["repetitions"]), int(r.get("group", 0))): r for r in results}
     out: dict[tuple[int, str], list] = {}
     for (kind, reps, j), ood in sorted(by.items()):
         if kind in OOD_KINDS and ("id", reps, j) in by:
@@ -99,14 +100,15 @@ def _effect(comparisons: list[dict], alpha: float) -> dict:
     return eff
 
 
-def _cell_rows(pairs: dict, compare, targets: list, main: str, alpha: float) -> list[dict]:
+def _contrast_rows(pairs: dict, compare, targets: list, main: str, alpha: float) -> list[dict]:
+    """One row per contrast (an OOD kind against ID at one repetitions): its effect and verdict per target."""
     rows = []
     for (reps, kind), ps in pairs.items():
         by_target = {}
         for t in targets:
             comps = [compare(i, o, t) for i, o in ps]
             by_target["auc" if t is None else f"uq_{t:g}"] = {**_effect(comps, alpha), "pairs": [
-                {"replicate": int(i.get("replicate", 0)), **c} for (i, _), c in zip(ps, comps)]}
+                {"group": int(i.get("group", 0)), **c} for (i, _), c in zip(ps, comps)]}
         across = metrics.verdict_across({k: v["verdict"] for k, v in by_target.items()})
         rows.append({"repetitions": reps, "ood_kind": kind, "replicates": len(ps), "main": main,
                      "verdict": by_target[main]["verdict"],
@@ -115,10 +117,11 @@ def _cell_rows(pairs: dict, compare, targets: list, main: str, alpha: float) -> 
     return rows
 
 
-def overall_verdict(cell_verdicts: list[str]) -> str:
-    """A finding over its cells (repetitions x OOD kind): reproduced when every informative cell is, reversed
-    or not reproduced when none is, partly reproduced otherwise; inconclusive when no cell is informative."""
-    informative = [v for v in cell_verdicts if v != "inconclusive"]
+def overall_verdict(verdicts: list[str]) -> str:
+    """A finding over its units (for F1, F2 and F4 its contrasts, an OOD kind against ID at one repetitions; for F3
+    its kinds; across seeds, the seeds' verdicts): reproduced when every informative one is, reversed or not
+    reproduced when none is, partly reproduced otherwise; inconclusive when none is informative."""
+    informative = [v for v in verdicts if v != "inconclusive"]
     if not informative:
         return "inconclusive"
     n = sum(v == "reproduced" for v in informative)
@@ -131,33 +134,35 @@ def overall_verdict(cell_verdicts: list[str]) -> str:
 
 def _finding(statement: str, rows: list[dict], effect_label: str) -> dict:
     verdicts = [r["verdict"] for r in rows]
-    return {"statement": statement, "effect": effect_label, "cells": rows,
+    return {"statement": statement, "effect": effect_label, "contrasts": rows,
             "holds": sum(v == "reproduced" for v in verdicts), "of": len(verdicts),
             "stable_across_targets": all(r["stable_across_targets"] for r in rows) if rows else None,
             "verdict": overall_verdict(verdicts)}
 
 
 def finding_f1(results: list[dict], uq_target: float, alpha: float = 0.05) -> dict:
-    """F1 per (repetitions, OOD kind): the paired difference OOD − ID in interpolated steps to reach each UQ
-    target, and ID − OOD in the area under UQ; the verdict at `uq_target`, with its stability across targets."""
+    """F1 per contrast (an OOD kind against ID at one repetitions): the paired difference OOD − ID in interpolated
+    steps to reach each UQ target, and ID − OOD in the area under UQ; the verdict at `uq_target`, with its stability
+    across targets."""
     targets = sorted(set(TARGETS) | {uq_target})
-    rows = _cell_rows(replicate_pairs(results), compare_f1, [*targets, None], f"uq_{uq_target:g}", alpha)
+    rows = _contrast_rows(replicate_pairs(results), compare_f1, [*targets, None], f"uq_{uq_target:g}", alpha)
     return _finding(F1_STATEMENT, rows, "OOD − ID steps to reach the target (uq_*), ID − OOD area under UQ (auc)")
 
 
 def finding_f2(results: list[dict], uq_target: float, alpha: float = 0.05) -> dict:
-    """F2 per (repetitions, OOD kind): the paired difference ID − OOD in log(ppl/ppl_0) at the crossing."""
+    """F2 per contrast (an OOD kind against ID at one repetitions): the paired difference ID − OOD in log(ppl/ppl_0)
+    at the crossing."""
     targets = sorted(set(TARGETS) | {uq_target})
-    rows = _cell_rows(replicate_pairs(results), compare_f2, targets, f"uq_{uq_target:g}", alpha)
+    rows = _contrast_rows(replicate_pairs(results), compare_f2, targets, f"uq_{uq_target:g}", alpha)
     return _finding(F2_STATEMENT, rows, "ID − OOD log(ppl_t / ppl_0) on the ID holdout at the crossing")
 
 
-def finding_f3(per_example: pd.DataFrame, n_boot: int, seed: int, alpha: float = 0.05) -> dict:
+def finding_f3(forgetting: pd.DataFrame, n_boot: int, seed: int, alpha: float = 0.05) -> dict:
     """F3 per kind: a Cox model of each example's forgetting on memorization and difficulty, stratified by forget
     request (so that differences between requests, which repetitions drive, never count), requests with nothing
     to forget excluded; plus the pooled Spearman ρ, descriptive only (confounded by repetitions)."""
     rows, verdicts = [], []
-    usable = per_example[~per_example.nothing_to_forget] if "nothing_to_forget" in per_example else per_example
+    usable = forgetting[~forgetting.nothing_to_forget] if "nothing_to_forget" in forgetting else forgetting
     for kind, g in usable.groupby("kind"):
         df = pd.DataFrame({"duration": g.steps_to_forget.to_numpy(float), "event": (~g.censored).to_numpy(int),
                            "memorization": g.memorization.to_numpy(float), "difficulty": g.difficulty.to_numpy(float),
@@ -170,16 +175,16 @@ def finding_f3(per_example: pd.DataFrame, n_boot: int, seed: int, alpha: float =
         rows.append({"kind": kind, "n": int(len(g)), "requests": int(g.request.nunique()),
                      "censored_fraction": float(g.censored.mean()), "verdict": verdict, "cox": cox,
                      "pooled_spearman_descriptive": descriptive})
-    excluded = sorted(set(per_example.request) - set(usable.request)) if "request" in per_example else []
+    excluded = sorted(set(forgetting.request) - set(usable.request)) if "request" in forgetting else []
     return {"statement": F3_STATEMENT, "effect": "hazard ratio of being forgotten per SD (Cox, strata = request)",
             "kinds": rows, "excluded_requests": excluded, "holds": sum(v == "reproduced" for v in verdicts),
             "of": len(verdicts), "verdict": overall_verdict(verdicts)}
 
 
-def survival(per_example: pd.DataFrame) -> dict:
+def survival(forgetting: pd.DataFrame) -> dict:
     """Example level: Kaplan-Meier of the fraction not yet forgotten per (kind, repetitions), pooled over the
     replicate groups, and a log-rank test OOD vs ID per repetitions (the example-level companion of F1)."""
-    usable = per_example[~per_example.nothing_to_forget] if "nothing_to_forget" in per_example else per_example
+    usable = forgetting[~forgetting.nothing_to_forget] if "nothing_to_forget" in forgetting else forgetting
     curves, tests = [], []
     for (kind, reps), g in usable.groupby(["kind", "repetitions"]):
         km = metrics.kaplan_meier(g.steps_to_forget.to_numpy(float), (~g.censored).to_numpy(bool))
@@ -215,10 +220,11 @@ def _recovered(res: dict, attack: str) -> float | None:
 
 
 def finding_f4(attack_results: list[dict], alpha: float = 0.05) -> dict:
-    """F4 per (repetitions, OOD kind) and attack: the paired difference OOD − ID in the recovered share of the
-    exposure gap; "reproduced" when the interval excludes 0 in either direction (the direction is reported).
-    Only requests measured against the oracle attacked the same way count: without θᵣ (no-oracle mode) the
-    unattacked held-out-reference e_r is no yardstick, as θᵣ would also gain exposure from the attack."""
+    """F4 per contrast (an OOD kind against ID at one repetitions) and attack: the paired difference OOD − ID in the
+    recovered share of the exposure gap; "reproduced" when the interval excludes 0 in either direction (the
+    direction is reported). Only requests measured against the oracle attacked the same way count: without θᵣ
+    (no-oracle mode) the unattacked held-out-reference e_r is no yardstick, as θᵣ would also gain exposure from the
+    attack."""
     usable = [r for r in attack_results if r.get("baseline", "oracle") == "oracle"]
     pairs = replicate_pairs([{**r, "nothing_to_forget": False} for r in usable])
     rows, verdicts = [], []
@@ -240,22 +246,22 @@ def finding_f4(attack_results: list[dict], alpha: float = 0.05) -> dict:
         rows.append({"repetitions": reps, "ood_kind": kind, "replicates": len(ps), "verdict": main,
                      "by_attack": by_attack})
     return {"statement": F4_STATEMENT, "effect": "OOD − ID recovered share of the exposure gap", "attacks": F4_ATTACKS,
-            "cells": rows, "holds": sum(v == "reproduced" for v in verdicts), "of": len(verdicts),
+            "contrasts": rows, "holds": sum(v == "reproduced" for v in verdicts), "of": len(verdicts),
             "verdict": overall_verdict(verdicts), "excluded_without_oracle": len(attack_results) - len(usable)}
 
 
 # ----------------------------------------------------------------------------------------------- one run
 
 
-def run_findings(cfg: Config, results: list[dict], per_example: pd.DataFrame) -> dict:
+def run_findings(cfg: Config, results: list[dict], forgetting: pd.DataFrame) -> dict:
     """F1-F3 of one run from its stored per-request results (`results.load_run`): F1 and F2 for group requests,
     F3 when there are per-example tables. F4 needs the attack results: `finding_f4`."""
     findings = {}
     if cfg.unlearn.requests == "groups":
         findings["F1"] = finding_f1(results, cfg.metrics.uq_target, cfg.metrics.alpha)
         findings["F2"] = finding_f2(results, cfg.metrics.uq_target, cfg.metrics.alpha)
-    if not per_example.empty:
-        findings["F3"] = finding_f3(per_example, cfg.metrics.n_boot, cfg.run.seed, cfg.metrics.alpha)
+    if not forgetting.empty:
+        findings["F3"] = finding_f3(forgetting, cfg.metrics.n_boot, cfg.run.seed, cfg.metrics.alpha)
     return findings
 
 
@@ -269,12 +275,12 @@ AGGREGATED = ("steps_to_unlearn", "utility_drop_at_unlearned", "uq_auc", "uq_fin
               "memorization_mean", "difficulty_mean", "exposure_gap_bits")
 
 
-def group_values(summaries: list[dict], kind: str, reps: int, col: str) -> np.ndarray:
+def cell_values(summaries: list[dict], kind: str, reps: int, col: str) -> np.ndarray:
     """One (kind, repetitions) cell's values of `col` across run summaries (seeds and replicate groups), finite
     values only; the unlearned-only columns leave out requests with nothing to forget."""
     vals = []
     for s in summaries:
-        for g in s["groups"]:
+        for g in s["requests"]:
             if g["kind"] == kind and int(g["repetitions"]) == reps:
                 v = g.get(col)
                 if col in ONLY_WHEN_UNLEARNED and g.get("nothing_to_forget"):
@@ -288,21 +294,22 @@ def aggregate_seeds(run_dirs: list[Path], alpha: float = 0.05) -> dict:
     """Mean and (1 - alpha) t-interval across seeds of each cell's numbers, with every request's outcome counted
     (steps to unlearn averages only the unlearned ones: read it with the counts); each finding's verdicts."""
     sums = [read_json(Path(d) / "summary.json") for d in run_dirs if (Path(d) / "summary.json").exists()]
-    cells = sorted({(g["kind"], int(g["repetitions"])) for s in sums for g in s["groups"]})
-    groups = []
-    for kind, reps in cells:
-        counts = outcome_counts([g for s in sums for g in s["groups"] if g["kind"] == kind and int(g["repetitions"]) == reps])
+    keys = sorted({(g["kind"], int(g["repetitions"])) for s in sums for g in s["requests"]})
+    cells = []
+    for kind, reps in keys:
+        counts = outcome_counts([g for s in sums for g in s["requests"]
+                                 if g["kind"] == kind and int(g["repetitions"]) == reps])
         rec = {"kind": kind, "repetitions": reps, "requests": sum(counts.values()), "outcomes": counts}
         for col in AGGREGATED:
-            rec[col] = metrics.mean_ci(group_values(sums, kind, reps, col), alpha)
-        groups.append(rec)
+            rec[col] = metrics.mean_ci(cell_values(sums, kind, reps, col), alpha)
+        cells.append(rec)
     findings = {}
     for key in ("F1", "F2", "F3"):
         verdicts = [s["findings"][key]["verdict"] for s in sums if key in s.get("findings", {})]
         if verdicts:
             findings[key] = {"verdicts": verdicts, "reproduced_in": sum(v == "reproduced" for v in verdicts),
                              "of": len(verdicts), "verdict": overall_verdict(verdicts)}
-    return {"seeds": [s["seed"] for s in sums], "runs": [Path(d).name for d in run_dirs], "groups": groups,
+    return {"seeds": [s["seed"] for s in sums], "runs": [Path(d).name for d in run_dirs], "cells": cells,
             "findings": findings, "e_r_source": ", ".join(sorted({s.get("e_r_source", "oracle") for s in sums}))}
 
 
@@ -315,7 +322,7 @@ def flatten_findings(summary: dict) -> dict:
     for key, f in summary.get("findings", {}).items():
         out.update({f"findings/{key}/verdict": f["verdict"], f"findings/{key}/holds": f["holds"],
                     f"findings/{key}/of": f["of"]})
-        for c in f.get("cells", []):
+        for c in f.get("contrasts", []):
             base = f"findings/{key}/r{c['repetitions']}_{c['ood_kind']}"
             out[f"{base}/verdict"] = c["verdict"]
             for t, e in c["by_target"].items():

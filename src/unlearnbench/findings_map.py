@@ -1,12 +1,12 @@
 """The findings map: rerun unlearning over a grid of settings on a run's trained models, and show where each
 finding holds and where it breaks (`unlearnbench map`).
 
-Each grid cell is a sub-run `<run.dir>/map/<cell>/` whose `data/` and `models/` link to the parent's (prepare and
-train are not repeated; their records are copied, so the fingerprints check that the cell really shares them);
-the cell runs its own score stage (cheap; the exposure form can differ) and unlearn stage. Each cell's findings are
-decided from its stored per-request results by the function the report stage decides them with (`run_findings`);
-a cell writes no report of its own. The map is written to `<run.dir>/map/findings_map.md`, `findings_map.csv` and
-`findings_map.png`.
+Each setting of the grid is a sub-run `<run.dir>/map/<setting>/` whose `data/` and `models/` link to the parent's
+(prepare and train are not repeated; their records are copied, so the fingerprints check that the setting really
+shares them); the setting runs its own score stage (cheap; the exposure form can differ) and unlearn stage. Each
+setting's findings are decided from its stored per-request results by the function the report stage decides them
+with (`run_findings`); a setting writes no report of its own. The map is written to
+`<run.dir>/map/findings_map.md`, `findings_map.csv` and `findings_map.png`.
 """
 
 from __future__ import annotations
@@ -24,25 +24,26 @@ from unlearnbench.errors import UserError
 from unlearnbench.findings import run_findings
 from unlearnbench.io import write_text
 from unlearnbench.results import load_run
-from unlearnbench.rundir import RECORDS_DIR, map_cell_dir, map_dir, record_path
+from unlearnbench.rundir import RECORDS_DIR, map_dir, map_setting_dir, record_path
 
 DEFAULT_GRID = {"lr": [1e-4, 3e-4, 1e-3], "method": ["ga", "npo"], "exposure": ["extrapolated", "rank"]}
 VERDICT_COLOURS = {"reproduced": "#1a9850", "partly reproduced": "#a6d96a", "not reproduced": "#fdae61",
                    "reversed": "#d73027", "inconclusive": "#d9d9d9"}
 
 
-def cell_name(lr: float, method: str, exposure: str) -> str:
-    """The sub-run directory name of one grid cell."""
+def setting_name(lr: float, method: str, exposure: str) -> str:
+    """The sub-run directory name of one setting of the grid."""
     return f"lr{lr:g}_{method}_{exposure}"
 
 
-def cell_configs(cfg: Config, grid: dict) -> list[tuple[str, Config]]:
-    """One config per grid cell, pointed at its sub-run directory."""
+def setting_configs(cfg: Config, grid: dict) -> list[tuple[str, Config]]:
+    """One config per setting of the grid, pointed at its sub-run directory."""
     out = []
     for lr, method, exposure in product(grid["lr"], grid["method"], grid["exposure"]):
-        name = cell_name(lr, method, exposure)
+        name = setting_name(lr, method, exposure)
         sub = dataclasses.replace(
-            cfg, run=dataclasses.replace(cfg.run, dir=str(map_cell_dir(cfg.run.dir, name)), name=f"{cfg.run.name}-{name}"),
+            cfg, run=dataclasses.replace(cfg.run, dir=str(map_setting_dir(cfg.run.dir, name)),
+                                         name=f"{cfg.run.name}-{name}"),
             unlearn=dataclasses.replace(cfg.unlearn, lr=float(lr), method=method),
             metrics=dataclasses.replace(cfg.metrics, exposure=exposure))
         validate(sub)
@@ -50,37 +51,38 @@ def cell_configs(cfg: Config, grid: dict) -> list[tuple[str, Config]]:
     return out
 
 
-def link_parent(parent: Path, cell_dir: Path) -> None:
-    """Give a cell the parent's data and trained models (links) and their stage records (copies)."""
+def link_parent(parent: Path, setting_dir: Path) -> None:
+    """Give a setting the parent's data and trained models (links) and their stage records (copies)."""
     for stage in ("prepare", "train"):
         if not record_path(parent, stage).exists():
             raise UserError(f"The findings map reuses the trained models of {parent}, but its '{stage}' stage has not "
                             f"finished. Run `unlearnbench train run.dir={parent}` (or `run`) with the same config first.")
-    (cell_dir / RECORDS_DIR).mkdir(parents=True, exist_ok=True)
+    (setting_dir / RECORDS_DIR).mkdir(parents=True, exist_ok=True)
     for sub in ("data", "models"):
-        link = cell_dir / sub
+        link = setting_dir / sub
         if not link.exists():
-            os.symlink(os.path.relpath(parent / sub, cell_dir), link)
+            os.symlink(os.path.relpath(parent / sub, setting_dir), link)
     for stage in ("prepare", "train"):
-        shutil.copy(record_path(parent, stage), record_path(cell_dir, stage))
+        shutil.copy(record_path(parent, stage), record_path(setting_dir, stage))
 
 
-def cell_findings(cfg: Config) -> dict:
-    """F1-F3 of one grid cell, decided from its stored per-request results as the report stage decides them (the
-    cell runs no attack and no report: its findings are computed here, written nowhere but the map)."""
+def setting_findings(cfg: Config) -> dict:
+    """F1-F3 of one setting, decided from its stored per-request results as the report stage decides them (the
+    setting runs no attack and no report: its findings are computed here, written nowhere but the map)."""
     run = load_run(Path(cfg.run.dir))
-    return run_findings(cfg, run.requests, run.per_example)
+    return run_findings(cfg, run.requests, run.forgetting)
 
 
-def map_rows(cells: list[tuple[str, Config]]) -> pd.DataFrame:
-    """One row per (grid cell, finding, finding cell): effect at the main target, interval and verdict."""
+def map_rows(settings: list[tuple[str, Config]]) -> pd.DataFrame:
+    """One row per (setting, finding, where: overall, a contrast or a kind): effect at the main target, interval and
+    verdict."""
     rows = []
-    for name, cfg in cells:
-        base = {"cell": name, "lr": cfg.unlearn.lr, "method": cfg.unlearn.method, "exposure": cfg.metrics.exposure}
-        for key, f in cell_findings(cfg).items():
+    for name, cfg in settings:
+        base = {"setting": name, "lr": cfg.unlearn.lr, "method": cfg.unlearn.method, "exposure": cfg.metrics.exposure}
+        for key, f in setting_findings(cfg).items():
             rows.append({**base, "finding": key, "where": "overall", "verdict": f["verdict"], "mean": None,
                          "lo": None, "hi": None})
-            for c in f.get("cells", []):
+            for c in f.get("contrasts", []):
                 e = c["by_target"][c["main"]]
                 rows.append({**base, "finding": key, "where": f"r{c['repetitions']} {c['ood_kind']}",
                              "verdict": c["verdict"], "mean": e["mean"], "lo": e["lo"], "hi": e["hi"],
@@ -99,14 +101,16 @@ def render(rows: pd.DataFrame, out_dir: Path) -> None:
     from matplotlib.patches import Patch
 
     rows.to_csv(out_dir / "findings_map.csv", index=False)
-    lines = ["# Findings map", "", "Each cell: the verdict, and the effect with its 95% interval at the main UQ target "
+    lines = ["# Findings map", "", "Each entry: the verdict, and the effect with its 95% interval at the main UQ "
+             "target "
              "(F1: OOD − ID steps; F2: ID − OOD log perplexity ratio; F3: Cox coefficient of memorization, < 0 means "
              "more memorized examples take longer); for F1 and F2 also the informative replicate pairs it rests on "
-             "(a cell needs at least three for a verdict). Settings in rows, where the finding is tested in columns.", ""]
+             "(a contrast needs at least three for a verdict). Settings in rows, where the finding is tested in "
+             "columns.", ""]
     for key, part in rows.groupby("finding", sort=True):
         wheres = list(dict.fromkeys(part["where"]))
         lines += [f"## {key}", "", "| setting | " + " | ".join(wheres) + " |", "|" + "---|" * (len(wheres) + 1)]
-        for cell, g in part.groupby("cell", sort=False):
+        for setting, g in part.groupby("setting", sort=False):
             by = g.set_index("where")
             vals = []
             for w in wheres:
@@ -114,27 +118,27 @@ def render(rows: pd.DataFrame, out_dir: Path) -> None:
                 eff = "" if r["mean"] is None or pd.isna(r["mean"]) else (
                     f" {r['mean']:.3g} [{_n(r['lo'])}, {_n(r['hi'])}]{_pairs(r)}")
                 vals.append(f"{r['verdict']}{eff}")
-            lines.append(f"| {cell} | " + " | ".join(vals) + " |")
+            lines.append(f"| {setting} | " + " | ".join(vals) + " |")
         lines.append("")
     lines += ["![findings map](findings_map.png)", ""]
     write_text(out_dir / "findings_map.md", "\n".join(lines))
     keys = sorted(rows.finding.unique())
-    fig = Figure(figsize=(4.5 * len(keys), 0.45 * rows.cell.nunique() + 2.5), dpi=100, layout="constrained")
+    fig = Figure(figsize=(4.5 * len(keys), 0.45 * rows.setting.nunique() + 2.5), dpi=100, layout="constrained")
     axes = fig.subplots(1, len(keys), squeeze=False)[0]
     for ax, key in zip(axes, keys):
         part = rows[rows.finding == key]
         wheres = list(dict.fromkeys(part["where"]))
-        cells = list(dict.fromkeys(part["cell"]))
-        for i, cell in enumerate(cells):
+        settings = list(dict.fromkeys(part["setting"]))
+        for i, setting in enumerate(settings):
             for j, w in enumerate(wheres):
-                r = part[(part.cell == cell) & (part["where"] == w)].iloc[0]
+                r = part[(part.setting == setting) & (part["where"] == w)].iloc[0]
                 ax.add_patch(_rect(j, i, VERDICT_COLOURS.get(r["verdict"], "#ffffff")))
                 if r["mean"] is not None and not pd.isna(r["mean"]):
                     ax.text(j + 0.5, i + 0.5, f"{r['mean']:.2g}", ha="center", va="center", fontsize=7)
         ax.set_xlim(0, len(wheres))
-        ax.set_ylim(len(cells), 0)
+        ax.set_ylim(len(settings), 0)
         ax.set_xticks([j + 0.5 for j in range(len(wheres))], wheres, rotation=45, ha="right", fontsize=7)
-        ax.set_yticks([i + 0.5 for i in range(len(cells))], cells, fontsize=7)
+        ax.set_yticks([i + 0.5 for i in range(len(settings))], settings, fontsize=7)
         ax.set_title(key)
     fig.legend(handles=[Patch(color=c, label=v) for v, c in VERDICT_COLOURS.items()], loc="outside lower center",
                ncol=5, fontsize=8)
@@ -149,7 +153,7 @@ def _rect(x: int, y: int, colour: str):
 
 
 def _pairs(r) -> str:
-    """", 2/3 pairs" for an F1/F2 cell: an interval over two informative pairs can be narrow while the cell stays
+    """", 2/3 pairs" for an F1/F2 contrast: an interval over two informative pairs can be narrow while it stays
     inconclusive (fewer pairs than the rule needs), so the table says how many pairs it rests on."""
     n, of = r.get("n_informative"), r.get("n_pairs")
     return "" if n is None or of is None or pd.isna(n) or pd.isna(of) else f", {int(n)}/{int(of)} pairs"
@@ -160,27 +164,27 @@ def _n(x) -> str:
 
 
 def run_map(cfg: Config, grid: dict | None = None, acc=None) -> Path:
-    """Unlearn every grid cell on the run's trained models, then write the map, holding the run directory's lock
-    (which covers the cells) for the call; returns the map's directory. (The CLI takes the lock itself and calls
-    `map_cells`.)"""
+    """Unlearn every setting of the grid on the run's trained models, then write the map, holding the run directory's
+    lock (which covers the settings' sub-runs) for the call; returns the map's directory. (The CLI takes the lock
+    itself and calls `map_settings`.)"""
     from unlearnbench.distributed import make_accelerator
     from unlearnbench.study import invocation
 
     acc = acc or make_accelerator(cfg.run.num_processes)
     with invocation(cfg, acc):
-        return map_cells(cfg, grid, acc)
+        return map_settings(cfg, grid, acc)
 
 
-def map_cells(cfg: Config, grid: dict | None, acc) -> Path:
+def map_settings(cfg: Config, grid: dict | None, acc) -> Path:
     """`run_map`'s work, for a caller that holds the run directory (`study.invocation`)."""
     from unlearnbench.study import check_config, run_stages
 
     grid = {**DEFAULT_GRID, **(grid or {})}
     parent = Path(cfg.run.dir)
-    cells = cell_configs(cfg, grid)
-    for _, sub in cells:
+    settings = setting_configs(cfg, grid)
+    for _, sub in settings:
         check_config(sub)
-    for name, sub in cells:
+    for name, sub in settings:
         if acc.is_main_process:
             link_parent(parent, Path(sub.run.dir))
         acc.wait_for_everyone()
@@ -189,7 +193,8 @@ def map_cells(cfg: Config, grid: dict | None, acc) -> Path:
         run_stages(sub, "unlearn", False, acc)
     out = map_dir(parent)
     if acc.is_main_process:
-        render(map_rows(cells), out)
-        acc.print(f"[map] wrote {out / 'findings_map.md'}, findings_map.csv and findings_map.png ({len(cells)} settings)")
+        render(map_rows(settings), out)
+        acc.print(f"[map] wrote {out / 'findings_map.md'}, findings_map.csv and findings_map.png "
+                  f"({len(settings)} settings)")
     acc.wait_for_everyone()
     return out

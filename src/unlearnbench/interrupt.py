@@ -11,7 +11,8 @@ signal, `kill`): the run writes a checkpoint, unwinds (the run lock is released)
   repeated SIGTERM is ignored (a scheduler repeats it; the checkpoint being written is worth the wait).
 - Data-parallel loops (DDP, DeepSpeed, FSDP: every rank in one model) must stop at the same step: there
   `should_stop(acc, collective=True)` takes the maximum of every rank's flag (one scalar all-reduce per step).
-  Job-parallel training and request-parallel unlearning ask their own process only (no collective).
+  Job-parallel training and unlearning (each process runs whole jobs alone) ask their own process only (no
+  collective).
 
 Under `accelerate launch` / torchrun the launcher receives the signal and forwards it to every worker (each in its
 own session), then waits `TORCH_ELASTIC_SHUTDOWN_TIMEOUT` seconds (default 30) before killing them: raise it when

@@ -258,7 +258,7 @@ def _take_over(path: Path, seen: bytes) -> bool:
 
 def _nested_holder(run_dir: Path, stale_s: float) -> tuple[Path, dict | None, float] | None:
     """A live lock on a run directory nested with this one (`rundir.nested_runs`: a multi-seed parent, the parent
-    of a findings-map cell, or those sub-runs of this directory): its holder writes here too."""
+    of a findings-map setting, or those sub-runs of this directory): its holder writes here too."""
     for path in (d / LOCK_NAME for d in nested_runs(run_dir)):
         try:
             mtime = path.stat().st_mtime

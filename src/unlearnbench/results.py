@@ -1,6 +1,7 @@
 """A run's stored results, read from the files the stages wrote: the unlearn stage's request table and each
-request's `result.json`, curve and per-example table; the attack stage's per-request results. The one loader the
-findings, the merged `summary.json` and the report read them through, and the one count of how requests ended.
+request's `result.json`, curve and forgetting table (each example's steps to forget); the attack stage's per-request
+results. The one loader the findings, the merged `summary.json` and the report read them through, and the one count
+of how requests ended.
 The files are described in docs/outputs.md.
 """
 
@@ -13,22 +14,23 @@ import pandas as pd
 
 from unlearnbench.errors import UserError
 from unlearnbench.io import read_json
-from unlearnbench.records import read_record
+from unlearnbench.records import check_layout, read_record
 
-# One row of the request table (unlearn/summary.json's `requests`, summary.json's `groups`): a request's main
-# result.json numbers, plus its interpolated crossing step per UQ target (`step_uq_<t>`).
-GROUP_COLUMNS = ("request", "kind", "repetitions", "replicate", "n_examples", "status", "outcome", "steps_to_unlearn",
-                 "utility_drop_at_unlearned", "uq_auc", "uq_final", "uq_max", "exposure_original_mean",
-                 "exposure_oracle_mean", "exposure_gap_bits", "nothing_to_forget", "steps_to_forget_mean",
-                 "censored_fraction", "memorization_mean", "difficulty_mean", "diverged", "steps_run", "wall_seconds",
-                 "eval_share", "flops", "device_seconds", "peak_memory_mib")
+# One row of the request table (`requests` of unlearn/summary.json and of summary.json): a request's main
+# result.json numbers, plus its interpolated crossing step per UQ target (`step_uq_<t>`: `outcomes[t].step`; the
+# first evaluated step at or above a target is result.json's `eval_step_uq_<t>` and `outcomes[t].grid_step`).
+REQUEST_COLUMNS = ("request", "kind", "repetitions", "group", "n_examples", "status", "outcome", "steps_to_unlearn",
+                   "utility_drop_at_unlearned", "uq_auc", "uq_final", "uq_max", "exposure_original_mean",
+                   "exposure_oracle_mean", "exposure_gap_bits", "nothing_to_forget", "steps_to_forget_mean",
+                   "censored_fraction", "memorization_mean", "difficulty_mean", "collapsed", "steps_run",
+                   "wall_seconds", "eval_share", "flops", "device_seconds", "peak_memory_mib")
 OUTCOMES = ("unlearned", "censored", "collapsed", "nothing_to_forget")
 
 
 def request_row(r: dict) -> dict:
     """A request's row of the request table, from its result.json."""
-    return {k: r.get(k) for k in GROUP_COLUMNS} | {f"step_uq_{k}": o["step"] if o["outcome"] == "unlearned" else None
-                                                   for k, o in r.get("outcomes", {}).items()}
+    return {k: r.get(k) for k in REQUEST_COLUMNS} | {
+        f"step_uq_{k}": o["step"] if o["outcome"] == "unlearned" else None for k, o in r.get("outcomes", {}).items()}
 
 
 def outcome_of(r: dict) -> str:
@@ -49,31 +51,11 @@ def outcome_counts(rows: list[dict]) -> dict[str, int]:
 # ----------------------------------------------------------------------------------------------- the run's files
 
 
-def old_layout(run_dir: Path) -> bool:
-    """True for a run directory made before the unlearn stage wrote `unlearn/summary.json`: its unlearn record
-    lists a top-level `summary.json` (now the report stage's merged view)."""
-    run_dir = Path(run_dir)
-    if (run_dir / "unlearn" / "summary.json").exists():
-        return False
-    files = (read_record(run_dir, "unlearn") or {}).get("files")
-    return isinstance(files, dict) and "summary.json" in files
-
-
-def check_layout(run_dir: Path) -> None:
-    """Refuse a run directory of the old layout (`old_layout`) with what to rerun."""
-    if old_layout(run_dir):
-        raise UserError(
-            f"{run_dir} was made by an older unlearnbench, whose unlearn stage wrote the run's summary.json itself; "
-            "now it writes unlearn/summary.json and the report stage writes summary.json from the stored results. "
-            f"Rerun the unlearn stage with the same --preset/--config/overrides, `unlearnbench unlearn --force "
-            f"run.dir={run_dir} ...`, then `unlearnbench run run.dir={run_dir} ...` for the attack and report stages "
-            "(data, models and scores are kept).")
-
-
 def read_unlearn_summary(run_dir: Path) -> dict:
-    """`unlearn/summary.json`: the unlearn stage's request table, outcome counts and cost."""
+    """`unlearn/summary.json`: the unlearn stage's request table, outcome counts and cost. A run directory of an
+    older layout is refused (`records.check_layout`)."""
     run_dir = Path(run_dir)
-    check_layout(run_dir)
+    check_layout(run_dir, ["unlearn"])
     path = run_dir / "unlearn" / "summary.json"
     if not path.exists():
         raise UserError(f"No unlearn/summary.json in {run_dir}: run the unlearn stage first "
@@ -87,11 +69,12 @@ def load_requests(run_dir: Path) -> list[dict]:
     return [read_json(Path(run_dir) / "unlearn" / row["request"] / "result.json") for row in rows]
 
 
-def load_per_example(run_dir: Path, results: list[dict]) -> pd.DataFrame:
-    """Every request's examples.parquet with its request name and nothing_to_forget flag."""
+def load_forgetting(run_dir: Path, results: list[dict]) -> pd.DataFrame:
+    """Every request's forgetting.parquet (each example's steps to forget) with its request name and nothing_to_forget
+    flag."""
     frames = []
     for r in results:
-        p = Path(run_dir) / "unlearn" / r["request"] / "examples.parquet"
+        p = Path(run_dir) / "unlearn" / r["request"] / "forgetting.parquet"
         if p.exists():
             frames.append(pd.read_parquet(p).assign(request=r["request"], nothing_to_forget=bool(r["nothing_to_forget"])))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
@@ -114,7 +97,7 @@ class RunResults:
     run_dir: Path
     unlearn: dict  # unlearn/summary.json
     requests: list[dict]  # each request's unlearn/<request>/result.json, in the request table's order
-    per_example: pd.DataFrame  # every request's examples.parquet, with `request` and `nothing_to_forget`
+    forgetting: pd.DataFrame  # every request's forgetting.parquet, with `request` and `nothing_to_forget`
     attacks: dict | None  # attacks/summary.json; None when the attack stage wrote none (or not on these results)
     attack_results: list[dict]  # each attacked request's attacks/<request>/result.json, by name
     note: str | None = None  # why attack results that exist were left out
@@ -130,7 +113,7 @@ def attacks_current(run_dir: Path) -> bool:
 
 
 def load_run(run_dir: Path) -> RunResults:
-    """A run's per-request results of the unlearn and attack stages, and its per-example tables. Attack results
+    """A run's per-request results of the unlearn and attack stages, and its forgetting tables. Attack results
     count only when the attack stage ran on the current unlearn results."""
     run_dir = Path(run_dir)
     unlearn = read_unlearn_summary(run_dir)
@@ -142,4 +125,4 @@ def load_run(run_dir: Path) -> RunResults:
                                f"results; they are left out (`unlearnbench attack run.dir={run_dir}` redoes them)")
     attack_results = ([read_json(p) for p in sorted((run_dir / "attacks").glob("*/result.json"))]
                       if attacks is not None else [])
-    return RunResults(run_dir, unlearn, requests, load_per_example(run_dir, requests), attacks, attack_results, note)
+    return RunResults(run_dir, unlearn, requests, load_forgetting(run_dir, requests), attacks, attack_results, note)

@@ -53,7 +53,7 @@ def attack_summary(cfg: Config, results: list[dict], skipped: list[dict]) -> dic
 
 
 def attack_columns(res: dict) -> dict:
-    """One request's attack results as flat columns (for summary.json's groups and the trackers): recovered share
+    """One request's attack results as flat columns (for summary.json's request rows and the trackers): recovered share
     after relearning (retain, forget fraction, its held-out part) and quantization, MIA AUC under θ₀ (`original`),
     the unlearned model and θᵣ (`oracle`), PrivLeak."""
     out: dict = {}
@@ -80,15 +80,15 @@ def merged_summary(cfg: Config, run: RunResults) -> dict:
     F1-F3, the survival view, the cost, and an `attacks` block with the attack settings and F4. `cfg` gives the
     rules' parameters (UQ target, alpha, bootstrap draws, seed): its fingerprint is the stored results' own."""
     u = run.unlearn
-    groups = [request_row(r) for r in run.requests]
-    out = {**{k: u[k] for k in HEADER}, "outcomes": outcome_counts(run.requests), "groups": groups,
-           "findings": run_findings(cfg, run.requests, run.per_example),
-           "survival": survival(run.per_example) if not run.per_example.empty else {}, "cost": u["cost"]}
+    rows = [request_row(r) for r in run.requests]
+    out = {**{k: u[k] for k in HEADER}, "outcomes": outcome_counts(run.requests), "requests": rows,
+           "findings": run_findings(cfg, run.requests, run.forgetting),
+           "survival": survival(run.forgetting) if not run.forgetting.empty else {}, "cost": u["cost"]}
     if run.attacks is not None:
         by_request = {r["request"]: attack_columns(r) for r in run.attack_results}
-        for g in groups:
-            g["attacked"] = g["request"] in by_request
-            g.update(by_request.get(g["request"], {}))
+        for row in rows:
+            row["attacked"] = row["request"] in by_request
+            row.update(by_request.get(row["request"], {}))
         a = run.attacks
         out["attacks"] = {"requests": sorted(by_request), "selection": a["selection"],
                           "relearn_steps": a["relearn_steps"], "relearn_lr": a["relearn_lr"],

@@ -1,5 +1,5 @@
 """The run directory: what a stage is given (`Context`), where things are in the directory (stage records, the
-`seed_*` sub-runs of a multi-seed run, the `map/*` cells of the findings map), keeping library caches and
+`seed_*` sub-runs of a multi-seed run, the `map/*` settings of the findings map), keeping library caches and
 temporary files inside it, and removing outputs from it. It decides nothing about stages: the stage records
 (`records.py`) say what to remove and when.
 """
@@ -128,7 +128,7 @@ def resolve_run(cfg: Config) -> Config:
 # ----------------------------------------------------------------------------------------------- layout
 
 RECORDS_DIR = "stages"  # <run.dir>/stages/<stage>.json: each stage's record
-MAP_DIR = "map"  # <run.dir>/map/<cell>/: the findings map's sub-runs
+MAP_DIR = "map"  # <run.dir>/map/<setting>/: the findings map's sub-runs
 
 
 def record_path(run_dir: Path, stage: str) -> Path:
@@ -142,18 +142,18 @@ def seed_dir(run_dir: str | Path, seed: int) -> Path:
 
 
 def map_dir(run_dir: str | Path) -> Path:
-    """The findings map of a run: `<run_dir>/map` (its cells' sub-runs and the map itself)."""
+    """The findings map of a run: `<run_dir>/map` (its settings' sub-runs and the map itself)."""
     return Path(run_dir) / MAP_DIR
 
 
-def map_cell_dir(run_dir: str | Path, cell: str) -> Path:
-    """The sub-run of one findings-map cell: `<run_dir>/map/<cell>`."""
-    return map_dir(run_dir) / cell
+def map_setting_dir(run_dir: str | Path, setting: str) -> Path:
+    """The sub-run of one setting of the findings map: `<run_dir>/map/<setting>`."""
+    return map_dir(run_dir) / setting
 
 
 def nested_runs(run_dir: str | Path) -> list[Path]:
     """The run directories whose invocations write into this one or under it: the parent of a `seed_*` sub-run or
-    of a findings-map cell (one or two levels up), and this directory's own `seed_*` and `map/*` sub-runs."""
+    of a findings-map setting (one or two levels up), and this directory's own `seed_*` and `map/*` sub-runs."""
     run_dir = Path(os.path.abspath(run_dir))
     subs = [p for p in (*sorted(run_dir.glob("seed_*")), *sorted(map_dir(run_dir).glob("*"))) if p.is_dir()]
     return [run_dir.parent, run_dir.parent.parent, *subs]

@@ -201,7 +201,7 @@ def score_pass(acc, model, dataset, batch_size: int = 64, pad_id: int = 0, vocab
     """Per-example scores of `model` on every example of `dataset`, sorted by example_id, on all processes.
 
     Batches hold at most `batch_size` examples and `batch_tokens` padded tokens (None: `auto_batch_tokens`; 0: no
-    budget). `local=True` scores everything in this process alone (no sharding, no collectives): request-parallel
+    budget). `local=True` scores everything in this process alone (no sharding, no collectives): job-parallel
     unlearning, where each process evaluates its own model copy.
     """
     t0 = time.perf_counter()

@@ -12,11 +12,11 @@ from typing import Iterator
 
 from unlearnbench import interrupt
 from unlearnbench.config import Config
-from unlearnbench.distributed import describe, make_accelerator
+from unlearnbench.distributed import describe, make_accelerator, on_main_or_fail
 from unlearnbench.errors import UserError
 from unlearnbench.io import write_json
 from unlearnbench.lock import LOCK_NAME, hold_run_lock
-from unlearnbench.records import save_resolved_config
+from unlearnbench.records import check_layout, save_resolved_config
 from unlearnbench.rundir import Context, check_run_dir, contain_writes, empty_if_unfinished, seed_dir
 
 
@@ -95,6 +95,8 @@ def run_stages(cfg: Config, stage: str, force: bool, acc) -> list[Path]:
             check_run_dir(ctx.run_dir)
             ctx.run_dir.mkdir(parents=True, exist_ok=True)
         acc.wait_for_everyone()
+        if not force:  # a run directory of an older layout, refused before anything in it is written
+            on_main_or_fail(acc, lambda: check_layout(ctx.run_dir))
         save_resolved_config(ctx, setup)
         for name in names:
             ctx.started = time.perf_counter()

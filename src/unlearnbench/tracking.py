@@ -100,12 +100,11 @@ def wandb_mode(cfg: Config) -> str | None:
     return None if mode == "disabled" else mode
 
 
-def open_tracker(ctx, job_type: str, writer: bool | None = None) -> "Tracker":
-    """The tracking session of one stage invocation. `writer` (default: the main process) writes metrics.jsonl; the
-    trackers run only on the main process, so a request-parallel worker that writes its own records stays local."""
-    if writer is None or ctx.is_main:
-        return Tracker(ctx.cfg, ctx.run_dir, job_type, ctx.is_main if writer is None else writer)
-    return Tracker(ctx.cfg, ctx.run_dir, job_type, writer, use_wandb=False)
+def open_tracker(ctx, job_type: str, job_parallel: bool = False) -> "Tracker":
+    """The tracking session of one stage invocation. The main process writes metrics.jsonl and runs the trackers;
+    with `job_parallel` (each process runs whole jobs alone) every process writes its own records to metrics.jsonl,
+    while the trackers still run on the main process only."""
+    return Tracker(ctx.cfg, ctx.run_dir, job_type, ctx.is_main or job_parallel, use_wandb=ctx.is_main)
 
 
 def _wandb_tracker_class():

@@ -26,7 +26,7 @@ def perplexity(nll_sum, n_tokens) -> float:
     m = mean_nll(nll_sum, n_tokens)
     if math.isnan(m):
         return m
-    # exp overflow means a diverged model; report inf rather than raising OverflowError.
+    # exp overflow means a collapsed model; report inf rather than raising OverflowError.
     return math.exp(m) if m < 709.0 else float("inf")
 
 

@@ -11,9 +11,10 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from unlearnbench.errors import UserError
-from unlearnbench.findings import group_values
+from unlearnbench.findings import cell_values
 from unlearnbench.io import atomic_dir, read_json
 from unlearnbench.metrics import mean_ci
+from unlearnbench.records import check_layout
 from unlearnbench.reporting.style import KIND_LABELS, kind_color, kind_key, reps_title
 
 
@@ -83,10 +84,12 @@ def compare_runs(dirs: list[Path], out_dir: Path) -> None:
     runs = []
     for d in dirs:
         subs = _seed_dirs(d)
+        for s in subs:  # a summary.json of an older layout names its keys otherwise: refused, never half read
+            check_layout(s, ["report"])
         summaries = [read_json(s / "summary.json") for s in subs]
         label = d.name if d.name not in [r["label"] for r in runs] else str(d)
         runs.append({"label": label, "dir": d, "summaries": summaries, "settings": _settings(subs[0], summaries)})
-    cells = sorted({(g["kind"], int(g["repetitions"])) for r in runs for s in r["summaries"] for g in s["groups"]},
+    cells = sorted({(g["kind"], int(g["repetitions"])) for r in runs for s in r["summaries"] for g in s["requests"]},
                    key=lambda c: (kind_key(c[0]), c[1]))
     everything = [s for r in runs for s in r["summaries"]]
 
@@ -104,8 +107,8 @@ def compare_runs(dirs: list[Path], out_dir: Path) -> None:
                   "| kind | reps | " + " | ".join(r["label"] for r in runs) + " | all runs |",
                   "|" + "---|" * (len(runs) + 3)]
         for kind, reps in cells:
-            per = [mean_ci(group_values(r["summaries"], kind, reps, col)) for r in runs]
-            pooled = mean_ci(group_values(everything, kind, reps, col))
+            per = [mean_ci(cell_values(r["summaries"], kind, reps, col)) for r in runs]
+            pooled = mean_ci(cell_values(everything, kind, reps, col))
             stats[(col, kind, reps)] = per
             lines.append(f"| {kind} | {reps} | " + " | ".join(_ci(p, fmt) for p in per) + f" | {_ci(pooled, fmt)} |")
         lines.append("")

@@ -23,12 +23,12 @@ def _outcomes(gs: list[dict]) -> str:
     return " ".join(f"{v}{k}" for k, v in counts.items() if v) or "–"
 
 
-def group_table(summary: dict) -> list[str]:
+def cell_table(summary: dict) -> list[str]:
     """Markdown table per (kind, repetitions); cells with several requests show means."""
     lines = ["| kind | reps | requests | examples | outcomes | steps to unlearn | utility drop there | final UQ "
              "| max UQ | exposure θ0 (bits) | exposure θr (bits) | steps to forget | censored | memorization "
-             "(nats/tok) | difficulty (nats/tok) | diverged | nothing to forget |", "|" + "---|" * 17]
-    for kind, reps, gs in request_cells(summary["groups"]):
+             "(nats/tok) | difficulty (nats/tok) | collapsed | nothing to forget |", "|" + "---|" * 17]
+    for kind, reps, gs in request_cells(summary["requests"]):
         unlearned = [g for g in gs if g.get("steps_to_unlearn") is not None and not g.get("nothing_to_forget")]
         lines.append(
             f"| {kind} | {reps} | {len(gs)} | {sum(g['n_examples'] for g in gs)} | {_outcomes(gs)} | "
@@ -41,7 +41,7 @@ def group_table(summary: dict) -> list[str]:
             f"{num(mean(g.get('censored_fraction') for g in gs), '{:.0%}')} | "
             f"{num(mean(g['memorization_mean'] for g in gs), '{:.3f}')} | "
             f"{num(mean(g['difficulty_mean'] for g in gs), '{:.3f}')} | "
-            f"{sum(bool(g.get('diverged')) for g in gs)} | {sum(bool(g.get('nothing_to_forget')) for g in gs)} |")
+            f"{sum(bool(g.get('collapsed')) for g in gs)} | {sum(bool(g.get('nothing_to_forget')) for g in gs)} |")
     return lines
 
 
@@ -52,16 +52,17 @@ def _interval(e: dict, fmt: str = "{:.3g}") -> str:
 def finding_lines(findings: dict) -> list[str]:
     """F1-F3 with their verdicts, effects with intervals over replicates, outcome counts and stability."""
     if not findings:
-        return ["No findings: the run has no (kind, repetitions) groups or no per-example results."]
+        return ["No findings: the run has no (kind, repetitions) requests or no forgetting tables."]
     lines = []
     for key, f in findings.items():
-        lines.append(f"- **{key}: {f['verdict']}** ({f['holds']} of {f['of']} cells reproduce it). {f['statement']}. "
-                     f"Effect: {f['effect']}.")
-        if f.get("cells"):
-            targets = list(f["cells"][0]["by_target"])
+        units = "contrasts" if "contrasts" in f else "kinds"
+        lines.append(f"- **{key}: {f['verdict']}** ({f['holds']} of {f['of']} {units} reproduce it). "
+                     f"{f['statement']}. Effect: {f['effect']}.")
+        if f.get("contrasts"):
+            targets = list(f["contrasts"][0]["by_target"])
             lines += ["", "  | reps | OOD kind | replicates | verdict | " + " | ".join(targets) + " | stable across targets |",
                       "  |" + "---|" * (len(targets) + 5)]
-            for c in f["cells"]:
+            for c in f["contrasts"]:
                 cells = []
                 for t in targets:
                     e = c["by_target"][t]
@@ -121,9 +122,9 @@ def attack_lines(results: list[dict], f4: dict | None) -> list[str]:
         lines += ["No oracle (`train.oracle=false`): θr was not attacked. \"ē oracle attacked\" is replaced by the "
                   "held-out-reference e_r (unattacked), and the AUC and PrivLeak under θr are not available (–).", ""]
     if f4:
-        lines.append(f"- **F4: {f4['verdict']}** ({f4['holds']} of {f4['of']} cells). {f4['statement']}. Effect: "
+        lines.append(f"- **F4: {f4['verdict']}** ({f4['holds']} of {f4['of']} contrasts). {f4['statement']}. Effect: "
                      f"{f4['effect']}.")
-        for c in f4["cells"]:
+        for c in f4["contrasts"]:
             parts = [f"{a}: {_interval(e)} {e['verdict']}" + (f" ({e['direction']})" if e.get("direction") else "")
                      for a, e in c["by_attack"].items()]
             lines.append(f"  - r{c['repetitions']} {c['ood_kind']} vs id ({c['replicates']} replicates): " + "; ".join(parts))
@@ -143,7 +144,7 @@ def cost_lines(summary: dict) -> list[str]:
         lines.append(f"| {stage} | {num(c.get('seconds'), '{:.1f}')} | {num(c.get('device_seconds'), '{:.1f}')} | "
                      f"{num(c.get('peak_memory_mib'), '{:.0f}')} | {num(c.get('flops'), '{:.3g}')} |")
     lines += ["", "| request | outcome | steps | wall s | eval share | est. FLOPs | device-s |", "|---|---|---|---|---|---|---|"]
-    for g in summary["groups"]:
+    for g in summary["requests"]:
         lines.append(f"| {g['request']} | {g.get('outcome')} | {g.get('steps_run')} | {num(g.get('wall_seconds'), '{:.1f}')} | "
                      f"{num(g.get('eval_share'), '{:.0%}')} | {num(g.get('flops'), '{:.3g}')} | "
                      f"{num(g.get('device_seconds'), '{:.1f}')} |")
@@ -186,10 +187,11 @@ def render_markdown(summary: dict, figures: dict[str, str] | None = None,
              f"UQ target {summary['uq_target']}, max steps {summary['max_steps']}.", "",
              e_r_line(summary), "",
              "## Forget requests per kind and repetitions", ""]
-    lines += group_table(summary)
+    lines += cell_table(summary)
     lines += ["", "Outcomes: u unlearned (UQ reached the target), c censored (the budget ran out first), x collapsed "
-              "(diverged first), n nothing to forget. Steps to unlearn and the utility drop there (ppl_t / ppl_0 − 1 on "
-              "the ID holdout) are means over the unlearned requests only: read them with the outcome counts.", "", "## Findings", ""]
+              "(a non-finite loss, an exploding gradient or the utility past its limit ended it first), n nothing to "
+              "forget. Steps to unlearn and the utility drop there (ppl_t / ppl_0 − 1 on the ID holdout) are means "
+              "over the unlearned requests only: read them with the outcome counts.", "", "## Findings", ""]
     lines += finding_lines(summary.get("findings", {}))
     if summary.get("survival"):
         lines += ["", "## Example level: steps to forget", ""] + survival_lines(summary["survival"])
@@ -212,7 +214,7 @@ def format_findings(summary: dict) -> str:
     lines = ["[findings]"]
     for key, f in summary.get("findings", {}).items():
         lines.append(f"  {key}: {f['verdict']} — {f['statement']}")
-        for c in f.get("cells", []):
+        for c in f.get("contrasts", []):
             e = c["by_target"][c["main"]]
             lines.append(f"    r{c['repetitions']} {c['ood_kind']} vs id: {c['verdict']} "
                          f"(effect {num(e['mean'], G3)} [{num(e['lo'], G3)}, {num(e['hi'], G3)}], "

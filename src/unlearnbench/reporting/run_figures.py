@@ -1,6 +1,7 @@
 """The figures of one run's report, from its merged summary (`run_summary.merged_summary`), the requests' curves
-and the per-example table: exposure trajectories, UQ, utility and the trade-off against steps, steps to forget
-against memorization and difficulty, survival, and the F1/F2 effects. Headings and captions: `style.FIGURES`.
+and the forgetting table (each example's steps to forget): exposure trajectories, UQ, utility and the trade-off
+against steps, steps to forget against memorization and difficulty, survival, and the F1/F2 effects.
+Headings and captions: `style.FIGURES`.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from unlearnbench.reporting.style import (ATTACK_FIGURES, FIGURES, KIND_LABELS, 
 
 
 def _by_reps(summary: dict, curves: dict) -> tuple[list[int], list[str], dict[int, list[dict]]]:
-    groups = [g for g in summary["groups"] if g["request"] in curves]
-    reps = sorted({int(g["repetitions"]) for g in groups})
-    kinds = sorted({g["kind"] for g in groups}, key=kind_key)
-    per = {r: sorted([g for g in groups if int(g["repetitions"]) == r], key=lambda g: kind_key(g["kind"]))
+    requests = [g for g in summary["requests"] if g["request"] in curves]
+    reps = sorted({int(g["repetitions"]) for g in requests})
+    kinds = sorted({g["kind"] for g in requests}, key=kind_key)
+    per = {r: sorted([g for g in requests if int(g["repetitions"]) == r], key=lambda g: kind_key(g["kind"]))
            for r in reps}
     return reps, kinds, per
 
@@ -55,7 +56,7 @@ def fig_exposure(summary: dict, curves: dict, path: Path) -> None:
 
 def fig_uq(summary: dict, curves: dict, path: Path) -> None:
     """UQ vs step with the bootstrap band, one panel per (kind, repetitions)."""
-    cells = [(k, r, [g for g in gs if g["request"] in curves]) for k, r, gs in request_cells(summary["groups"])]
+    cells = [(k, r, [g for g in gs if g["request"] in curves]) for k, r, gs in request_cells(summary["requests"])]
     cells = [c for c in cells if c[2]]
     kinds = sorted({k for k, _, _ in cells}, key=kind_key)
     reps = sorted({r for _, r, _ in cells})
@@ -150,7 +151,7 @@ def fig_tradeoff(summary: dict, curves: dict, path: Path) -> None:
     save(fig, path)
 
 
-def fig_steps_to_forget(summary: dict, examples: pd.DataFrame, variable: str, path: Path) -> None:
+def fig_steps_to_forget(summary: dict, forgetting: pd.DataFrame, variable: str, path: Path) -> None:
     """Steps to forget vs `variable` (memorization or difficulty) per example, Spearman ρ per kind in the legend."""
     xlabel = {"memorization": "memorization ℓθr(x) − ℓθ0(x) (nats/token)",
               "difficulty": "difficulty ℓθr(x) (nats/token)"}[variable]
@@ -158,11 +159,11 @@ def fig_steps_to_forget(summary: dict, examples: pd.DataFrame, variable: str, pa
             for c in summary.get("findings", {}).get("F3", {}).get("kinds", [])}
     fig = Figure(figsize=(7.2, 6.0), dpi=100, layout="constrained")
     ax = fig.subplots()
-    kinds = sorted(set(examples.kind), key=kind_key) if not examples.empty else []
-    reps = sorted(set(int(r) for r in examples.repetitions)) if not examples.empty else []
+    kinds = sorted(set(forgetting.kind), key=kind_key) if not forgetting.empty else []
+    reps = sorted(set(int(r) for r in forgetting.repetitions)) if not forgetting.empty else []
     handles = []
     for k in kinds:
-        sub = examples[examples.kind == k]
+        sub = forgetting[forgetting.kind == k]
         for r in reps:
             s = sub[sub.repetitions == r]
             for censored, face in ((False, kind_color(k)), (True, "none")):
@@ -210,13 +211,14 @@ def fig_survival(summary: dict, path: Path) -> None:
 
 
 def fig_effects(summary: dict, path: Path) -> None:
-    """F1 and F2 per (repetitions, OOD kind): every replicate pair's difference and the mean with its interval."""
+    """F1 and F2 per contrast (an OOD kind against ID at one repetitions): every replicate pair's difference and the
+    mean with its interval."""
     findings = summary.get("findings", {})
     fig, axes = new_figure(2, 5.2, 3.8)
     for ax, key, unit in ((axes[0][0], "F1", "OOD − ID steps to reach the target"),
                           (axes[0][1], "F2", "ID − OOD log(ppl_t / ppl_0) at the crossing")):
-        cells = findings.get(key, {}).get("cells", [])
-        for x, c in enumerate(cells):
+        contrasts = findings.get(key, {}).get("contrasts", [])
+        for x, c in enumerate(contrasts):
             e = c["by_target"][c["main"]]
             for p in e.get("pairs", []):
                 if p["difference"] is not None:
@@ -229,7 +231,7 @@ def fig_effects(summary: dict, path: Path) -> None:
                             color="black", capsize=4, ls="none")
             ax.annotate(c["verdict"], (x, 0), textcoords="offset points", xytext=(0, -14), ha="center", fontsize=7)
         ax.axhline(0, color="black", lw=0.8)
-        ax.set_xticks(range(len(cells)), [f"r{c['repetitions']}\n{c['ood_kind']}" for c in cells], fontsize=8)
+        ax.set_xticks(range(len(contrasts)), [f"r{c['repetitions']}\n{c['ood_kind']}" for c in contrasts], fontsize=8)
         ax.set_ylabel(unit, fontsize=8)
         ax.set_title(f"{key} at UQ {summary.get('uq_target')}")
         ax.grid(alpha=0.3, axis="y")
@@ -237,10 +239,10 @@ def fig_effects(summary: dict, path: Path) -> None:
     save(fig, path)
 
 
-def make_figures(summary: dict, curves: dict[str, pd.DataFrame], examples: pd.DataFrame,
+def make_figures(summary: dict, curves: dict[str, pd.DataFrame], forgetting: pd.DataFrame,
                  out_dir: Path) -> dict[str, Path]:
     """Render every figure of a run's report but the attack figures into `out_dir`, from its merged summary, the
-    requests' curves and the per-example table (`results.load_run`); returns name -> PNG path."""
+    requests' curves and the forgetting table (`results.load_run`); returns name -> PNG path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {name: out_dir / f"{name}.png" for name in FIGURES if name not in ATTACK_FIGURES}
@@ -249,7 +251,7 @@ def make_figures(summary: dict, curves: dict[str, pd.DataFrame], examples: pd.Da
     fig_utility(summary, curves, paths["utility_vs_step"])
     fig_tradeoff(summary, curves, paths["uq_vs_utility"])
     for var in ("memorization", "difficulty"):
-        fig_steps_to_forget(summary, examples, var, paths[f"steps_to_forget_vs_{var}"])
+        fig_steps_to_forget(summary, forgetting, var, paths[f"steps_to_forget_vs_{var}"])
     fig_survival(summary, paths["survival"])
     fig_effects(summary, paths["finding_effects"])
     return paths

@@ -16,7 +16,7 @@ def write_report(run: RunResults, summary: dict, out: Path) -> dict[str, Path]:
     """`out`/report.md and every figure (the attack figures once the attack stage ran); returns name -> PNG path
     under `out`."""
     with atomic_dir(out) as tmp:
-        paths = make_figures(summary, load_curves(run.run_dir, run.requests), run.per_example, tmp)
+        paths = make_figures(summary, load_curves(run.run_dir, run.requests), run.forgetting, tmp)
         if summary.get("attacks") is not None:
             paths.update(attack_figures(run.run_dir, run.attack_results, tmp))
         (tmp / "report.md").write_text(render_markdown(summary, {n: p.name for n, p in paths.items()},

@@ -76,10 +76,10 @@ def kind_key(kind: str) -> tuple:
     return (KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER), kind)
 
 
-def request_cells(groups: list[dict]) -> list[tuple[str, int, list[dict]]]:
-    """Requests grouped by (kind, repetitions), in the study's order."""
+def request_cells(requests: list[dict]) -> list[tuple[str, int, list[dict]]]:
+    """Request rows grouped by cell, (kind, repetitions), in the study's order."""
     by: dict[tuple[str, int], list[dict]] = {}
-    for g in groups:
+    for g in requests:
         by.setdefault((g["kind"], int(g["repetitions"])), []).append(g)
     return [(k, r, by[(k, r)]) for k, r in sorted(by, key=lambda c: (kind_key(c[0]), c[1]))]
 

@@ -43,9 +43,9 @@ def selected(cfg: Config, results: list[dict]) -> list[dict]:
 
 
 def request_sets(cfg: Config, ids: list[str], columns: dict, meta: pd.DataFrame,
-                 forget_table: pd.DataFrame) -> attacks.RequestSets:
+                 forget_scores: pd.DataFrame) -> attacks.RequestSets:
     """The request's examples and its kind's references as plain lists, and its seen / held-out split."""
-    kinds = set(forget_table.set_index("example_id").loc[ids, "kind"])
+    kinds = set(forget_scores.set_index("example_id").loc[ids, "kind"])
     keep = meta.example_id.isin(ids) | ((meta.split == "reference") & meta.kind.isin(kinds))
     sub = meta[keep].reset_index(drop=True)
     row_of = {e: i for i, e in enumerate(columns["example_id"])}
@@ -56,21 +56,21 @@ def request_sets(cfg: Config, ids: list[str], columns: dict, meta: pd.DataFrame,
     n_seen = int(round(cfg.attack.relearn_forget_fraction * len(ids)))
     seen = sorted(ids[i] for i in order[:n_seen])
     held = sorted(set(ids) - set(seen))
-    t = forget_table.set_index("example_id").loc[ids]
+    forget_scores = forget_scores.set_index("example_id").loc[ids]  # the request's rows
     form = cfg.metrics.exposure
-    return attacks.RequestSets(ids, seen, held, data, sub, t[f"exposure_{form}_original"].to_numpy(),
-                               t[f"exposure_{form}_oracle"].to_numpy(), texts)
+    return attacks.RequestSets(ids, seen, held, data, sub, forget_scores[f"exposure_{form}_original"].to_numpy(),
+                               forget_scores[f"exposure_{form}_oracle"].to_numpy(), texts)
 
 
-def kinds_of(forget_table: pd.DataFrame, ids: list[str]) -> tuple[str, ...]:
+def kinds_of(forget_scores: pd.DataFrame, ids: list[str]) -> tuple[str, ...]:
     """The kinds a request's examples are of (one for the built-in requests)."""
-    return tuple(sorted(set(forget_table.set_index("example_id").loc[ids, "kind"])))
+    return tuple(sorted(set(forget_scores.set_index("example_id").loc[ids, "kind"])))
 
 
 def assign(requests: list[dict], kinds: dict[str, tuple], n: int, rank: int,
            weights: dict[str, float] | None = None) -> list[dict]:
-    """The attacked requests one process runs in request-parallel order: the requests sorted by kind, cut into `n`
-    contiguous runs of near-equal total weight (`weights`: a request's cost, e.g. the tokens each of its scoring
+    """The attacked requests one process runs (job-parallel: each process runs whole requests): the requests sorted
+    by kind, cut into `n` contiguous runs of near-equal total weight (`weights`: a request's cost, e.g. the tokens each of its scoring
     passes reads; 1 each by default), so that a process meets as few kinds as possible (each kind's θ₀/θᵣ work is
     done once per process that meets it: `Baselines`). Every request goes to exactly one process."""
     order = sorted(requests, key=lambda r: (kinds[r["request"]], r["request"]))
@@ -107,9 +107,9 @@ class Baselines:
 class Attacker:
     """Runs the attacks of one process's requests; loads θ₀ / θᵣ once and keeps each kind's `Baselines`."""
 
-    def __init__(self, ctx: Context, columns: dict, meta: pd.DataFrame, forget_table: pd.DataFrame, tok,
+    def __init__(self, ctx: Context, columns: dict, meta: pd.DataFrame, forget_scores: pd.DataFrame, tok,
                  unions: dict[tuple, list[str]]):
-        self.ctx, self.columns, self.meta, self.forget_table = ctx, columns, meta, forget_table
+        self.ctx, self.columns, self.meta, self.forget_scores = ctx, columns, meta, forget_scores
         self.pad, self.unions, self._baselines = tok.pad_token_id or 0, unions, {}
         self.row_of = {e: i for i, e in enumerate(columns["example_id"])}
         self.retain = [i for i, s in enumerate(columns["split"]) if s == "retain"]
@@ -131,7 +131,7 @@ class Attacker:
         """This kind's θ₀ / θᵣ work, computed the first time a request of it comes."""
         if kinds not in self._baselines:
             cfg, acc = self.ctx.cfg, self.ctx.acc
-            sets = request_sets(cfg, self.unions[kinds], self.columns, self.meta, self.forget_table)
+            sets = request_sets(cfg, self.unions[kinds], self.columns, self.meta, self.forget_scores)
             retain = []
             if self.oracle is not None:
                 c = attacks.relearning_curve(acc, self.oracle, sets, *self.rows(self.retain), cfg, self.pad)
@@ -172,7 +172,7 @@ class Attacker:
                                   cfg.score.batch_tokens)
         held = np.isin(sets.example_ids, sets.held_out)
         res = {"request": r["request"], "kind": r["kind"], "repetitions": r["repetitions"],
-               "replicate": r.get("replicate", 0), "n_examples": len(sets.example_ids), "n_seen": len(sets.seen),
+               "group": r.get("group", 0), "n_examples": len(sets.example_ids), "n_seen": len(sets.seen),
                "n_held_out": len(sets.held_out), "gap_bits": float(np.mean(sets.e_0 - sets.e_r)),
                "baseline": "oracle" if self.oracle is not None else "held_out_references"}
         curves = []
@@ -196,7 +196,7 @@ class Attacker:
             res[f"relearn_{variant}"] = {**share, "held_out": held_share, "steps": a.relearn_steps}
         res["quantization"] = self.quantization(sets, base, unlearned, e_u)
         res["mia"] = self.membership(sets, base, unlearned)
-        # request-parallel: each process writes the requests it ran; result.json last marks the request done
+        # job-parallel: each process writes the requests it ran; result.json last marks the request done
         write_parquet(out_dir / "relearning.parquet", pd.concat(curves, ignore_index=True))
         write_json(out_dir / "result.json", {**res, "fingerprint": stage_fingerprint(cfg, NAME)})
         return res
@@ -266,8 +266,8 @@ def run(ctx: Context) -> None:
     subset = eval_subset(examples)
     columns = examples.select_columns(["example_id", "input_ids", "score_start", "score_end", "split", "text"]).to_dict()
     meta = subset.select_columns(["example_id", "kind", "split"]).to_pandas()
-    forget_table = pd.read_parquet(ctx.run_dir / "scores" / "examples.parquet")
-    trk = open_tracker(ctx, NAME, writer=True)
+    forget_scores = pd.read_parquet(ctx.run_dir / "scores" / "forget.parquet")
+    trk = open_tracker(ctx, NAME, job_parallel=True)
     todo, ids_of, skipped = [], {}, []
     for r in selected(cfg, results):
         model_dir = ctx.run_dir / "unlearn" / r["request"] / "model_unlearned"
@@ -279,9 +279,9 @@ def run(ctx: Context) -> None:
             skipped.append({"request": r["request"], "reason": why})
             continue
         todo.append(r)
-        ids_of[r["request"]] = list(pd.read_parquet(ctx.run_dir / "unlearn" / r["request"] / "examples.parquet")
+        ids_of[r["request"]] = list(pd.read_parquet(ctx.run_dir / "unlearn" / r["request"] / "forgetting.parquet")
                                     .example_id)
-    kinds = {name: kinds_of(forget_table, ids) for name, ids in ids_of.items()}
+    kinds = {name: kinds_of(forget_scores, ids) for name, ids in ids_of.items()}
     unions: dict[tuple, list[str]] = {}
     for r in todo:  # every attacked request of a kind, whichever process runs it: the same union in any layout
         unions.setdefault(kinds[r["request"]], []).extend(ids_of[r["request"]])
@@ -296,8 +296,8 @@ def run(ctx: Context) -> None:
         if done.exists() and read_json(done).get("fingerprint") == fingerprint:  # finished for this config
             print(f"[attack] {r['request']}: already done, skipping", flush=True)
             continue
-        attacker = attacker or Attacker(ctx, columns, meta, forget_table, tok, unions)
-        res = attacker.request(r, request_sets(cfg, ids_of[r["request"]], columns, meta, forget_table),
+        attacker = attacker or Attacker(ctx, columns, meta, forget_scores, tok, unions)
+        res = attacker.request(r, request_sets(cfg, ids_of[r["request"]], columns, meta, forget_scores),
                                kinds[r["request"]])
         trk.log({f"attack/{r['request']}/relearn_{v}": res[f"relearn_{v}"]["recovered"]
                  for v in ("retain", "forget_fraction")}, request=r["request"])

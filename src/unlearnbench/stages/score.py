@@ -60,19 +60,19 @@ def run(ctx: Context) -> None:
             write_parquet(ctx.run_dir / "scores" / f"{name}.parquet", meta.merge(scores[name], on="example_id"))
         ctx.acc.print(f"[score] {name}: {info[name]['examples']} examples in {info[name]['seconds']:.1f}s "
                       f"(padding {info[name]['padding_fraction']:.1%})")
-    table = build_forget_table(cfg, meta, scores, ctx.run_dir)
+    forget_scores = build_forget_scores(cfg, meta, scores, ctx.run_dir)
     utility = {name: utility_table(scores[name], meta) for name in ("original", "oracle") if name in scores}
-    groups = group_summary(table)
+    cells = cell_summary(forget_scores)
     if ctx.is_main:
-        write_parquet(ctx.run_dir / "scores" / "examples.parquet", table)
+        write_parquet(ctx.run_dir / "scores" / "forget.parquet", forget_scores)
         write_json(ctx.run_dir / "scores" / "utility.json", utility)
-        write_json(ctx.run_dir / "scores" / "groups.json", groups.to_dict(orient="records"))
-        trk.log_table("score/examples", table)
-        for rec in groups.to_dict(orient="records"):
+        write_json(ctx.run_dir / "scores" / "cells.json", cells.to_dict(orient="records"))
+        trk.log_table("score/forget", forget_scores)
+        for rec in cells.to_dict(orient="records"):
             trk.log({f"score/{rec['kind']}_r{rec['repetitions']}/{k}": v for k, v in rec.items()
                      if k not in ("kind", "repetitions")})
         trk.summary({f"utility/{m}/{k}": v for m, u in utility.items() for k, v in u.items()})
-    ctx.acc.print(format_group_table(groups))
+    ctx.acc.print(format_cell_table(cells))
     ctx.acc.print("[score] utility: " + ", ".join(f"{m} ID-holdout ppl {u.get('id_holdout_ppl', float('nan')):.1f}"
                                                   for m, u in utility.items()))
     if not cfg.train.oracle:
@@ -83,47 +83,50 @@ def run(ctx: Context) -> None:
     finish_stage(ctx, NAME, {"passes": info, "e_r_source": e_r_source(cfg), "flops": flops, **peak_memory_mib()})
 
 
-def build_forget_table(cfg, meta: pd.DataFrame, scores: dict, run_dir: Path) -> pd.DataFrame:
+def build_forget_scores(cfg, meta: pd.DataFrame, scores: dict, run_dir: Path) -> pd.DataFrame:
     """One row per forget example: losses and exposures under original and oracle, memorization, difficulty.
 
     Without oracle scores (no-oracle mode) the oracle columns hold e_r from the held-out references (one value per
     kind, `held_out_e_r` under θ₀) and NaN losses."""
     loss = cfg.metrics.loss
     forget = meta[meta.split == "forget"][["example_id", "kind", "repetitions", "group"]].reset_index(drop=True)
-    table = forget.copy()
+    forget_scores = forget.copy()
     if "oracle" not in scores:
         e_r = held_out_e_r(meta.merge(scores["original"], on="example_id"), loss).set_index("kind")
         for col in ("nll_oracle", "loss_oracle", "accuracy_oracle"):
-            table[col] = np.nan
+            forget_scores[col] = np.nan
         for form in ("rank", "extrapolated"):
-            table[f"exposure_{form}_oracle"] = e_r.loc[table.kind, f"exposure_{form}"].to_numpy(dtype=float)
-        table["exposure_oracle"] = table[f"exposure_{cfg.metrics.exposure}_oracle"]
+            forget_scores[f"exposure_{form}_oracle"] = e_r.loc[forget_scores.kind,
+                                                                f"exposure_{form}"].to_numpy(dtype=float)
+        forget_scores["exposure_oracle"] = forget_scores[f"exposure_{cfg.metrics.exposure}_oracle"]
     for name in [n for n in ("original", "oracle") if n in scores]:
         s = scores[name].set_index("example_id")
-        table[f"nll_{name}"] = s.loc[table.example_id, "nll"].to_numpy()
-        table[f"loss_{name}"] = s.loc[table.example_id, loss].to_numpy()
-        table[f"accuracy_{name}"] = s.loc[table.example_id, "accuracy"].to_numpy()
-        exp = exposures(meta.merge(scores[name], on="example_id"), loss, table.example_id).set_index("example_id")
+        forget_scores[f"nll_{name}"] = s.loc[forget_scores.example_id, "nll"].to_numpy()
+        forget_scores[f"loss_{name}"] = s.loc[forget_scores.example_id, loss].to_numpy()
+        forget_scores[f"accuracy_{name}"] = s.loc[forget_scores.example_id, "accuracy"].to_numpy()
+        exp = exposures(meta.merge(scores[name], on="example_id"), loss,
+                        forget_scores.example_id).set_index("example_id")
         for form in ("rank", "extrapolated"):
-            table[f"exposure_{form}_{name}"] = exp.loc[table.example_id, f"exposure_{form}"].to_numpy()
-        table[f"exposure_{name}"] = table[f"exposure_{cfg.metrics.exposure}_{name}"]
-    table["e_r_source"] = "oracle" if "oracle" in scores else "held_out_references"
-    table["memorization"] = metrics.memorization(table.nll_original.to_numpy(), table.nll_oracle.to_numpy())
-    table["exposure_memorization"] = metrics.exposure_memorization(table.exposure_original.to_numpy(),
-                                                                   table.exposure_oracle.to_numpy())
-    table["difficulty"] = metrics.difficulty(table.nll_oracle.to_numpy())
+            forget_scores[f"exposure_{form}_{name}"] = exp.loc[forget_scores.example_id, f"exposure_{form}"].to_numpy()
+        forget_scores[f"exposure_{name}"] = forget_scores[f"exposure_{cfg.metrics.exposure}_{name}"]
+    forget_scores["e_r_source"] = "oracle" if "oracle" in scores else "held_out_references"
+    forget_scores["memorization"] = metrics.memorization(forget_scores.nll_original.to_numpy(),
+                                                         forget_scores.nll_oracle.to_numpy())
+    forget_scores["exposure_memorization"] = metrics.exposure_memorization(forget_scores.exposure_original.to_numpy(),
+                                                                           forget_scores.exposure_oracle.to_numpy())
+    forget_scores["difficulty"] = metrics.difficulty(forget_scores.nll_oracle.to_numpy())
     k = cfg.score.shadow_models
     if k:
         masks = read_json(run_dir / "models" / "shadow_masks.json")
-        losses = np.stack([scores[f"shadow_{j}"].set_index("example_id").loc[table.example_id, "nll"].to_numpy()
-                           for j in range(k)])
-        trained = np.array([[masks[j][e] for e in table.example_id] for j in range(k)], dtype=bool)
-        table["cf_memorization"] = metrics.counterfactual_memorization(losses, trained)
-        table["cf_difficulty"] = metrics.counterfactual_difficulty(losses, trained)
-    return table
+        losses = np.stack([scores[f"shadow_{j}"].set_index("example_id").loc[forget_scores.example_id,
+                                                                                 "nll"].to_numpy() for j in range(k)])
+        trained = np.array([[masks[j][e] for e in forget_scores.example_id] for j in range(k)], dtype=bool)
+        forget_scores["cf_memorization"] = metrics.counterfactual_memorization(losses, trained)
+        forget_scores["cf_difficulty"] = metrics.counterfactual_difficulty(losses, trained)
+    return forget_scores
 
 
-def group_summary(table: pd.DataFrame) -> pd.DataFrame:
+def cell_summary(forget_scores: pd.DataFrame) -> pd.DataFrame:
     """Means per (kind, repetitions): exposure under original and oracle, memorization, difficulty, counts."""
     agg = {"n": ("example_id", "size"), "exposure_original": ("exposure_original", "mean"),
            "exposure_oracle": ("exposure_oracle", "mean"),
@@ -131,15 +134,15 @@ def group_summary(table: pd.DataFrame) -> pd.DataFrame:
            "rank_exposure_oracle": ("exposure_rank_oracle", "mean"),
            "nll_original": ("nll_original", "mean"), "nll_oracle": ("nll_oracle", "mean"),
            "memorization": ("memorization", "mean"), "difficulty": ("difficulty", "mean")}
-    return table.groupby(["kind", "repetitions"]).agg(**agg).reset_index()
+    return forget_scores.groupby(["kind", "repetitions"]).agg(**agg).reset_index()
 
 
-def format_group_table(groups: pd.DataFrame) -> str:
+def format_cell_table(cells: pd.DataFrame) -> str:
     """The per-(kind, repetitions) table printed by the score stage."""
     head = (f"{'kind':<7} {'reps':>4} {'n':>4} {'exp θ0':>8} {'exp θr':>8} {'rank θ0':>8} {'rank θr':>8} "
             f"{'nll θ0':>7} {'nll θr':>7} {'mem':>6} {'diff':>6}")
     lines = ["[score] exposure in bits (extrapolated and rank), nll in nats/token", head, "-" * len(head)]
-    for r in groups.itertuples():
+    for r in cells.itertuples():
         lines.append(f"{r.kind:<7} {r.repetitions:>4} {r.n:>4} {r.exposure_original:>8.2f} {r.exposure_oracle:>8.2f} "
                      f"{r.rank_exposure_original:>8.2f} {r.rank_exposure_oracle:>8.2f} {r.nll_original:>7.3f} "
                      f"{r.nll_oracle:>7.3f} {r.memorization:>6.3f} {r.difficulty:>6.3f}")

@@ -5,7 +5,7 @@ A plain Accelerate loop: the same code runs on one process, DDP, DeepSpeed and F
 by config; each step's examples are a function of (seed, step) only, so runs with different process counts
 see the same batches and a resumed run continues exactly where it stopped.
 
-How several processes share the models is decided here, once (`parallel_mode`): job-parallel (`models`: each
+How several processes share the models is decided here, once (`parallel_mode`): job-parallel (`jobs`: each
 process trains whole models on its own device, no collective inside a model's loop, bit-identical to training
 that model in a 1-process run) or data-parallel (`data`: every model on all processes, gradients all-reduced).
 """
@@ -49,28 +49,28 @@ def shadow_masks(examples, k: int, seed: int) -> list[dict]:
 
 
 def parallel_rule(choice: str, processes: int, untrained: int, sharded: bool) -> str:
-    """`models` (each process trains whole models alone) or `data` (every model on all processes).
+    """`jobs` (job-parallel: each process trains whole models alone) or `data` (every model on all processes).
 
     Auto rule: job-parallel when there are several processes, at least as many untrained models as processes, and
-    the launch does not shard the model (no DeepSpeed ZeRO, no FSDP); data-parallel otherwise. A forced `models`
+    the launch does not shard the model (no DeepSpeed ZeRO, no FSDP); data-parallel otherwise. A forced `jobs`
     with a sharded launch is refused; with one process both modes are the same loop, reported as `data`.
     """
-    if choice == "models" and sharded:
-        raise UserError("train.parallel=models trains each model whole on one device, but this launch shards the "
+    if choice == "jobs" and sharded:
+        raise UserError("train.parallel=jobs trains each model whole on one device, but this launch shards the "
                         "model (DeepSpeed ZeRO or FSDP). Use train.parallel=data (or auto), or launch with a DDP "
                         "accelerate config (accelerate_configs/cpu_ddp.yaml, multi_gpu.yaml).")
     if choice != "auto":
         return choice if processes > 1 else "data"
-    return "models" if processes > 1 and untrained >= processes and not sharded else "data"
+    return "jobs" if processes > 1 and untrained >= processes and not sharded else "data"
 
 
 def parallel_mode(acc, choice: str, untrained: int) -> str:
     """`parallel_rule` for this launch. fp16 needs accelerate's gradient scaler, which only the data path has:
-    auto picks `data` there and a forced `models` is refused."""
+    auto picks `data` there and a forced `jobs` is refused."""
     sharded = is_sharded(acc)
     if getattr(acc, "mixed_precision", "no") == "fp16":
-        if choice == "models" and acc.num_processes > 1:
-            raise UserError("train.parallel=models does not support mixed_precision fp16 (it needs accelerate's "
+        if choice == "jobs" and acc.num_processes > 1:
+            raise UserError("train.parallel=jobs does not support mixed_precision fp16 (it needs accelerate's "
                             "gradient scaler). Use bf16 or no mixed precision, or train.parallel=data.")
         sharded = True  # not sharded, but the same answer: every model data-parallel
     return parallel_rule(choice, acc.num_processes, untrained, sharded)
@@ -99,24 +99,25 @@ def run(ctx: Context) -> None:
             todo.append(name)
     acc.wait_for_everyone()  # every process has listed the untrained models before any of them is written
     mode = parallel_mode(acc, ctx.cfg.train.parallel, len(todo))
-    local = mode == "models"
+    job_parallel = mode == "jobs"
     # job-parallel: each process logs its own models' curves to metrics.jsonl; W&B stays on the main process
-    trk = open_tracker(ctx, NAME, writer=True if local else None)
+    trk = open_tracker(ctx, NAME, job_parallel=job_parallel)
     if todo:
         acc.print(f"[train] {len(todo)} model(s) to train, "
                   + (f"job-parallel: each of {acc.num_processes} processes trains whole models on its own device"
-                     if local else f"data-parallel over {acc.num_processes} process(es)"))
-    mine = todo[acc.process_index::acc.num_processes] if local else todo  # untrained model i on process i mod N
+                     if job_parallel else f"data-parallel over {acc.num_processes} process(es)"))
+    mine = todo[acc.process_index::acc.num_processes] if job_parallel else todo  # untrained model i: process i mod N
     infos = {}
     for name in mine:
         mask = masks[int(name.split("_")[1])] if name.startswith("shadow_") else None
         offset = 1000 + int(name.split("_")[1]) if mask is not None else 0
         # a stop (SIGINT / SIGTERM) is taken after an optimizer step: checkpoint, then `Interrupted` (interrupt.py)
-        with interrupt.safe_points(acc, collective=not local, stage="train", what=name):
-            infos[name] = train_model(acc, ctx.cfg, ctx.run_dir, name, examples, tok, trk, mask, offset, local=local)
+        with interrupt.safe_points(acc, collective=not job_parallel, stage="train", what=name):
+            infos[name] = train_model(acc, ctx.cfg, ctx.run_dir, name, examples, tok, trk, mask, offset,
+                                      job_parallel=job_parallel)
     trk.finish()
     acc.wait_for_everyone()  # only once every process has finished its models
-    if local:
+    if job_parallel:
         from accelerate.utils import gather_object
 
         merged = {k: v for part in gather_object([infos]) for k, v in part.items()}
@@ -169,10 +170,10 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
 
 
 def train_model(acc, cfg: Config, run_dir: Path, name: str, examples, tokenizer, tracker=None,
-                shadow_mask: dict | None = None, seed_offset: int = 0, local: bool = False) -> dict:
+                shadow_mask: dict | None = None, seed_offset: int = 0, job_parallel: bool = False) -> dict:
     """Train one model of the study and save it under `models/<name>` with its tokenizer.
 
-    `local`: this process trains the model alone on its own device (job-parallel): no wrapper, no collective, its
+    `job_parallel`: this process trains the model alone on its own device: no wrapper, no collective, its
     own checkpoints and files; the same per-step arithmetic as the 1-process data path, so the same weights.
     """
     t = cfg.train
@@ -183,23 +184,23 @@ def train_model(acc, cfg: Config, run_dir: Path, name: str, examples, tokenizer,
     if len(rows) < t.batch_size:
         raise UserError(f"The training mixture of '{name}' has {len(rows)} sequences, fewer than one batch "
                         f"(train.batch_size={t.batch_size}). Lower the batch size or add data.")
-    world, rank = (1, 0) if local else (acc.num_processes, acc.process_index)
+    world, rank = (1, 0) if job_parallel else (acc.num_processes, acc.process_index)
     micro, accum = batch_geometry(t.batch_size, t.micro_batch_size, world)
-    model, opt, sched = _build(acc, cfg, len(tokenizer), seed, micro, accum, local)
+    model, opt, sched = _build(acc, cfg, len(tokenizer), seed, micro, accum, job_parallel)
     ckpt_root = Path(run_dir) / "checkpoints" / name
-    say = (lambda msg: print(msg, flush=True)) if local else acc.print
-    start = _resume(acc, model, opt, sched, ckpt_root, name, say, local)
+    say = (lambda msg: print(msg, flush=True)) if job_parallel else acc.print
+    start = _resume(acc, model, opt, sched, ckpt_root, name, say, job_parallel)
     stream = training_schedule(lengths, t.batch_size, seed, t.length_grouping)
     for _ in range(start):
         next(stream)
-    info = {"model": name, "params": n_params(model if local else acc.unwrap_model(model)), "steps": t.steps,
+    info = {"model": name, "params": n_params(model if job_parallel else acc.unwrap_model(model)), "steps": t.steps,
             "batch_size": t.batch_size, "micro_batch_size": micro, "grad_accum": accum, "num_processes": world,
             "sequences": len(rows)}
-    if local:
+    if job_parallel:
         info["process_index"] = acc.process_index
     say(f"[train] {name}: {info['params']:,} parameters, {len(rows)} sequences, effective batch "
         f"{t.batch_size} = {micro} x {accum} accumulation x {world} processes, {t.steps} steps"
-        + (f" (job-parallel, process {acc.process_index})" if local else ""))
+        + (f" (job-parallel, process {acc.process_index})" if job_parallel else ""))
     model.train()
     bar = tqdm(total=t.steps, initial=start, desc=f"train {name}", disable=not acc.is_main_process, leave=False)
     t0, tokens, loss_acc, trained_tokens = time.perf_counter(), 0, 0.0, 0
@@ -209,42 +210,43 @@ def train_model(acc, cfg: Config, run_dir: Path, name: str, examples, tokenizer,
         global_tokens = int(sum(lengths[i] - 1 for i in batch))
         trained_tokens += global_tokens
         seqs = [[all_ids[rows[i]] for i in mb] for mb in shard_batch(batch, lengths, rank, world, micro)]
-        step_loss, step_tokens = _train_step(acc, model, opt, seqs, pad, global_tokens, accum, t.grad_clip, local)
+        step_loss, step_tokens = _train_step(acc, model, opt, seqs, pad, global_tokens, accum, t.grad_clip,
+                                             job_parallel)
         tokens += step_tokens
         sched.step()
         loss_acc += step_loss
         bar.update(1)
         if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
             _log_progress(acc, tracker, bar, name, step, start, t.log_every, sched, loss_acc, tokens,
-                          time.perf_counter() - t0, local)
+                          time.perf_counter() - t0, job_parallel)
             loss_acc = 0.0
         if (step + 1) % t.checkpoint_every == 0 and step + 1 < t.steps:
-            _save_checkpoint(acc, model, opt, ckpt_root, step + 1, max(1, t.keep_checkpoints), local)
+            _save_checkpoint(acc, model, opt, ckpt_root, step + 1, max(1, t.keep_checkpoints), job_parallel)
         # Safe point: every rank of a data-parallel model agrees (one scalar all-reduce); job-parallel asks itself.
         # After the last step the model is saved first (the stop is taken when train_model returns).
-        if step + 1 < t.steps and interrupt.should_stop(acc, collective=not local):
+        if step + 1 < t.steps and interrupt.should_stop(acc, collective=not job_parallel):
             path = ckpt_root / f"step_{step + 1:07d}"
             if (step + 1) % t.checkpoint_every:  # not written just above
-                _save_checkpoint(acc, model, opt, ckpt_root, step + 1, max(1, t.keep_checkpoints), local)
+                _save_checkpoint(acc, model, opt, ckpt_root, step + 1, max(1, t.keep_checkpoints), job_parallel)
             bar.close()
-            raise interrupt.Interrupted(stage="train", step=step + 1, checkpoint=path, what=name, local=local)
+            raise interrupt.Interrupted(stage="train", step=step + 1, checkpoint=path, what=name, local=job_parallel)
     bar.close()
     info["train_seconds"] = time.perf_counter() - t0
     # Estimated FLOPs of the steps this invocation ran (all of them unless it resumed): 6N per trained token
     # (forward 2N, backward 4N), the attention's sequence-length term left out, as for the unlearning requests.
     info["tokens_trained"] = trained_tokens
     info["flops"] = float(6 * info["params"] * trained_tokens)
-    _save_trained(acc, model, tokenizer, Path(run_dir), name, ckpt_root, cfg.train.keep_checkpoints, local)
-    if local:
+    _save_trained(acc, model, tokenizer, Path(run_dir), name, ckpt_root, cfg.train.keep_checkpoints, job_parallel)
+    if job_parallel:
         say(f"[train] {name}: trained in {info['train_seconds']:.1f}s (process {acc.process_index})")
     return info
 
 
-def _build(acc, cfg: Config, vocab: int, seed: int, micro: int, accum: int, local: bool):
+def _build(acc, cfg: Config, vocab: int, seed: int, micro: int, accum: int, job_parallel: bool):
     """The model, its AdamW optimizer and learning-rate schedule, prepared for this launch (moved to this
-    process's device when `local`)."""
+    process's device when `job_parallel`)."""
     t = cfg.train
-    if not local:  # before the model is built: a ZeRO-3 from_pretrained reads the DeepSpeed config
+    if not job_parallel:  # before the model is built: a ZeRO-3 from_pretrained reads the DeepSpeed config
         acc.gradient_accumulation_steps = accum
         configure_deepspeed_batch(acc, micro, accum, t.grad_clip)
     model = build_model(cfg, vocab, seed)
@@ -254,7 +256,7 @@ def _build(acc, cfg: Config, vocab: int, seed: int, micro: int, accum: int, loca
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.warmup_steps, t.steps, t.min_lr_ratio))
-    if local:
+    if job_parallel:
         model = model.to(acc.device)  # the optimizer keeps the same Parameter objects
     else:
         model, opt = acc.prepare(model, opt)
@@ -263,12 +265,12 @@ def _build(acc, cfg: Config, vocab: int, seed: int, micro: int, accum: int, loca
     return model, opt, sched
 
 
-def _resume(acc, model, opt, sched, ckpt_root: Path, name: str, say, local: bool) -> int:
+def _resume(acc, model, opt, sched, ckpt_root: Path, name: str, say, job_parallel: bool) -> int:
     """Load the newest complete checkpoint, if any, and step the schedule to it; returns the step to start at."""
     latest = integrity.latest_checkpoint(ckpt_root, "train")  # a damaged one is reported, never resumed from
     if latest is None:
         return 0
-    if local:
+    if job_parallel:
         _load_local_checkpoint(model, opt, latest[0])
     else:
         acc.load_state(str(latest[0]))
@@ -280,14 +282,14 @@ def _resume(acc, model, opt, sched, ckpt_root: Path, name: str, say, local: bool
 
 
 def _train_step(acc, model, opt, micro_batches: list[list], pad: int, global_tokens: int, accum: int,
-                grad_clip: float, local: bool) -> tuple[float, int]:
+                grad_clip: float, job_parallel: bool) -> tuple[float, int]:
     """One optimizer step over this process's micro-batches (token id lists); returns the step's loss (summed
     NLL of this process over the global token count) and the tokens it computed (padding excluded)."""
     step_loss, tokens = 0.0, 0
     for k, seqs in enumerate(micro_batches):
         b = collate(seqs, [1] * len(seqs), [len(s) for s in seqs], pad)
         b = {key: v.to(acc.device) for key, v in b.items()}
-        if local:
+        if job_parallel:
             nll_sum = _local_micro_step(acc, model, opt, b, global_tokens, accum, grad_clip,
                                         last=k == len(micro_batches) - 1)
         else:
@@ -309,10 +311,10 @@ def _train_step(acc, model, opt, micro_batches: list[list], pad: int, global_tok
 
 
 def _log_progress(acc, tracker, bar, name: str, step: int, start: int, log_every: int, sched, loss_acc: float,
-                  tokens: int, elapsed: float, local: bool) -> None:
+                  tokens: int, elapsed: float, job_parallel: bool) -> None:
     """Log the mean loss of the steps since the last log, the learning rate and the throughput (over processes
     for a data-parallel model)."""
-    if local:
+    if job_parallel:
         total_loss, tok_s = loss_acc, tokens / elapsed
     else:
         total_loss = acc.reduce(torch.tensor(loss_acc, device=acc.device), reduction="sum").item()
@@ -324,17 +326,18 @@ def _log_progress(acc, tracker, bar, name: str, step: int, start: int, log_every
     bar.set_postfix(loss=f"{total_loss / n_logged:.3f}", tok_s=f"{tok_s:,.0f}")
 
 
-def _save_checkpoint(acc, model, opt, ckpt_root: Path, step: int, keep: int, local: bool) -> None:
+def _save_checkpoint(acc, model, opt, ckpt_root: Path, step: int, keep: int, job_parallel: bool) -> None:
     """A checkpoint at `step`: job-parallel on this process alone, data-parallel through accelerate."""
-    if local:
+    if job_parallel:
         _local_checkpoint(model, opt, ckpt_root, step, keep)
     else:
         _checkpoint(acc, ckpt_root, step, keep)
 
 
-def _save_trained(acc, model, tokenizer, run_dir: Path, name: str, ckpt_root: Path, keep: int, local: bool) -> None:
+def _save_trained(acc, model, tokenizer, run_dir: Path, name: str, ckpt_root: Path, keep: int,
+                  job_parallel: bool) -> None:
     """Save the trained model with its tokenizer, read it back whole, and only then prune its checkpoints."""
-    if local:
+    if job_parallel:
         save_local_model(model, tokenizer, model_dir(run_dir, name))
         verify_saved_model(model_dir(run_dir, name))
         prune_checkpoints(ckpt_root, keep)  # only once the model is saved and verified

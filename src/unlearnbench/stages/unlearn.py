@@ -2,8 +2,8 @@
 with the request table, the outcome counts and the cost. It writes only under `unlearn/`; the findings are decided
 from these results by the report stage.
 
-How several processes share the requests is decided here, once: request-parallel (each process runs whole
-requests on its own model copy) or data-parallel (every request on all processes); see `parallel_mode`.
+How several processes share the requests is decided here, once: job-parallel (`jobs`: each process runs whole
+requests on its own model copy) or data-parallel (`data`: every request on all processes); see `parallel_mode`.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def build_requests(cfg: Config, forget: pd.DataFrame) -> list[Request]:
     if missing:
         raise UserError(f"unlearn.example_ids has ids that are not forget examples of this run: "
                         f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}. Valid ids look like "
-                        f"{', '.join(sorted(known)[:3])} (see scores/examples.parquet).")
+                        f"{', '.join(sorted(known)[:3])} (see scores/forget.parquet).")
     sub = forget[forget.example_id.isin(u.example_ids)]
     kinds = sorted(set(sub.kind))
     reps = sorted(set(sub.repetitions))
@@ -54,19 +54,20 @@ def build_requests(cfg: Config, forget: pd.DataFrame) -> list[Request]:
 
 
 def parallel_mode(ctx: Context, n_requests: int) -> str:
-    """`requests` (each process runs whole requests on its own copy) or `data` (every request on all processes).
+    """`jobs` (job-parallel: each process runs whole requests on its own copy) or `data` (every request on all
+    processes).
 
-    Auto rule: request-parallel when there are several processes, at least as many requests as processes, and the
+    Auto rule: job-parallel when there are several processes, at least as many requests as processes, and the
     model fits one device (plain DDP, no ZeRO or FSDP sharding); data-parallel otherwise.
     """
     acc, choice = ctx.acc, ctx.cfg.unlearn.parallel
     sharded = is_sharded(acc)
-    if choice == "requests" and sharded:
-        raise UserError("unlearn.parallel=requests needs a model that fits one device, but this launch shards it "
+    if choice == "jobs" and sharded:
+        raise UserError("unlearn.parallel=jobs needs a model that fits one device, but this launch shards it "
                         "(DeepSpeed ZeRO or FSDP). Use unlearn.parallel=data or a DDP accelerate config.")
     if choice != "auto":
         return choice if acc.num_processes > 1 else "data"
-    return "requests" if acc.num_processes > 1 and n_requests >= acc.num_processes and not sharded else "data"
+    return "jobs" if acc.num_processes > 1 and n_requests >= acc.num_processes and not sharded else "data"
 
 
 def run(ctx: Context) -> None:
@@ -81,21 +82,21 @@ def run(ctx: Context) -> None:
     # plain lists once for every request: indexing a lazy `datasets` column costs ~0.2 ms a lookup
     columns = examples.select_columns(["example_id", "input_ids", "score_start", "score_end", "split"]).to_dict()
     meta = subset.select_columns(["example_id", "kind", "repetitions", "group", "split"]).to_pandas()
-    forget_table = pd.read_parquet(ctx.run_dir / "scores" / "examples.parquet")
-    requests = build_requests(cfg, forget_table)
+    forget_scores = pd.read_parquet(ctx.run_dir / "scores" / "forget.parquet")
+    requests = build_requests(cfg, forget_scores)
     if not requests or any(not r.example_ids for r in requests):
         raise UserError("The forget request is empty: no forget example matches unlearn.requests / request_kinds. "
                         "Check unlearn.request_kinds and data.kinds.")
     clear_outputs(ctx, NAME)  # only once the requests are valid: a bad config destroys nothing
     mode = parallel_mode(ctx, len(requests))
-    worker = Worker(acc, local=mode == "requests")
-    # request-parallel: each process logs the requests it runs to metrics.jsonl; W&B stays on the main process
-    trk = open_tracker(ctx, NAME, writer=True if worker.local else None)
+    worker = Worker(acc, job_parallel=mode == "jobs")
+    # job-parallel: each process logs the requests it runs to metrics.jsonl; W&B stays on the main process
+    trk = open_tracker(ctx, NAME, job_parallel=worker.job_parallel)
     trk.define_step("unlearn/step", "unlearn")
     acc.print(f"[unlearn] {len(requests)} request(s), method {cfg.unlearn.method}, "
-              + ("request-parallel: each process runs whole requests on its own model copy" if worker.local
+              + ("job-parallel: each process runs whole requests on its own model copy" if worker.job_parallel
                  else f"data-parallel over {acc.num_processes} process(es)"))
-    mine = requests[acc.process_index::acc.num_processes] if worker.local else requests
+    mine = requests[acc.process_index::acc.num_processes] if worker.job_parallel else requests
     fingerprint = stage_fingerprint(cfg, NAME)
     for req in mine:
         done = ctx.run_dir / "unlearn" / req.name / "result.json"
@@ -105,12 +106,12 @@ def run(ctx: Context) -> None:
                 acc.print(f"[unlearn] {req.name}: already done, skipping")
                 continue
             msg = f"[unlearn] {req.name}: its result was computed for another config; recomputing it"
-            print(msg, flush=True) if worker.local else acc.print(msg)
-        res = unlearn_request(ctx, req, columns, subset, meta, forget_table, tok, trk, worker)
-        msg = (f"[unlearn] {req.name}: {res['status']} after {res['steps_run']} steps; steps to unlearn "
+            print(msg, flush=True) if worker.job_parallel else acc.print(msg)
+        res = unlearn_request(ctx, req, columns, subset, meta, forget_scores, tok, trk, worker)
+        msg = (f"[unlearn] {req.name}: stopped ({res['status']}) after {res['steps_run']} steps; steps to unlearn "
                f"{res['steps_to_unlearn']}, utility drop there {_fmt(res['utility_drop_at_unlearned'])}, "
                f"final UQ {res['uq_final']:.2f} (gap {res['exposure_gap_bits']:.1f} bits)")
-        print(msg, flush=True) if worker.local else acc.print(msg)
+        print(msg, flush=True) if worker.job_parallel else acc.print(msg)
     acc.wait_for_everyone()
     results = [read_json(ctx.run_dir / "unlearn" / r.name / "result.json") for r in requests]
     summary = unlearn_summary(cfg, ctx.run_dir, results)

@@ -25,16 +25,19 @@ from unlearnbench.unlearn.state import StepResult, Unlearner
 from unlearnbench.unlearn.worker import Worker
 
 CHECKPOINT = "checkpoint"  # unlearn/<request>/checkpoint/step_<N>/: written on SIGINT / SIGTERM, gone once done
-FORMAT = 2  # of loop.json; 1 (no "format" key) kept the evaluator's last scores in last_scores.parquet
+# of loop.json. 3: the window's steps say `collapsed` (was `diverged`) and the layout `job_parallel` (was `local`);
+# 2: the evaluator's and stopping rule's state_dict; 1 (no "format" key) kept the evaluator's last scores in
+# last_scores.parquet
+FORMAT = 3
 
 
 def checkpoint_identity(cfg: Config, worker: Worker) -> dict:
     """What a request checkpoint must share with the run resuming it: the unlearn stage's fingerprint (every
-    setting the trajectory depends on) and the process layout (request-parallel or not, and how many ranks)."""
+    setting the trajectory depends on) and the process layout (job-parallel or not, and how many ranks)."""
     from unlearnbench.records import stage_fingerprint
 
-    return {"fingerprint": stage_fingerprint(cfg, "unlearn"), "local": bool(worker.local),
-            "world": 1 if worker.local else int(worker.acc.num_processes)}
+    return {"fingerprint": stage_fingerprint(cfg, "unlearn"), "job_parallel": bool(worker.job_parallel),
+            "world": 1 if worker.job_parallel else int(worker.acc.num_processes)}
 
 
 def _json_default(obj):
@@ -44,7 +47,7 @@ def _json_default(obj):
 
 
 def _rng_file(path: Path, w: Worker) -> Path:
-    return path / (f"rng_{w.acc.process_index}.pt" if not w.local else "rng.pt")
+    return path / (f"rng_{w.acc.process_index}.pt" if not w.job_parallel else "rng.pt")
 
 
 def save_request_checkpoint(out_dir: Path, u: Unlearner, state: dict) -> Path:
@@ -62,12 +65,12 @@ def save_request_checkpoint(out_dir: Path, u: Unlearner, state: dict) -> Path:
     if w.writes:
         shutil.rmtree(path, ignore_errors=True)
         path.mkdir(parents=True)
-    if not w.local:
+    if not w.job_parallel:
         acc.wait_for_everyone()
     if w.sharded:
         acc.save_state(str(path / "state"))
     elif w.writes:
-        model = u.model if w.local else acc.unwrap_model(u.model)
+        model = u.model if w.job_parallel else acc.unwrap_model(u.model)
         save_file({n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad},
                   str(path / "trainable.safetensors"), metadata={"format": "pt"})
         torch.save(u.opt.state_dict(), path / "optimizer.bin")
@@ -84,14 +87,14 @@ def save_request_checkpoint(out_dir: Path, u: Unlearner, state: dict) -> Path:
         if state["trajs"]:
             write_parquet(path / "trajectory.parquet", pd.concat(
                 [t.assign(_eval=i) for i, t in enumerate(state["trajs"])], ignore_index=True))
-    if not w.local:
+    if not w.job_parallel:
         acc.wait_for_everyone()
     if w.writes:
         integrity.mark_complete(path, int(state["step"]))
         for old in root.glob("step_*"):
             if old != path:
                 shutil.rmtree(old, ignore_errors=True)
-    if not w.local:
+    if not w.job_parallel:
         acc.wait_for_everyone()
     return path
 
@@ -130,7 +133,7 @@ def load_request_checkpoint(out_dir: Path, u: Unlearner) -> dict | None:
     if why is not None:
         say(f"[unlearn] not resuming from {path}: {why}; this request starts again from θ₀ and the checkpoint is "
             "removed (a request checkpoint is only a resume aid).")
-        if not w.local:
+        if not w.job_parallel:
             acc.wait_for_everyone()  # every rank has read it before it goes
         if w.writes:
             shutil.rmtree(out_dir / CHECKPOINT, ignore_errors=True)
@@ -142,7 +145,7 @@ def load_request_checkpoint(out_dir: Path, u: Unlearner) -> dict | None:
     if w.sharded:
         acc.load_state(str(path / "state"))
     else:
-        model = u.model if w.local else acc.unwrap_model(u.model)
+        model = u.model if w.job_parallel else acc.unwrap_model(u.model)
         params = dict(model.named_parameters())
         with torch.no_grad():
             for name, tensor in load_file(str(path / "trainable.safetensors")).items():

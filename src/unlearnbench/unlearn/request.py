@@ -6,7 +6,7 @@ a finished one (`unlearn/outcome.py`).
 
 At step 0 and on the evaluation schedule, the evaluator (`evaluation.RequestEvaluator`) scores the request's
 examples, their references and the utility sets; the loop stops when the UQ target held for `patience`
-evaluations, on divergence (non-finite loss, exploding gradient, perplexity past `max_ppl_ratio` x θ₀'s) or at
+evaluations, when it collapses (non-finite loss, exploding gradient, perplexity past `max_ppl_ratio` x θ₀'s) or at
 `max_steps`. Each finished request writes its files; `result.json` last, so a rerun skips finished requests.
 """
 
@@ -112,9 +112,9 @@ def setup(cfg: Config, worker: Worker, model, data: RequestData, load_reference=
         reference = worker.eval_model(model) if spec.needs_reference else None
     else:
         reference = load_reference() if spec.needs_reference and load_reference is not None else None
-    # output layer on the scored positions only, where the model is not wrapped (one process, request-parallel)
-    head = split_head(worker.acc, model, worker.local)
-    ref_head = split_head(worker.acc, reference, worker.local) if reference is not None else None
+    # output layer on the scored positions only, where the model is not wrapped (one process, job-parallel)
+    head = split_head(worker.acc, model, worker.job_parallel)
+    ref_head = split_head(worker.acc, reference, worker.job_parallel) if reference is not None else None
     return Unlearner(cfg, worker, data, model, opt, sched, spec, method_params(cfg), reference, head, ref_head,
                      adapter)
 
@@ -166,7 +166,7 @@ def step(u: Unlearner, step_index: int) -> StepResult:
         u.opt.zero_grad(set_to_none=True)
         reason = (f"non-finite loss ({total_loss})" if not math.isfinite(total_loss)
                   else f"gradient norm {grad_norm:.3g} (limit unlearn.max_grad_norm={cfg.unlearn.max_grad_norm:g})")
-        return StepResult(total_loss, grad_norm, stats, tokens, diverged=reason)
+        return StepResult(total_loss, grad_norm, stats, tokens, collapsed=reason)
     u.opt.step()
     u.sched.step()
     u.opt.zero_grad(set_to_none=True)
@@ -198,7 +198,7 @@ def _retain_inputs(u: Unlearner, rb: dict) -> dict:
 
 
 class StopRule:
-    """When a request stops: utility perplexity past `max_ppl_ratio` x θ₀'s (diverged); once the UQ target held
+    """When a request stops: utility perplexity past `max_ppl_ratio` x θ₀'s (collapsed); once the UQ target held
     for `patience` evaluations (if `stop_on_target`) and, with `until_all_forgotten`, every example of the request
     is forgotten (the run goes on past the target so that every example's steps to forget are observed); or at
     `max_steps`. The request's own verdict uses its first crossing whatever happens after it."""
@@ -225,11 +225,11 @@ class StopRule:
         self.held = self.held + 1 if row["uq"] >= m.uq_target and step_index > 0 else 0
         ppl = row["id_holdout_ppl"]
         if not np.isfinite(ppl) or ppl > m.max_ppl_ratio * ppl_0:
-            return "diverged", f"ID-holdout perplexity {ppl:.3g} exceeds {m.max_ppl_ratio:g} x θ₀'s {ppl_0:.3g}"
+            return "collapsed", f"ID-holdout perplexity {ppl:.3g} exceeds {m.max_ppl_ratio:g} x θ₀'s {ppl_0:.3g}"
         self.reached = self.reached or self.held >= u.patience
         all_forgotten = row["forgotten_fraction"] >= 1.0
         if u.stop_on_target and self.reached and (all_forgotten or not u.until_all_forgotten):
-            return "unlearned", (f"UQ >= {m.uq_target} held for {u.patience} evaluation(s)"
+            return "target", (f"UQ >= {m.uq_target} held for {u.patience} evaluation(s)"
                                  + (" and every example is forgotten" if u.until_all_forgotten else ""))
         if step_index >= u.max_steps:
             return "max_steps", f"reached max_steps={u.max_steps}"
@@ -239,26 +239,27 @@ class StopRule:
 # ----------------------------------------------------------------------------------------------- the loop
 
 
-def unlearn_request(ctx, request: Request, columns: dict, subset, meta: pd.DataFrame, forget_table: pd.DataFrame,
-                    tok, trk, worker: Worker) -> dict:
+def unlearn_request(ctx, request: Request, columns: dict, subset, meta: pd.DataFrame,
+                    forget_scores: pd.DataFrame, tok, trk, worker: Worker) -> dict:
     """Run the configured method on one request from θ₀; write its trajectory, curve and result.
 
-    `columns`: every prepared example as plain column lists; `forget_table`: the score stage's per-example table.
+    `columns`: every prepared example as plain column lists; `forget_scores`: the score stage's table of the forget
+    examples (`scores/forget.parquet`).
     On SIGINT / SIGTERM the request stops between two steps (every rank at the same step when data-parallel),
     writes a request checkpoint (`unlearn/<name>/checkpoint/`) and raises `interrupt.Interrupted`; the next run
     resumes from it to the same numbers. The checkpoint goes once the request's result is written.
     """
-    with interrupt.safe_points(worker.acc, not worker.local, stage="unlearn", what=request.name):
-        return _run_request(ctx, request, columns, subset, meta, forget_table, tok, trk, worker)
+    with interrupt.safe_points(worker.acc, not worker.job_parallel, stage="unlearn", what=request.name):
+        return _run_request(ctx, request, columns, subset, meta, forget_scores, tok, trk, worker)
 
 
-def _run_request(ctx, request: Request, columns: dict, subset, meta: pd.DataFrame, forget_table: pd.DataFrame,
-                 tok, trk, worker: Worker) -> dict:
+def _run_request(ctx, request: Request, columns: dict, subset, meta: pd.DataFrame,
+                 forget_scores: pd.DataFrame, tok, trk, worker: Worker) -> dict:
     cfg = ctx.cfg
     out_dir = ctx.run_dir / "unlearn" / request.name
     pad_id = tok.pad_token_id or 0
-    evaluator = RequestEvaluator(worker.acc, cfg, request.example_ids, subset, meta, forget_table, pad_id,
-                                 worker.local)
+    evaluator = RequestEvaluator(worker.acc, cfg, request.example_ids, subset, meta, forget_scores, pad_id,
+                                 worker.job_parallel)
     data = RequestData.build(cfg, request, columns, pad_id)
     # θ₀ frozen, for methods that compare with it: a DeepSpeed inference engine under ZeRO-3 (sharded parameters)
     # The random state is the request's own (dropout in LoRA or a pretrained model's config; any method that
@@ -281,7 +282,7 @@ def _run_request(ctx, request: Request, columns: dict, subset, meta: pd.DataFram
         step_index, curve, trajs, window, saved = (resumed[k] for k in ("step", "curve", "trajs", "window", "saved"))
         train_time, tokens, t_start = resumed["train_time"], resumed["tokens"], t_start - resumed["elapsed_seconds"]
         msg = f"[unlearn] {request.name}: resuming at step {step_index} ({resumed['path']})"
-        print(msg, flush=True) if worker.local else worker.acc.print(msg)
+        print(msg, flush=True) if worker.job_parallel else worker.acc.print(msg)
     while True:
         if step_index in schedule:
             row, traj = evaluator.evaluate(worker.eval_model(u.model), step_index)
@@ -303,25 +304,25 @@ def _run_request(ctx, request: Request, columns: dict, subset, meta: pd.DataFram
                 break
         t0 = time.perf_counter()
         res = step(u, step_index)
-        if res.diverged:
-            status, reason = "diverged", res.diverged
+        if res.collapsed:
+            status, reason = "collapsed", res.collapsed
             break  # the last good state is the one before this step; it is not updated
         window.append(res)
         tokens += res.tokens
         train_time += time.perf_counter() - t0
         step_index += 1
-        if interrupt.should_stop(worker.acc, collective=not worker.local):  # safe point: between two steps
+        if interrupt.should_stop(worker.acc, collective=not worker.job_parallel):  # safe point: between two steps
             path = save_request_checkpoint(out_dir, u, {
                 "step": step_index, "curve": curve, "trajs": trajs, "window": window, "saved": saved,
                 "train_time": train_time, "tokens": tokens, "elapsed_seconds": time.perf_counter() - t_start,
                 "evaluator": evaluator.state_dict(), "rule": rule.state_dict()})
             raise interrupt.Interrupted(stage="unlearn", step=step_index, checkpoint=path, what=request.name,
-                                        local=worker.local)
+                                        local=worker.job_parallel)
     if worker.writes:
         # before result.json: a kill in between loses only a finished trajectory (rerun, bit for bit), while a
         # checkpoint left beside a result would never be removed
         shutil.rmtree(out_dir / CHECKPOINT, ignore_errors=True)
-    return finish(ctx, request, u, evaluator, curve, trajs, status, reason, step_index, t_start, forget_table, tok,
+    return finish(ctx, request, u, evaluator, curve, trajs, status, reason, step_index, t_start, forget_scores, tok,
                   trk)
 
 
@@ -329,8 +330,8 @@ def _run_request(ctx, request: Request, columns: dict, subset, meta: pd.DataFram
 
 
 def finish(ctx, request: Request, u: Unlearner, evaluator: RequestEvaluator, curve: list[dict], trajs: list,
-           status: str, reason: str, steps_run: int, t_start: float, forget_table: pd.DataFrame, tok, trk) -> dict:
-    """The final full check, the request's files (trajectory, curve, per-example table, model) and result.json."""
+           status: str, reason: str, steps_run: int, t_start: float, forget_scores: pd.DataFrame, tok, trk) -> dict:
+    """The final full check, the request's files (trajectory, curve, forgetting table, model) and result.json."""
     cfg, w = ctx.cfg, u.worker
     out_dir = ctx.run_dir / "unlearn" / request.name
     final_all = evaluator.evaluate_full(w.eval_model(u.model)) if evaluator.sampled else {}
@@ -338,14 +339,14 @@ def finish(ctx, request: Request, u: Unlearner, evaluator: RequestEvaluator, cur
     cost = request_cost(u, evaluator, len(curve), steps_run, wall)
     curve_df = pd.DataFrame(curve)
     traj_df = pd.concat(trajs, ignore_index=True)
-    result, per_example = summarize_request(cfg, request, curve_df, traj_df, forget_table, status, reason, steps_run,
-                                            wall, evaluator)
+    result, forgetting = summarize_request(cfg, request, curve_df, traj_df, forget_scores, status, reason,
+                                           steps_run, wall, evaluator)
     result.update(final_all, in_loop_sample={"examples": len(evaluator.meta), "all": len(evaluator.full_meta)}, **cost)
     if w.writes:
         write_parquet(out_dir / "trajectory.parquet", traj_df)
         write_parquet(out_dir / "curve.parquet", curve_df)
-        write_parquet(out_dir / "examples.parquet", per_example)
-        trk.log_table(f"unlearn/{request.name}/examples", per_example)
+        write_parquet(out_dir / "forgetting.parquet", forgetting)
+        trk.log_table(f"unlearn/{request.name}/forgetting", forgetting)
     if cfg.unlearn.save_model:
         w.save(u.model, tok, out_dir / "model")
     if w.writes:

@@ -24,7 +24,7 @@ class Request:
     example_ids: list[str]
     kind: str
     repetitions: int
-    replicate: int = 0  # which of the data.replicates disjoint groups of its (kind, repetitions)
+    group: int = 0  # the data column `group`: which of the data.replicates disjoint forget groups of its cell
 
 
 @dataclass
@@ -96,4 +96,4 @@ class StepResult:
     grad_norm: float
     stats: dict = field(default_factory=dict)
     tokens: int = 0
-    diverged: str | None = None  # the reason, when the update was refused
+    collapsed: str | None = None  # the reason, when the update was refused (the request collapsed)
