@@ -102,7 +102,7 @@ def simulate_requests(design: Design, spread: dict, effect: str | None, rng, see
                     nothing = rng.random() < design.p_nothing.get((kind, reps), design.p_nothing_other)
                     step = max(math.expm1(y), 0.05)
                     o = _outcome(step, collapsed, design.max_steps, cost)
-                    out.append({"request": f"{kind}_r{reps}_g{g}", "kind": kind, "repetitions": reps, "replicate": g,
+                    out.append({"request": f"{kind}_r{reps}_g{g}", "kind": kind, "repetitions": reps, "group": g,
                                 "seed": seed, "nothing_to_forget": bool(nothing), "outcome": o["outcome"],
                                 "outcomes": {t: dict(o) for t in ("0.5", "0.8", "0.9")},
                                 "uq_auc": float(np.clip(1 - y / math.log1p(design.max_steps), 0, 1))})
@@ -143,7 +143,7 @@ def simulate_attacks(design: Design, requests: list[dict], effect: str | None, r
     for r in requests:
         if r["repetitions"] not in design.attack_reps:
             continue
-        ident = {k: r[k] for k in ("request", "kind", "repetitions", "replicate", "seed")}
+        ident = {k: r[k] for k in ("request", "kind", "repetitions", "group", "seed")}
         if r["nothing_to_forget"] or r["outcome"] != "unlearned":
             why = "it had nothing to forget" if r["nothing_to_forget"] else \
                 f"it never became unlearned (outcome {r['outcome']})"

@@ -104,3 +104,20 @@ def assert_same_curve(a, b) -> None:
     np.testing.assert_allclose(a.exposure_mean, b.exposure_mean, atol=1e-3)
     np.testing.assert_allclose(a.id_holdout_ppl, b.id_holdout_ppl, rtol=1e-4)
     np.testing.assert_allclose(a.train_loss.dropna(), b.train_loss.dropna(), rtol=1e-4)
+
+
+def write_seed(d, seed: int, results: list[dict]) -> None:
+    """A finished run directory as far as the aggregation reads it: unlearn/summary.json, each result.json, and the
+    report stage's summary.json (seed, request rows)."""
+    import json
+
+    from unlearnbench.results import request_row
+
+    rows = [request_row(r) for r in results]
+    for r in results:
+        (d / "unlearn" / r["request"]).mkdir(parents=True)
+        (d / "unlearn" / r["request"] / "result.json").write_text(json.dumps(r))
+    (d / "unlearn" / "summary.json").write_text(json.dumps({"requests": rows}))
+    (d / "summary.json").write_text(json.dumps({"run": "x", "seed": seed, "method": "ga", "lr": 3e-4,
+                                                "exposure": "extrapolated", "max_steps": 100, "uq_target": 0.9,
+                                                "requests": rows, "findings": {}}))

@@ -1,123 +1,59 @@
-"""Every finding function on crafted request results: exact verdicts and numbers for censored, collapsed,
-nothing-to-forget, tied, single-replicate and confounded cases."""
+"""The findings of a run and of several seeds, as the report stage decides them (the rules themselves are tested in
+test_verdicts.py and test_contrast.py): crafted request results and run directories, exact numbers by hand."""
+
 
 import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats
 
-from unlearnbench.findings import (aggregate_seeds, finding_f1, finding_f2, finding_f3, finding_f4, overall_verdict,
-                                   replicate_pairs, survival)
+from conftest import smoke_config, write_seed
+from unlearnbench.findings import aggregate_seeds, cell_interval, finding_f4, flatten_findings, run_findings, survival
 
 
-def result(kind, reps, rep, outcome="unlearned", step=10.0, auc=0.5, log_ppl=0.1, nothing=False, targets=None):
+def result(kind, reps, group, outcome="unlearned", step=10.0, auc=0.5, log_ppl=0.1, nothing=False, targets=None):
     """A request's result.json as the unlearn stage writes it; `targets` overrides single targets."""
     outs = {}
     for t in ("0.5", "0.8", "0.9"):
         o, s = (targets or {}).get(t, (outcome, step))
         outs[t] = {"outcome": o, "step": s, "log_ppl_ratio": log_ppl if o == "unlearned" else None}
-    return {"request": f"{kind}_r{reps}_g{rep}", "kind": kind, "repetitions": reps, "group": rep,
-            "outcome": outs["0.9"]["outcome"], "outcomes": outs, "uq_auc": auc, "nothing_to_forget": nothing}
-
-
-def t_half(values):
-    v = np.asarray(values, float)
-    return stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
+    return {"request": f"{kind}_r{reps}_g{group}", "kind": kind, "repetitions": reps, "group": group,
+            "outcome": outs["0.9"]["outcome"], "outcomes": outs, "uq_auc": auc, "nothing_to_forget": nothing,
+            "steps_to_unlearn": step if outs["0.9"]["outcome"] == "unlearned" else None}
 
 
 def contrast(f, reps=16, kind="canary"):
     return next(c for c in f["contrasts"] if c["repetitions"] == reps and c["ood_kind"] == kind)
 
 
-def test_f1_three_replicates_all_later_is_reproduced_with_the_t_interval():
+CFG = smoke_config("unused")
+
+
+def test_run_findings_decide_f1_as_two_samples_with_the_points_behind_the_interval():
+    """3 ID groups at 8, 10, 9 steps and 3 canary groups at 13, 16, 16: the F1 effect is the difference of the means
+    of log(1 + steps), Welch's standard error, Hsu's df = min(n) - 1 = 2; the values behind it are listed."""
     res = [result("id", 16, j, step=s) for j, s in enumerate((8.0, 10.0, 9.0))]
     res += [result("canary", 16, j, step=s) for j, s in enumerate((13.0, 16.0, 16.0))]
-    c = contrast(finding_f1(res, 0.9))
-    e = c["by_target"]["uq_0.9"]
-    diffs = [5.0, 6.0, 7.0]
-    assert e["mean"] == pytest.approx(np.mean(diffs))
-    assert e["hi"] - e["mean"] == pytest.approx(t_half(diffs))
-    assert e["lo"] > 0 and e["verdict"] == "reproduced" and c["verdict"] == "reproduced"
-    assert e["counts"] == {"supports": 3, "against": 0, "tie": 0, "inconclusive": 0}
-    # the area summary: same auc everywhere -> three ties, an interval of zero width at 0: not reproduced
-    assert c["by_target"]["auc"]["verdict"] == "not reproduced"
-    assert not c["stable_across_targets"] and c["across_targets"] == "depends on target"
+    f = run_findings(CFG, res, pd.DataFrame())
+    e = contrast(f["F1"])["by_target"]["uq_0.9"]
+    a, b = np.log1p([8.0, 10.0, 9.0]), np.log1p([13.0, 16.0, 16.0])
+    se = np.sqrt(a.var(ddof=1) / 3 + b.var(ddof=1) / 3)
+    assert e["mean"] == pytest.approx(b.mean() - a.mean())
+    assert e["hi"] - e["mean"] == pytest.approx(stats.t.ppf(0.975, 2) * se)
+    assert e["ratio"] == pytest.approx(np.exp(b.mean() - a.mean())) and e["n_unit"] == "groups"
+    assert [v["value"] for v in e["values"]["ood"]] == pytest.approx(list(b))
+    assert {v["request"] for v in e["values"]["id"]} == {"id_r16_g0", "id_r16_g1", "id_r16_g2"}
+    assert e["verdict"] == "reproduced" and f["F1"]["verdict"] == "reproduced"  # one contrast: Holm is the test
+    assert set(f) == {"F1", "F2"}  # one seed: no replicate spread; no forgetting tables: no F3
 
 
-def test_a_collapsed_side_is_never_evidence_and_both_censored_is_inconclusive():
-    res = [result("id", 4, 0, step=10.0), result("domain", 4, 0, "collapsed", 40.0),   # collapse: no evidence
-           result("id", 4, 1, "censored", 100.0), result("domain", 4, 1, "censored", 100.0),  # both censored
-           result("id", 4, 2, step=10.0), result("domain", 4, 2, "censored", 100.0)]  # censored after: a bound
-    c = contrast(finding_f1(res, 0.9), 4, "domain")
-    e = c["by_target"]["uq_0.9"]
-    assert [p["class"] for p in e["pairs"]] == ["inconclusive", "inconclusive", "ood_later"]
-    assert e["pairs"][0]["reason"] == "collapsed"
-    assert e["pairs"][2]["difference"] == 90.0 and e["pairs"][2]["bound"]
-    assert e["n_informative"] == 1 and e["verdict"] == "inconclusive"  # one informative pair is not a finding
-    assert e["counts"] == {"supports": 1, "against": 0, "tie": 0, "inconclusive": 2}
-    assert c["by_target"]["auc"]["counts"]["inconclusive"] == 1  # the collapsed pair again
-
-
-def test_censoring_before_the_other_event_is_inconclusive_and_after_it_is_against():
-    res = [result("id", 16, 0, "censored", 6.0), result("canary", 16, 0, step=8.0),   # censored at 6 < 8: nothing
-           result("id", 16, 1, "censored", 50.0), result("canary", 16, 1, step=8.0),  # ID slower for sure
-           result("id", 16, 2, "censored", 50.0), result("canary", 16, 2, step=10.0),
-           result("id", 16, 3, "censored", 50.0), result("canary", 16, 3, step=13.0)]
-    e = contrast(finding_f1(res, 0.9))["by_target"]["uq_0.9"]
-    assert e["pairs"][0]["class"] == "inconclusive"
-    assert [p["difference"] for p in e["pairs"][1:]] == [-42.0, -40.0, -37.0]
-    assert e["verdict"] == "reversed" and e["mean"] == pytest.approx(-119 / 3)
-
-
-def test_nothing_to_forget_pairs_are_counted_not_used_and_one_replicate_is_inconclusive():
-    res = [result("id", 1, 0, nothing=True), result("canary", 1, 0, step=30.0),
-           result("id", 4, 0, step=5.0), result("canary", 4, 0, step=9.0)]
-    f = finding_f1(res, 0.9)
-    e1 = contrast(f, 1)["by_target"]["uq_0.9"]
-    assert e1["n_informative"] == 0 and e1["reasons"] == ["ID had nothing to forget"]
-    e4 = contrast(f, 4)["by_target"]["uq_0.9"]
-    assert e4["mean"] == 4.0 and e4["n_informative"] == 1 and e4["verdict"] == "inconclusive"
-    assert f["verdict"] == "inconclusive" and f["holds"] == 0 and f["of"] == 2
-
-
-def test_f1_ties_and_mixed_signs_are_not_reproduced():
-    res = [result("id", 16, j, step=s) for j, s in enumerate((10.0, 10.0, 10.0))]
-    res += [result("domain", 16, j, step=s) for j, s in enumerate((10.0, 13.0, 8.0))]
-    e = contrast(finding_f1(res, 0.9), 16, "domain")["by_target"]["uq_0.9"]
-    assert e["counts"] == {"supports": 1, "against": 1, "tie": 1, "inconclusive": 0}
-    assert e["mean"] == pytest.approx(1 / 3) and e["lo"] < 0 < e["hi"] and e["verdict"] == "not reproduced"
-
-
-def test_f2_uses_log_cost_at_each_target_and_only_unlearned_pairs():
-    res = [result("id", 16, j, log_ppl=v) for j, v in enumerate((1.0, 1.2, 0.9))]
-    res += [result("canary", 16, j, log_ppl=v) for j, v in enumerate((0.1, 0.3, 0.2))]
-    res.append(result("id", 16, 3, log_ppl=2.0))
-    res.append(result("canary", 16, 3, targets={"0.9": ("censored", 100.0)}, log_ppl=0.5))
-    c = contrast(finding_f2(res, 0.9))
-    e = c["by_target"]["uq_0.9"]
-    assert e["mean"] == pytest.approx(np.mean([0.9, 0.9, 0.7])) and e["verdict"] == "reproduced"
-    assert e["counts"]["inconclusive"] == 1 and "OOD censored" in e["reasons"][0]
-    # at 0.5 the fourth pair crossed too: 4 informative pairs
-    assert c["by_target"]["uq_0.5"]["n_informative"] == 4 and c["stable_across_targets"]
-
-
-def test_pairs_match_group_index_and_kind():
-    res = [result("id", 4, 1), result("canary", 4, 0), result("canary", 4, 1), result("domain", 16, 0)]
-    pairs = replicate_pairs(res)
-    assert list(pairs) == [(4, "canary")]
-    assert [(i["group"], o["group"]) for i, o in pairs[(4, "canary")]] == [(1, 1)]
-
-
-@pytest.mark.parametrize("verdicts, expected", [
-    (["reproduced", "reproduced", "inconclusive"], "reproduced"),
-    (["reproduced", "not reproduced"], "partly reproduced"),
-    (["reversed", "reversed"], "reversed"),
-    (["reversed", "not reproduced"], "not reproduced"),
-    (["inconclusive"], "inconclusive"),
-    ([], "inconclusive"),
-])
-def test_overall_verdict(verdicts, expected):
-    assert overall_verdict(verdicts) == expected
+def test_flat_view_for_trackers_names_bounds_on_their_own_scale():
+    res = [result("id", 16, j, step=s) for j, s in enumerate((8.0, 10.0, 9.0))]
+    res += [result("canary", 16, j, step=s) for j, s in enumerate((13.0, 16.0, 16.0))]
+    flat = flatten_findings({"findings": run_findings(CFG, res, _forgetting(0.8))})
+    assert flat["findings/F1/verdict"] == "reproduced" and flat["findings/F1/r16_canary/uq_0.9/n"] == 6
+    cox = {k.rsplit("/", 1)[1]: v for k, v in flat.items() if k.startswith("findings/F3/id/memorization/")}
+    assert set(cox) == {"hr", "hr_lo", "hr_hi", "p"} and cox["hr_lo"] <= cox["hr"] <= cox["hr_hi"] < 1
 
 
 def _forgetting(within_slope: float, seed: int = 0) -> pd.DataFrame:
@@ -136,17 +72,17 @@ def _forgetting(within_slope: float, seed: int = 0) -> pd.DataFrame:
 
 
 def test_f3_confounded_by_repetitions_is_not_reproduced_while_pooled_rho_is_large():
-    f = finding_f3(_forgetting(0.0), n_boot=100, seed=0)
+    f = run_findings(CFG, [], _forgetting(0.0))["F3"]
     k = f["kinds"][0]
     assert k["pooled_spearman_descriptive"]["memorization"]["rho"] > 0.6  # the confounded number
     assert k["verdict"] == "not reproduced" and f["verdict"] == "not reproduced"
-    assert k["cox"]["memorization"]["lo"] < 0 < k["cox"]["memorization"]["hi"]
+    assert k["cox"]["memorization"]["coef_lo"] < 0 < k["cox"]["memorization"]["coef_hi"]
 
 
 def test_f3_within_request_effect_is_reproduced_and_nothing_to_forget_is_left_out():
     df = _forgetting(0.8)
     df.loc[df.request == "id_r1", "nothing_to_forget"] = True
-    f = finding_f3(df, n_boot=100, seed=0)
+    f = run_findings(CFG, [], df)["F3"]
     assert f["kinds"][0]["verdict"] == "reproduced" and f["excluded_requests"] == ["id_r1"]
     assert f["kinds"][0]["n"] == 80 and f["kinds"][0]["cox"]["memorization"]["hr"] < 1
 
@@ -162,25 +98,45 @@ def test_survival_counts_and_logrank_direction():
     assert (t["ood_kind"], t["median_ood"], t["median_id"]) == ("canary", 13.0, 2.0) and t["p"] < 0.01
 
 
-def test_aggregate_seeds_counts_every_outcome(tmp_path):
-    import json
+def test_cell_interval_has_the_seed_as_its_unit():
+    """The issue's case: two seeds whose groups sit at 10 +- 0.1 and 20 +- 0.1. Over the six groups the interval is
+    narrow; with the seed as the unit it is mean 15 +- t(0.975, 1) x sd(10, 20) / sqrt 2 = [-48.5, 78.5]."""
+    def summary(values):
+        return {"requests": [{"kind": "id", "repetitions": 4, "steps_to_unlearn": v, "nothing_to_forget": False}
+                             for v in values]}
+    two = [summary([10, 10.1, 9.9]), summary([20, 20.1, 19.9])]
+    ci = cell_interval(two, "id", 4, "steps_to_unlearn")
+    assert (ci["n"], ci["n_unit"]) == (2, "seeds")
+    assert (ci["lo"], ci["hi"]) == (pytest.approx(-48.53, abs=0.01), pytest.approx(78.53, abs=0.01))
+    one = cell_interval(two[:1], "id", 4, "steps_to_unlearn")  # one seed: its groups, a claim about the pair
+    assert (one["n"], one["n_unit"]) == (3, "groups") and one["hi"] - one["mean"] == pytest.approx(
+        stats.t.ppf(0.975, 2) * 0.1 / np.sqrt(3))
 
-    def summary(seed, outcome, steps):
-        g = {"request": "id_r4", "kind": "id", "repetitions": 4, "outcome": outcome, "steps_to_unlearn": steps,
-             "nothing_to_forget": False, "uq_final": 0.9}
-        return {"seed": seed, "requests": [g], "findings": {"F1": {"verdict": "reproduced"}}}
+
+def test_aggregate_seeds_decides_once_from_every_seeds_requests(tmp_path):
+    """Three seeds, each with 2 ID and 2 canary groups, canaries slower by a seed-dependent margin: F1 is one
+    contrast per seed, then a t-interval over the three seeds (never the seeds' verdicts counted); every outcome of
+    every seed is counted in its cell, and the replicate spread is reported."""
+    margins = {0: 2.0, 1: 3.0, 2: 2.5}
     dirs = []
-    for seed, outcome, steps in ((0, "unlearned", 8), (1, "censored", None), (2, "collapsed", None)):
+    for seed, m in margins.items():
+        res = [result("id", 16, j, step=8.0 + j) for j in range(2)]
+        res += [result("canary", 16, j, step=(8.0 + j) * m) for j in range(2)]
+        if seed == 2:
+            res.append(result("canary", 16, 2, "collapsed", 30.0))
         d = tmp_path / f"seed_{seed}"
-        d.mkdir()
-        (d / "summary.json").write_text(json.dumps(summary(seed, outcome, steps)))
+        write_seed(d, seed, res)
         dirs.append(d)
-    agg = aggregate_seeds(dirs)
-    g = agg["cells"][0]
-    assert g["outcomes"] == {"unlearned": 1, "censored": 1, "collapsed": 1} and g["requests"] == 3
-    assert g["steps_to_unlearn"]["n"] == 1  # the mean is over the unlearned seed only, and the counts say so
-    assert agg["findings"]["F1"] == {"verdicts": ["reproduced"] * 3, "reproduced_in": 3, "of": 3,
-                                     "verdict": "reproduced"}
+    agg = aggregate_seeds(smoke_config(tmp_path), dirs)
+    e = contrast(agg["findings"]["F1"])["by_target"]["uq_0.9"]
+    per_seed = [np.mean(np.log1p([8 * m, 9 * m])) - np.mean(np.log1p([8, 9])) for m in margins.values()]
+    assert (e["n"], e["n_unit"]) == (3, "seeds") and e["mean"] == pytest.approx(np.mean(per_seed))
+    assert e["hi"] - e["mean"] == pytest.approx(stats.t.ppf(0.975, 2) * np.std(per_seed, ddof=1) / np.sqrt(3))
+    assert e["counts"]["ood_left_out"] == {"collapsed": 1}
+    assert agg["findings"]["F1"]["unit"] == "seeds" and "replicate_spread" in agg["findings"]
+    canary = next(c for c in agg["cells"] if c["kind"] == "canary")
+    assert canary["outcomes"] == {"unlearned": 6, "collapsed": 1} and canary["requests"] == 7
+    assert canary["steps_to_unlearn"]["n_unit"] == "seeds" and canary["steps_to_unlearn"]["n"] == 3
 
 
 def test_a_target_off_the_reported_grid_gets_outcomes_everywhere_the_findings_look():
@@ -201,36 +157,36 @@ def test_a_target_off_the_reported_grid_gets_outcomes_everywhere_the_findings_lo
     assert late["0.95"] == {"outcome": "collapsed", "step": 7.0, "grid_step": None, "log_ppl_ratio": None,
                             "utility_drop": None}
 
-    def result(kind, j, outcomes):
-        return {"kind": kind, "repetitions": 4, "group": j, "outcomes": outcomes, "uq_auc": 0.5,
-                "outcome": outcomes["0.95"]["outcome"]}
-    results = [result("id", j, out) for j in range(3)] + [result("canary", j, out) for j in range(3)]
-    f1 = finding_f1(results, 0.95)
-    contrast = f1["contrasts"][0]
-    assert contrast["main"] == "uq_0.95" and set(contrast["by_target"]) >= {"uq_0.5", "uq_0.8", "uq_0.9", "uq_0.95"}
-    assert contrast["by_target"]["uq_0.95"]["counts"]["tie"] == 3  # identical sides: three ties, no evidence
-    assert finding_f2(results, 0.95)["contrasts"][0]["main"] == "uq_0.95"
+    def res(kind, j, outcomes):
+        return {"request": f"{kind}_r4_g{j}", "kind": kind, "repetitions": 4, "group": j, "outcomes": outcomes,
+                "uq_auc": 0.5, "outcome": outcomes["0.95"]["outcome"]}
+    results = [res("id", j, out) for j in range(3)] + [res("canary", j, out) for j in range(3)]
+    f = run_findings(smoke_config("unused", "metrics.uq_target=0.95"), results, pd.DataFrame())
+    c = f["F1"]["contrasts"][0]
+    assert c["main"] == "uq_0.95" and set(c["by_target"]) >= {"uq_0.5", "uq_0.8", "uq_0.9", "uq_0.95"}
+    assert c["by_target"]["uq_0.95"]["verdict"] == "inconclusive"  # identical sides: no spread is no evidence
+    assert f["F2"]["contrasts"][0]["main"] == "uq_0.95"
 
 
 def _attack_result(kind, j, recovered, baseline="oracle"):
     share = {"recovered": recovered}
-    return {"kind": kind, "repetitions": 16, "group": j, "baseline": baseline,
+    return {"request": f"{kind}_r16_g{j}", "kind": kind, "repetitions": 16, "group": j, "baseline": baseline,
             "relearn_forget_fraction": share, "relearn_retain": share, "quantization": {"int8": share, "int4": share}}
 
 
-def test_f4_paired_recovered_share_and_no_oracle_results_left_out():
-    # OOD recovers 0.2, 0.25, 0.3 more than ID in three replicate pairs: t-interval by hand (half-width
-    # 4.303 x 0.05 / sqrt 3 = 0.124), excludes 0; with 0.1, 0.2, 0.3 (half-width 0.248) it would not
-    res = [_attack_result("id", j, 0.2) for j in range(3)] + \
-          [_attack_result("canary", j, 0.2 + d) for j, d in enumerate((0.2, 0.25, 0.3))]
-    f4 = finding_f4(res)
-    effect = f4["contrasts"][0]["by_attack"]["relearn_forget_fraction"]
-    half = stats.t.ppf(0.975, 2) * np.std([0.2, 0.25, 0.3], ddof=1) / np.sqrt(3)
-    assert half == pytest.approx(0.124, abs=1e-3)
-    assert effect["mean"] == pytest.approx(0.25) and effect["lo"] == pytest.approx(0.25 - half)
-    assert effect["verdict"] == "reproduced" and effect["direction"] == "OOD recovers more"
-    assert f4["excluded_without_oracle"] == 0
-    # the same numbers measured against the unattacked held-out-reference e_r (no oracle): not evidence
-    blind = [{**r, "baseline": "held_out_references"} for r in res]
-    f4 = finding_f4(blind)
-    assert f4["contrasts"] == [] and f4["verdict"] == "inconclusive" and f4["excluded_without_oracle"] == 6
+def test_f4_counts_skipped_requests_and_no_oracle_results():
+    """OOD recovers 0.4, 0.45, 0.5 against ID's 0.2, 0.22, 0.18: a difference, named "OOD recovers more"; a
+    request the attack stage skipped is counted on its side with its reason, never dropped; the same numbers
+    measured against the unattacked held-out-reference e_r (no oracle) are not evidence."""
+    res = [_attack_result("id", j, v) for j, v in enumerate((0.2, 0.22, 0.18))]
+    res += [_attack_result("canary", j, v) for j, v in enumerate((0.4, 0.45, 0.5))]
+    skipped = [{"request": "canary_r16_g3", "kind": "canary", "repetitions": 16, "group": 3,
+                "reason": "it never became unlearned (outcome censored)"}]
+    f4 = finding_f4(res, skipped)
+    c = contrast(f4)
+    e = c["by_target"]["relearn_forget_fraction"]
+    assert e["mean"] == pytest.approx(0.45 - 0.2) and c["family_verdict"] == "OOD recovers more"
+    assert e["counts"]["ood_left_out"] == {"skipped: it never became unlearned (outcome censored)": 1}
+    assert f4["skipped"] == 1 and f4["excluded_without_oracle"] == 0
+    blind = finding_f4([{**r, "baseline": "held_out_references"} for r in res], [])
+    assert blind["verdict"] == "inconclusive" and blind["excluded_without_oracle"] == 6

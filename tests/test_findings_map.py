@@ -36,17 +36,18 @@ def test_findings_map_reuses_the_models_and_tabulates_every_setting(smoke_study,
     f1 = summary["findings"]["F1"]
     contrast_rows = rows[(rows.setting == "lr0.001_npo_rank") & (rows.finding == "F1") & (rows["where"] != "overall")]
     assert len(contrast_rows) == len(f1["contrasts"]) > 0
-    for c in f1["contrasts"]:  # the pairs each contrast's interval rests on, as the summary counts them
+    for c in f1["contrasts"]:  # the groups each contrast's interval rests on, as the summary counts them
         e = c["by_target"][c["main"]]
         r = contrast_rows[contrast_rows["where"] == f"r{c['repetitions']} {c['ood_kind']}"].iloc[0]
-        assert (r.n_informative, r.n_pairs) == (e["n_informative"], e["n_pairs"])
-        assert r.verdict == c["verdict"] and (pd.isna(r["mean"]) if e["mean"] is None else r["mean"] == pytest.approx(e["mean"]))
+        assert (r.n_id, r.n_ood) == (e["counts"]["id_used"], e["counts"]["ood_used"])
+        assert (r.verdict, r.unadjusted) == (c["family_verdict"], c["verdict"])
+        assert pd.isna(r["mean"]) if e["mean"] is None else r["mean"] == pytest.approx(e["mean"])
     for c in summary["findings"]["F3"]["kinds"]:
         r = rows[(rows.setting == "lr0.001_npo_rank") & (rows.finding == "F3") & (rows["where"] == c["kind"])].iloc[0]
-        assert r.verdict == c["verdict"] and r["mean"] == pytest.approx(c["cox"]["memorization"]["coef"])
+        assert r.verdict == c["family_verdict"] and r["mean"] == pytest.approx(c["cox"]["memorization"]["coef"])
     md = (out / "findings_map.md").read_text()
-    for _, r in rows[rows.n_pairs.notna() & rows.lo.notna() & rows.hi.notna()].iterrows():
-        assert f"[{r.lo:.3g}, {r.hi:.3g}], {int(r.n_informative)}/{int(r.n_pairs)} pairs" in md
+    for _, r in rows[rows.n_id.notna() & rows.lo.notna() & rows.hi.notna()].iterrows():
+        assert f"[{r.lo:.3g}, {r.hi:.3g}], {int(r.n_id)} vs {int(r.n_ood)} groups" in md
     assert "| lr0.001_ga_rank |" in md and (out / "findings_map.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -1,4 +1,4 @@
-"""Statistics behind findings F1-F3: crossings, survival, replicate effects (docs/findings.md).
+"""Statistics behind findings F1-F3: crossings and survival (docs/findings.md).
 
 Expected values are worked out by hand (in the comments) or by a route independent of the code
 under test, so each assertion can fail.
@@ -11,14 +11,6 @@ import pytest
 from scipy import stats
 
 from unlearnbench.metrics.crossing import interpolated_crossing, uq_auc, value_at_step
-from unlearnbench.metrics.replicates import (
-    Outcome,
-    compare_steps,
-    f3_verdict,
-    mean_interval,
-    paired_effect,
-    verdict_across,
-)
 from unlearnbench.metrics.survival import kaplan_meier, logrank, median_survival, stratified_cox
 
 EXACT = dict(rel=1e-12, abs=1e-12)
@@ -185,19 +177,19 @@ def test_stratified_cox_sees_through_confounding_across_strata():
     assert rho > 0.6  # pooled over strata, memorization looks strongly tied to steps
     res = stratified_cox(df, "steps", "forgotten", ["memorization"], strata="group")
     r = res["memorization"]
-    assert r["lo"] < 0 < r["hi"] and r["error"] is None
+    assert r["coef_lo"] < 0 < r["coef_hi"] and r["error"] is None
     assert (r["n"], r["events"]) == (120, int(df["forgotten"].sum()))
     assert r["hr"] == pytest.approx(math.exp(r["coef"]), **EXACT)
-    assert f3_verdict(res) == "not reproduced"
-    # The same data without strata is fooled by the between-strata trend.
-    assert f3_verdict(stratified_cox(df, "steps", "forgotten", ["memorization"], None)) == "reproduced"
+    assert r["hr_lo"] == pytest.approx(math.exp(r["coef_lo"])) and r["hr_hi"] == pytest.approx(math.exp(r["coef_hi"]))
+    # The same data without strata (and standardized over all rows) is fooled by the between-strata trend.
+    pooled = stratified_cox(df, "steps", "forgotten", ["memorization"], None, standardize="pooled")["memorization"]
+    assert pooled["coef_hi"] < 0
 
 
 def test_stratified_cox_detects_a_within_stratum_rise():
     df = _strata_frame(rising=True)
     res = stratified_cox(df, "steps", "forgotten", ["memorization"], strata=["group"])
-    assert res["memorization"]["hi"] < 0
-    assert f3_verdict(res) == "reproduced"
+    assert res["memorization"]["coef_hi"] < 0 and res["memorization"]["hr_hi"] < 1
 
 
 def test_stratified_cox_coefficients_are_per_standard_deviation():
@@ -215,7 +207,7 @@ def test_stratified_cox_constant_and_failing_covariates_give_nans():
     res = stratified_cox(df, "steps", "forgotten", ["memorization", "const", "per_group"], "group")
     assert math.isnan(res["const"]["coef"]) and res["const"]["error"] == "constant covariate"
     assert math.isnan(res["per_group"]["coef"]) and res["per_group"]["error"] == "no variation within strata"
-    assert f3_verdict(res, "const") == "inconclusive"
+    assert math.isnan(res["const"]["hr_lo"]) and not res["const"]["usable"]
     # The usable covariate is still fitted, and matches a fit of it alone.
     alone = stratified_cox(df, "steps", "forgotten", ["memorization"], "group")["memorization"]
     assert res["memorization"]["coef"] == pytest.approx(alone["coef"], rel=1e-9)
@@ -224,104 +216,3 @@ def test_stratified_cox_constant_and_failing_covariates_give_nans():
     bad = stratified_cox(df, "steps", "forgotten", ["memorization", "difficulty"], "group")
     for c in ("memorization", "difficulty"):
         assert math.isnan(bad[c]["coef"]) and bad[c]["error"].startswith("ConvergenceError")
-
-
-# ---------------------------------------------------------------------------- replicates
-
-U, C, X = "unlearned", "censored", "collapsed"
-
-
-@pytest.mark.parametrize("id_side, ood_side, cls, diff, bound", [
-    (Outcome(U, 10), Outcome(U, 25.5), "ood_later", 15.5, False),
-    (Outcome(U, 30), Outcome(U, 12), "id_later", -18.0, False),
-    (Outcome(U, 10), Outcome(U, 10), "tie", 0.0, False),
-    (Outcome(U, 10), Outcome(C, 100), "ood_later", 90.0, True),   # OOD censored later: bound
-    (Outcome(C, 100), Outcome(U, 40), "id_later", -60.0, True),   # ID censored later: bound
-    (Outcome(U, 50), Outcome(C, 30), "inconclusive", None, False),  # censored before the event
-    (Outcome(U, 30), Outcome(C, 30), "inconclusive", None, False),  # c == s is no evidence
-    (Outcome(C, 100), Outcome(C, 100), "inconclusive", None, False),
-    (Outcome(U, 10), Outcome(X, 300), "inconclusive", None, False),  # collapse is never "later"
-    (Outcome(X, 5), Outcome(U, 10), "inconclusive", None, False),
-    (Outcome(X, 5), Outcome(C, 10), "inconclusive", None, False),
-])
-def test_compare_steps_every_class(id_side, ood_side, cls, diff, bound):
-    r = compare_steps(id_side, ood_side)
-    assert (r["class"], r["difference"], r["bound"]) == (cls, diff, bound)
-    assert isinstance(r["reason"], str) and r["reason"]
-    if X in (id_side.kind, ood_side.kind):
-        assert r["reason"] == "collapsed"
-
-
-def test_outcome_rejects_sentinels():
-    with pytest.raises(ValueError):
-        Outcome("unlearned", math.inf)
-    with pytest.raises(ValueError):
-        Outcome("diverged", 3)
-
-
-def test_mean_interval_small_n():
-    assert mean_interval([]) == {"mean": None, "lo": None, "hi": None, "n": 0}
-    one = mean_interval([4.0])
-    assert one["mean"] == 4.0 and one["n"] == 1 and math.isnan(one["lo"]) and math.isnan(one["hi"])
-    # [1, 3]: mean 2, sd sqrt 2, se = sqrt2/sqrt2 = 1, half-width t(0.975, df=1) = 12.706...
-    two = mean_interval([1.0, 3.0])
-    t1 = stats.t.ppf(0.975, 1)
-    assert two == pytest.approx({"mean": 2.0, "lo": 2.0 - t1, "hi": 2.0 + t1, "n": 2}, **EXACT)
-    assert t1 == pytest.approx(12.706204736, rel=1e-9)
-    with pytest.raises(ValueError):
-        mean_interval([1.0, math.nan])
-
-
-def test_paired_effect_single_replicate_is_inconclusive():
-    r = paired_effect([5.0], ["ood_later"])
-    assert r["verdict"] == "inconclusive" and r["n_informative"] == 1 and r["mean"] == 5.0
-    assert math.isnan(r["lo"]) and math.isnan(r["hi"])
-
-
-def test_paired_effect_three_positive_pairs_reproduced():
-    # mean 3, sd 1, se 1/sqrt 3, lo = 3 - t(0.975, 2)/sqrt 3 = 3 - 2.484 > 0.
-    r = paired_effect([2.0, 3.0, 4.0], ["ood_later"] * 3)
-    half = stats.t.ppf(0.975, 2) / math.sqrt(3)
-    assert (r["mean"], r["lo"], r["hi"]) == pytest.approx((3.0, 3.0 - half, 3.0 + half), **EXACT)
-    assert r["verdict"] == "reproduced"
-    assert r["counts"] == {"ood_later": 3, "id_later": 0, "tie": 0, "inconclusive": 0}
-    assert paired_effect([-2.0, -3.0, -4.0], ["id_later"] * 3)["verdict"] == "reversed"
-
-
-def test_paired_effect_mixed_signs_not_reproduced():
-    r = paired_effect([-1.0, 2.0, 1.0, 0.0], ["id_later", "ood_later", "ood_later", "tie"])
-    assert r["mean"] == pytest.approx(0.5, **EXACT) and r["lo"] < 0 < r["hi"]
-    assert r["verdict"] == "not reproduced"
-    assert r["counts"] == {"ood_later": 2, "id_later": 1, "tie": 1, "inconclusive": 0}
-
-
-def test_paired_effect_counts_inconclusive_pairs():
-    r = paired_effect([2.0, None, 3.0, None, 4.0],
-                      ["ood_later", "inconclusive", "ood_later", "inconclusive", "ood_later"],
-                      bounds=[False, False, True, False, False])
-    assert (r["n_pairs"], r["n_informative"], r["counts"]["inconclusive"]) == (5, 3, 2)
-    assert r["n_bound"] == 1 and r["verdict"] == "reproduced" and r["mean"] == 3.0
-    # Too few informative pairs left: inconclusive, though the two that remain are positive.
-    r = paired_effect([2.0, None, None, 3.0], ["ood_later", "inconclusive", "inconclusive", "ood_later"])
-    assert r["verdict"] == "inconclusive" and r["n_informative"] == 2 and r["n_pairs"] == 4
-    # A difference on an inconclusive pair is a bookkeeping error, not something to guess about.
-    with pytest.raises(ValueError):
-        paired_effect([1.0], ["inconclusive"])
-
-
-def test_verdict_across_targets():
-    same = verdict_across({"uq_0.5": "reproduced", "uq_0.9": "reproduced", "auc": "reproduced"})
-    assert same["verdict"] == "reproduced" and same["stable"] is True
-    mixed = verdict_across({"uq_0.5": "reproduced", "uq_0.8": "reproduced", "uq_0.9": "not reproduced",
-                            "auc": "reproduced"})
-    assert mixed["verdict"] == "depends on target" and mixed["stable"] is False
-    assert mixed["by_target"]["uq_0.9"] == "not reproduced"
-
-
-def test_f3_verdict_rules():
-    def cox(coef, lo, hi):
-        return {"memorization": {"coef": coef, "lo": lo, "hi": hi}}
-    assert f3_verdict(cox(-1.0, -1.5, -0.5)) == "reproduced"
-    assert f3_verdict(cox(1.0, 0.5, 1.5)) == "reversed"
-    assert f3_verdict(cox(-1.0, -2.0, 0.1)) == "not reproduced"
-    assert f3_verdict(cox(math.nan, math.nan, math.nan)) == "inconclusive"

@@ -287,10 +287,14 @@ def _assert_matches(ref: Path, run: Path) -> None:
         diff = float(np.abs(a.nll - b.nll).max())
         print(f"[multinode] {name}: max |w_1 - w_2| = {w_diff:.2e}, max |nll_1 - nll_2| = {diff:.2e}")
         assert w_diff < 1e-4
-        assert diff < 1e-5
+        # Unlike test_backends' score check (the same weights scored by other ranks: 1e-5), these are two trainings
+        # whose weights differ at the all-reduce's rounding, and an example's NLL moves with them: measured 3.8e-5
+        # nats/token at max |Δw| 2.7e-5 on an Intel CPU (under 1e-5 where the bound was first set). A misassigned
+        # or duplicated example, or a model trained on other batches, is off by more than 1e-2: 1e-3 separates them.
+        assert diff < 1e-3
     ua = json.loads((ref / "scores" / "utility.json").read_text())
     ub = json.loads((run / "scores" / "utility.json").read_text())
-    np.testing.assert_allclose(ua["original"]["id_holdout_ppl"], ub["original"]["id_holdout_ppl"], rtol=1e-5)
+    np.testing.assert_allclose(ua["original"]["id_holdout_ppl"], ub["original"]["id_holdout_ppl"], rtol=1e-4)
     assert _requests(run) == _requests(ref) and _requests(ref)
     for request in _requests(ref):
         a, b = _curve(ref, request), _curve(run, request)

@@ -58,13 +58,14 @@ def test_report_renders_every_figure_and_references_it(smoke_study, tmp_path, mo
     for g in summary["requests"]:
         assert f"| {g['kind']} | {g['repetitions']} | 1 | {g['n_examples']} |" in md
     for key, f in summary["findings"].items():
-        assert f"**{key}: {f['verdict']}** ({f['holds']} of {f['of']}" in md
+        assert f"**{key}: {f['verdict']}**" in md and f"({f['holds']} of {f['of']} " in md
         assert trk.summaries[f"findings/{key}/verdict"] == f["verdict"]
     for c in summary["findings"]["F3"]["kinds"]:
-        hr = c["cox"]["memorization"]["hr"]
-        assert f"- {c['kind']}: **{c['verdict']}**; hazard ratio of forgetting per SD of memorization {hr:.3g}" in md
+        m = c["cox"]["memorization"]
+        assert (f"- {c['kind']}: **{c['family_verdict']}** after Holm (unadjusted {c['verdict']}" in md
+                and f"within-request SD of memorization {m['hr']:.3g}" in md)
     for c in summary["findings"]["F1"]["contrasts"]:
-        assert f"| {c['repetitions']} | {c['ood_kind']} | {c['replicates']} | **{c['verdict']}** |" in md
+        assert f"- r{c['repetitions']} {c['ood_kind']} vs id: **{c['family_verdict']}** after Holm" in md
     f4 = summary["attacks"]["findings"]["F4"]
     assert f"**F4: {f4['verdict']}**" in md and trk.summaries["findings/F4/verdict"] == f4["verdict"]
 
@@ -98,7 +99,7 @@ def test_the_merged_summary_is_the_report_stages_own(smoke_study, tmp_path):
     assert summary["outcomes"] == unlearn["outcomes"] and summary["cost"] == unlearn["cost"]
     assert summary["attacks"]["requests"] == sorted(attacked)
     assert summary["attacks"]["relearn_steps"] == attacks["relearn_steps"] == cfg.attack.relearn_steps
-    write_json(tmp_path / "f4.json", finding_f4(list(attacked.values()), cfg.metrics.alpha))  # NaN as null, as stored
+    write_json(tmp_path / "f4.json", finding_f4(list(attacked.values()), attacks["skipped"], cfg.metrics.alpha))  # as stored
     assert json.loads((tmp_path / "f4.json").read_text()) == summary["attacks"]["findings"]["F4"]
 
 
@@ -144,20 +145,25 @@ def test_report_force_redecides_every_finding_from_the_stored_results(smoke_stud
     for key in ("F1", "F2"):
         for c_before, c_after in zip(before["findings"][key]["contrasts"], after["findings"][key]["contrasts"]):
             e_b, e_a = (c["by_target"][c["main"]] for c in (c_before, c_after))
-            if c_after["repetitions"] == 16 and e_b["n_informative"]:
-                assert e_a["n_informative"] == 0  # the collapsed ID side leaves the pair without evidence
+            if c_after["repetitions"] == 16:  # the collapsed ID request is left out of its side and counted
+                assert e_a["counts"]["id_used"] == e_b["counts"]["id_used"] - 1
+                assert e_a["counts"]["id_left_out"] == {
+                    "F1": {"collapsed": 1}, "F2": {"collapsed: no cost at a crossing": 1}}[key]
             else:
-                assert e_a["n_informative"] == e_b["n_informative"]
+                assert e_a["counts"] == e_b["counts"]
     f3b = {c["kind"]: c for c in before["findings"]["F3"]["kinds"]}
     f3a = {c["kind"]: c for c in after["findings"]["F3"]["kinds"]}
-    assert f3b["canary"]["verdict"] == "reproduced" and f3a["canary"]["verdict"] == "reversed"
+    # the rule is symmetric: a flipped coefficient swaps reproduced and reversed and leaves "not significant" alone
+    mirror = {"reproduced": "reversed", "reversed": "reproduced"}
+    assert f3a["canary"]["verdict"] == mirror.get(f3b["canary"]["verdict"], f3b["canary"]["verdict"])
+    assert f3a["canary"]["cox"]["memorization"]["hr_lo"] == pytest.approx(
+        1 / f3b["canary"]["cox"]["memorization"]["hr_hi"], rel=1e-3)
     assert f3a["canary"]["cox"]["memorization"]["coef"] == pytest.approx(-f3b["canary"]["cox"]["memorization"]["coef"],
                                                                           rel=1e-3)
     assert {k: f3a[k]["verdict"] for k in ("id", "domain")} == {k: f3b[k]["verdict"] for k in ("id", "domain")}
-    assert after["findings"]["F3"]["verdict"] == "partly reproduced"
     # the attack stage ran on the unlearn results before the change: its results no longer count in the merged view
     assert "attacks" in before and "attacks" not in after and not any("attacked" in g for g in after["requests"])
-    assert "**F3: partly reproduced**" in (run / "report" / "report.md").read_text()
+    assert f"**F3: {after['findings']['F3']['verdict']}**" in (run / "report" / "report.md").read_text()
 
 
 def test_a_run_directory_of_an_older_layout_is_refused_with_what_to_rerun(smoke_study, tmp_path):
@@ -227,9 +233,9 @@ def test_compare_runs_side_by_side_with_multi_seed_parent(smoke_study, tmp_path)
     row = next(line for line in md.split("### Final UQ")[1].splitlines() if line.startswith("| canary | 16 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2] == f"{g['uq_final']:.2f} (n=1)"
-    assert cells[3].startswith(f"{g['uq_final']:.2f} ± ") and cells[3].endswith("(n=3)")
-    assert cells[4].endswith("(n=4)")  # pooled over every seed of every run
-    assert "## Findings" in md and "seeds reproduced" in md
+    assert cells[3].startswith(f"{g['uq_final']:.2f} ± ") and cells[3].endswith("(n=3 seeds)")
+    assert cells[4].endswith("(n=4 seeds)")  # pooled over every seed of every run
+    assert "## Findings" in md and "| F1 |" in md and "seeds reproduced" not in md  # one verdict per run, no vote
 
 
 def test_compare_and_report_refuse_a_directory_without_summary(tmp_path):
@@ -243,34 +249,34 @@ def test_compare_and_report_refuse_a_directory_without_summary(tmp_path):
 
 
 def test_seed_aggregate_and_compare_show_the_same_numbers(tmp_path):
-    """summary.json of a multi-seed parent and its compare.md come from one implementation: a request with nothing to
-    forget in one seed is left out of steps to unlearn in both, and both give the same mean and interval."""
+    """summary.json of a multi-seed parent and its compare.md come from one implementation, the seed as the unit: a
+    request with nothing to forget in one seed is left out of steps to unlearn in both, and both give the same mean
+    and interval over the seeds."""
+    from conftest import smoke_config, write_seed
     from unlearnbench.findings import aggregate_seeds
 
     def request(steps, drop, nothing):
-        return {"request": "id_r4", "kind": "id", "repetitions": 4, "n_examples": 8, "steps_to_unlearn": steps,
-                "utility_drop_at_unlearned": drop, "uq_final": 0.9, "steps_to_forget_mean": 5.0,
-                "memorization_mean": 1.0, "difficulty_mean": 4.0, "exposure_gap_bits": 3.0,
-                "nothing_to_forget": nothing}
+        return {"request": "id_r4_g0", "kind": "id", "repetitions": 4, "group": 0, "n_examples": 8,
+                "outcome": "unlearned", "steps_to_unlearn": steps, "utility_drop_at_unlearned": drop, "uq_final": 0.9,
+                "steps_to_forget_mean": 5.0, "memorization_mean": 1.0, "difficulty_mean": 4.0,
+                "exposure_gap_bits": 3.0, "nothing_to_forget": nothing, "uq_auc": 0.5,
+                "outcomes": {t: {"outcome": "unlearned", "step": steps, "log_ppl_ratio": drop}
+                             for t in ("0.5", "0.8", "0.9")}}
     parent = tmp_path / "seeds"
     for seed, steps, drop, nothing in ((0, 8, 0.2, False), (1, 13, 0.4, False), (2, 2, 0.0, True), (3, 10, 0.3, False)):
-        d = parent / f"seed_{seed}"
-        d.mkdir(parents=True)
-        (d / "summary.json").write_text(json.dumps({"run": "x", "seed": seed, "method": "ga", "lr": 3e-4,
-                                                    "exposure": "extrapolated", "max_steps": 100, "uq_target": 0.9,
-                                                    "requests": [request(steps, drop, nothing)], "findings": {}}))
+        write_seed(parent / f"seed_{seed}", seed, [request(steps, drop, nothing)])
     dirs = sorted(parent.glob("seed_*"))
-    agg = aggregate_seeds(dirs)
+    agg = aggregate_seeds(smoke_config(parent), dirs)
     (parent / "summary.json").write_text(json.dumps(agg))
     steps = agg["cells"][0]["steps_to_unlearn"]
-    # seeds 0, 1, 3 (seed 2 had nothing to forget): mean 31/3, t-interval by hand
-    assert steps["n"] == 3 and steps["mean"] == pytest.approx(31 / 3)
+    # seeds 0, 1, 3 (seed 2 had nothing to forget): mean 31/3, t-interval over those seeds by hand
+    assert (steps["n"], steps["n_unit"]) == (3, "seeds") and steps["mean"] == pytest.approx(31 / 3)
     half = 4.302652729911275 * np.std([8, 13, 10], ddof=1) / np.sqrt(3)  # t(0.975, 2)
     assert steps["hi"] - steps["mean"] == pytest.approx(half)
     compare_runs([parent], tmp_path / "cmp")
     md = (tmp_path / "cmp" / "compare.md").read_text()
     row = next(line for line in md.split("### Steps to unlearn")[1].splitlines() if line.startswith("| id | 4 |"))
-    assert f"{31 / 3:.3g} ± {half:.3g} (n=3)" in row
+    assert f"{31 / 3:.3g} ± {half:.3g} (n=3 seeds)" in row
 
 
 @pytest.mark.slow

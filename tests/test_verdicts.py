@@ -16,13 +16,13 @@ T2 = 4.302652729911275  # t(0.975, 2)
 def result(kind, reps, g, outcome="unlearned", step=10.0, log_ppl=0.1, nothing=False, seed=None, auc=0.5):
     """A request's result.json as the unlearn stage writes it (with `seed` when seeds are pooled)."""
     o = {"outcome": outcome, "step": float(step), "log_ppl_ratio": log_ppl if outcome == "unlearned" else None}
-    r = {"request": f"{kind}_r{reps}_g{g}", "kind": kind, "repetitions": reps, "replicate": g, "outcome": outcome,
+    r = {"request": f"{kind}_r{reps}_g{g}", "kind": kind, "repetitions": reps, "group": g, "outcome": outcome,
          "outcomes": {t: dict(o) for t in ("0.5", "0.8", "0.9")}, "uq_auc": auc, "nothing_to_forget": nothing}
     return r if seed is None else {**r, "seed": seed}
 
 
 def cell(f, reps=16, kind="canary"):
-    return next(c for c in f["cells"] if c["repetitions"] == reps and c["ood_kind"] == kind)
+    return next(c for c in f["contrasts"] if c["repetitions"] == reps and c["ood_kind"] == kind)
 
 
 def test_f1_two_sample_on_log_steps_reads_as_a_ratio():
@@ -96,7 +96,7 @@ def test_partly_reproduced_seeds_pool_into_one_effect_per_cell_not_a_vote():
     t = 1.0 / (0.1 / math.sqrt(3))
     assert e16["p"] == pytest.approx(2 * stats.t.sf(t, 2))
     # Holm over the two cells: both p-values x 2 stay under 0.05
-    assert f["verdict"] == "reproduced" and all(c["family_verdict"] == "reproduced" for c in f["cells"])
+    assert f["verdict"] == "reproduced" and all(c["family_verdict"] == "reproduced" for c in f["contrasts"])
 
 
 def test_opposite_cells_are_mixed_and_a_lone_reversal_is_partly_reversed():
@@ -155,7 +155,7 @@ def test_holm_over_cells_by_hand():
     f = decide_f2(res)
     se = math.sqrt(2 * 0.01 / 3)
     p = {1: 2 * stats.t.sf(1.0 / se, 2), 4: 2 * stats.t.sf(0.45 / se, 2), 16: 1.0}
-    got = {c["repetitions"]: c for c in f["cells"]}
+    got = {c["repetitions"]: c for c in f["contrasts"]}
     assert got[1]["p"] == pytest.approx(p[1]) and got[4]["p"] == pytest.approx(p[4])
     # sorted p1 < p4 < p16 (m = 3): 3 p1, max(3 p1, 2 p4), 1
     assert got[1]["p_holm"] == pytest.approx(3 * p[1]) and got[4]["p_holm"] == pytest.approx(max(3 * p[1], 2 * p[4]))
@@ -239,7 +239,7 @@ def test_f3_a_failed_fit_is_inconclusive_with_its_reason():
 
 def _attack(kind, g, recovered, seed=0, baseline="oracle"):
     share = {"recovered": recovered}
-    return {"request": f"{kind}_r16_g{g}", "kind": kind, "repetitions": 16, "replicate": g, "seed": seed,
+    return {"request": f"{kind}_r16_g{g}", "kind": kind, "repetitions": 16, "group": g, "seed": seed,
             "baseline": baseline, "relearn_forget_fraction": share, "relearn_retain": share,
             "quantization": {"int8": share, "int4": share}}
 
@@ -248,7 +248,7 @@ def test_f4_counts_skipped_requests_and_keeps_directions_apart():
     res = [_attack("id", g, 0.2 + d) for g, d in enumerate((0.0, 0.01, -0.01))]
     res += [_attack("canary", g, 0.5 + d) for g, d in enumerate((0.0, 0.01, -0.01))]  # canaries recover more
     res += [_attack("domain", g, -0.1 + d) for g, d in enumerate((0.0, 0.01))]  # the domain recovers less
-    skipped = [{"request": "domain_r16_g2", "kind": "domain", "repetitions": 16, "replicate": 2, "seed": 0,
+    skipped = [{"request": "domain_r16_g2", "kind": "domain", "repetitions": 16, "group": 2, "seed": 0,
                 "reason": "it never became unlearned (outcome censored)"}]
     f = decide_f4(res, skipped)
     dom = cell(f, 16, "domain")["by_target"]["relearn_forget_fraction"]

@@ -27,8 +27,7 @@ from unlearnbench.results import load_run
 from unlearnbench.rundir import RECORDS_DIR, map_dir, map_setting_dir, record_path
 
 DEFAULT_GRID = {"lr": [1e-4, 3e-4, 1e-3], "method": ["ga", "npo"], "exposure": ["extrapolated", "rank"]}
-VERDICT_COLOURS = {"reproduced": "#1a9850", "partly reproduced": "#a6d96a", "not reproduced": "#fdae61",
-                   "reversed": "#d73027", "inconclusive": "#d9d9d9"}
+
 
 
 def setting_name(lr: float, method: str, exposure: str) -> str:
@@ -85,13 +84,13 @@ def map_rows(settings: list[tuple[str, Config]]) -> pd.DataFrame:
             for c in f.get("contrasts", []):
                 e = c["by_target"][c["main"]]
                 rows.append({**base, "finding": key, "where": f"r{c['repetitions']} {c['ood_kind']}",
-                             "verdict": c["verdict"], "mean": e["mean"], "lo": e["lo"], "hi": e["hi"],
-                             "n_informative": e["n_informative"], "n_pairs": e["n_pairs"],
-                             "stable_across_targets": c["stable_across_targets"]})
+                             "verdict": c["family_verdict"], "unadjusted": c["verdict"], "mean": e["mean"],
+                             "lo": e["lo"], "hi": e["hi"], "n_id": e["counts"]["id_used"],
+                             "n_ood": e["counts"]["ood_used"], "stable_across_targets": c["stable_across_targets"]})
             for c in f.get("kinds", []):
                 m = c["cox"]["memorization"]
-                rows.append({**base, "finding": key, "where": c["kind"], "verdict": c["verdict"], "mean": m["coef"],
-                             "lo": m["lo"], "hi": m["hi"]})
+                rows.append({**base, "finding": key, "where": c["kind"], "verdict": c["family_verdict"],
+                             "unadjusted": c["verdict"], "mean": m["coef"], "lo": m["coef_lo"], "hi": m["coef_hi"]})
     return pd.DataFrame(rows)
 
 
@@ -100,13 +99,16 @@ def render(rows: pd.DataFrame, out_dir: Path) -> None:
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
+    from unlearnbench.reporting.style import verdict_colour
+
     rows.to_csv(out_dir / "findings_map.csv", index=False)
     lines = ["# Findings map", "", "Each entry: the verdict, and the effect with its 95% interval at the main UQ "
              "target "
-             "(F1: OOD − ID steps; F2: ID − OOD log perplexity ratio; F3: Cox coefficient of memorization, < 0 means "
-             "more memorized examples take longer); for F1 and F2 also the informative replicate pairs it rests on "
-             "(a contrast needs at least three for a verdict). Settings in rows, where the finding is tested in "
-             "columns.", ""]
+             "(F1: OOD − ID log(1 + steps); F2: ID − OOD log perplexity ratio; F3: Cox coefficient of memorization per "
+             "within-request SD, < 0 means more memorized examples take longer); for F1 and F2 also how many ID and "
+             "OOD groups the two-sample interval rests on. A contrast's or kind's verdict is the family-wise one "
+             "(Holm over the finding's cells); each setting is decided on its own, not corrected across settings. "
+             "Settings in rows, where the finding is tested in columns.", ""]
     for key, part in rows.groupby("finding", sort=True):
         wheres = list(dict.fromkeys(part["where"]))
         lines += [f"## {key}", "", "| setting | " + " | ".join(wheres) + " |", "|" + "---|" * (len(wheres) + 1)]
@@ -132,7 +134,7 @@ def render(rows: pd.DataFrame, out_dir: Path) -> None:
         for i, setting in enumerate(settings):
             for j, w in enumerate(wheres):
                 r = part[(part.setting == setting) & (part["where"] == w)].iloc[0]
-                ax.add_patch(_rect(j, i, VERDICT_COLOURS.get(r["verdict"], "#ffffff")))
+                ax.add_patch(_rect(j, i, verdict_colour(r["verdict"])))
                 if r["mean"] is not None and not pd.isna(r["mean"]):
                     ax.text(j + 0.5, i + 0.5, f"{r['mean']:.2g}", ha="center", va="center", fontsize=7)
         ax.set_xlim(0, len(wheres))
@@ -140,7 +142,8 @@ def render(rows: pd.DataFrame, out_dir: Path) -> None:
         ax.set_xticks([j + 0.5 for j in range(len(wheres))], wheres, rotation=45, ha="right", fontsize=7)
         ax.set_yticks([i + 0.5 for i in range(len(settings))], settings, fontsize=7)
         ax.set_title(key)
-    fig.legend(handles=[Patch(color=c, label=v) for v, c in VERDICT_COLOURS.items()], loc="outside lower center",
+    shown = list(dict.fromkeys(rows.verdict))
+    fig.legend(handles=[Patch(color=verdict_colour(v), label=v) for v in shown], loc="outside lower center",
                ncol=5, fontsize=8)
     fig.suptitle("Findings map: verdict (colour) and effect (number) per setting")
     fig.savefig(out_dir / "findings_map.png", format="png")
@@ -153,10 +156,11 @@ def _rect(x: int, y: int, colour: str):
 
 
 def _pairs(r) -> str:
-    """", 2/3 pairs" for an F1/F2 contrast: an interval over two informative pairs can be narrow while it stays
-    inconclusive (fewer pairs than the rule needs), so the table says how many pairs it rests on."""
-    n, of = r.get("n_informative"), r.get("n_pairs")
-    return "" if n is None or of is None or pd.isna(n) or pd.isna(of) else f", {int(n)}/{int(of)} pairs"
+    """", 3 vs 3 groups" for an F1/F2 contrast: how many ID and OOD groups its two-sample interval rests on (a
+    collapsed or nothing-to-forget group is left out)."""
+    n_id, n_ood = r.get("n_id"), r.get("n_ood")
+    return "" if n_id is None or n_ood is None or pd.isna(n_id) or pd.isna(n_ood) else \
+        f", {int(n_id)} vs {int(n_ood)} groups"
 
 
 def _n(x) -> str:

@@ -93,5 +93,5 @@ def merged_summary(cfg: Config, run: RunResults) -> dict:
         out["attacks"] = {"requests": sorted(by_request), "selection": a["selection"],
                           "relearn_steps": a["relearn_steps"], "relearn_lr": a["relearn_lr"],
                           "quant_bits": a["quant_bits"],
-                          "findings": {"F4": finding_f4(run.attack_results, cfg.metrics.alpha)}}
+                          "findings": {"F4": finding_f4(run.attack_results, a.get("skipped", []), cfg.metrics.alpha)}}
     return out

@@ -107,7 +107,7 @@ def run_stages(cfg: Config, stage: str, force: bool, acc) -> list[Path]:
         from unlearnbench.findings import aggregate_seeds
         from unlearnbench.reporting.compare import compare_runs
 
-        write_json(Path(cfg.run.dir) / "summary.json", aggregate_seeds(dirs, cfg.metrics.alpha))
+        write_json(Path(cfg.run.dir) / "summary.json", aggregate_seeds(cfg, dirs))
         # the parent's own report: every group as mean ± interval over the seeds
         compare_runs([Path(cfg.run.dir)], Path(cfg.run.dir) / "report")
         acc.print(f"[report] wrote {Path(cfg.run.dir) / 'report' / 'compare.md'} ({len(dirs)} seeds)")

@@ -10,7 +10,7 @@
   Per-cell verdicts and readouts at other targets are unadjusted, and labelled so.
 
 Every field of a stored result is read through `request_view`, `attack_view` or `example_view`, so renaming a key of
-result.json or examples.parquet is a change in one place.
+result.json or forgetting.parquet is a change in one place.
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def _finite(x) -> float | None:
 
 def _identity(r: dict) -> dict:
     return {"request": r["request"], "kind": r["kind"], "repetitions": int(r["repetitions"]),
-            "group": int(r.get("replicate", 0)), "seed": r.get("seed", 0)}
+            "group": int(r.get("group", 0)), "seed": r.get("seed", 0)}
 
 
 def request_view(result: dict) -> dict:
@@ -76,7 +76,7 @@ def attack_view(result: dict) -> dict:
 
 
 def example_view(frame: pd.DataFrame) -> pd.DataFrame:
-    """What F3 reads from the per-example rows (examples.parquet plus request, nothing_to_forget, seed): kind,
+    """What F3 reads from the per-example rows (forgetting.parquet plus request, nothing_to_forget, seed): kind,
     stratum (seed x request), duration, event, memorization, difficulty, nothing_to_forget, forgotten_at_start."""
     seed = frame["seed"].astype(str) if "seed" in frame else pd.Series("0", index=frame.index)
     event = ~frame["censored"].astype(bool)
@@ -148,17 +148,17 @@ def _side(views: list[dict], kind: str, reps: int, value) -> tuple[list[tuple], 
             if x is None:
                 out[reason] = out.get(reason, 0) + 1
             else:
-                rows.append((v["seed"], x, censored))
+                rows.append((v["seed"], x, censored, v["request"]))
     return rows, out
 
 
 def _contrast(ref: list[tuple], other: list[tuple], by_seed: bool, alpha: float) -> dict:
     def cols(rows):
-        return [x for _, x, _ in rows], [c for _, _, c in rows]
+        return [r[1] for r in rows], [r[2] for r in rows]
     if not by_seed:
         (a, ca), (b, cb) = cols(ref), cols(other)
         return contrast.two_sample(a, b, ca, cb, alpha)
-    seeds = sorted({s for s, _, _ in ref + other}, key=str)
+    seeds = sorted({r[0] for r in ref + other}, key=str)
     per_seed = []
     for s in seeds:
         (a, ca), (b, cb) = cols([r for r in ref if r[0] == s]), cols([r for r in other if r[0] == s])
@@ -175,8 +175,11 @@ def _readout(views, reps, ood, value, ref_is_id: bool, by_seed: bool, alpha: flo
     verdict = "inconclusive" if e["p"] is None else \
         {"up": "reproduced", "down": "reversed"}.get(e["direction"], "not reproduced")
     out = {**e, "mean": e["effect"], "n_informative": len(ids) + len(oods), "verdict": verdict,
-           "counts": {"id_used": len(ids), "ood_used": len(oods), "id_censored": sum(c for *_, c in ids),
-                      "ood_censored": sum(c for *_, c in oods), "id_left_out": id_out, "ood_left_out": ood_out},
+           "counts": {"id_used": len(ids), "ood_used": len(oods), "id_censored": sum(r[2] for r in ids),
+                      "ood_censored": sum(r[2] for r in oods), "id_left_out": id_out, "ood_left_out": ood_out},
+           # the points behind the interval: every request's value (a censored one is its bound)
+           "values": {side: [{"request": r[3], "seed": r[0], "value": r[1], "censored": bool(r[2])} for r in rows]
+                      for side, rows in (("id", ids), ("ood", oods))},
            "reasons": sorted(set(id_out) | set(ood_out) | ({e["reason"]} if e["reason"] else set()))}
     if ratio:  # log(1 + steps) differences read as ratios of (1 + steps)
         out.update({k: None if e[s] is None else math.exp(e[s]) for k, s in
@@ -208,7 +211,7 @@ def _finding(statement: str, effect: str, rows: list[dict], unit: str, alpha: fl
     return {"statement": statement, "effect": effect, "unit": unit, "unit_note": UNIT_NOTE[unit], "alpha": alpha,
             "family": f"Holm over the {len(rows)} cells' two-sided p-values: the overall verdict's false-positive "
                       f"rate under no effect is at most {alpha:g}",
-            "cells": rows, "verdict": o["verdict"], "direction": o["direction"], "detail": o["detail"],
+            "contrasts": rows, "verdict": o["verdict"], "direction": o["direction"], "detail": o["detail"],
             "supporting": o["up"], "against": o["down"], "holds": len(o["up"]) + (len(o["down"]) if two_sided else 0),
             "of": len(rows), "informative": len(informative)}
 
@@ -261,7 +264,7 @@ def decide_f2(results: list[dict], uq_target: float = 0.9, alpha: float = ALPHA)
 def decide_f4(attack_results: list[dict], skipped: list[dict] = (), alpha: float = ALPHA,
               main: str = "relearn_forget_fraction") -> dict:
     """F4 per (repetitions, OOD kind): OOD − ID recovered share after each attack, either direction a difference
-    (named); requests the attack stage skipped ({request, kind, repetitions, replicate, seed, reason}) and results
+    (named); requests the attack stage skipped ({request, kind, repetitions, group, seed, reason}) and results
     without an oracle baseline are counted, never dropped. Holm over cells on the `main` attack."""
     views = [attack_view(r) for r in attack_results]
     no_oracle = [v for v in views if v["baseline"] != "oracle"]
@@ -310,11 +313,11 @@ def _f3_test(frame: pd.DataFrame, cox: dict) -> dict:
                       "likelihood); decided by the likelihood-ratio test"}
 
 
-def decide_f3(per_example: pd.DataFrame, alpha: float = ALPHA) -> dict:
+def decide_f3(forgetting: pd.DataFrame, alpha: float = ALPHA) -> dict:
     """F3 per kind: a Cox model of each example's forgetting on memorization and difficulty, both standardized
     within request, stratified by request (seed x request with seeds); nothing-to-forget requests and examples
     already forgotten at step 0 left out and counted; Holm over kinds."""
-    ex = example_view(per_example)
+    ex = example_view(forgetting)
     excluded = sorted(set(ex.request[ex.nothing_to_forget]))
     usable = ex[~ex.nothing_to_forget]
     rows = []
@@ -372,13 +375,13 @@ def replicate_spread(results: list[dict], targets: tuple[str, ...] = ("0.5", "0.
     return {"seeds": seeds, "log1p_steps": steps, "log_ppl_ratio": cost}
 
 
-def decide(results: list[dict], per_example: pd.DataFrame | None = None, attack_results: list[dict] = (),
+def decide(results: list[dict], forgetting: pd.DataFrame | None = None, attack_results: list[dict] = (),
            skipped: list[dict] = (), uq_target: float = 0.9, alpha: float = ALPHA) -> dict:
     """Every finding the inputs allow: F1, F2 (request results), F3 (per-example rows), F4 (attack results), and
     with two or more seeds the replicate spread."""
     out = {"F1": decide_f1(results, uq_target, alpha), "F2": decide_f2(results, uq_target, alpha)}
-    if per_example is not None and not per_example.empty:
-        out["F3"] = decide_f3(per_example, alpha)
+    if forgetting is not None and not forgetting.empty:
+        out["F3"] = decide_f3(forgetting, alpha)
     if attack_results or skipped:
         out["F4"] = decide_f4(list(attack_results), list(skipped), alpha)
     if _unit([request_view(r) for r in results]) == "seeds":

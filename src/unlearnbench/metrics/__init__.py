@@ -32,7 +32,7 @@ from .quality import (
     uq_with_ci,
 )
 from .crossing import UQ_TARGETS, interpolated_crossing, uq_auc, value_at_step
-from .replicates import Outcome, compare_steps, f3_verdict, paired_effect, verdict_across
+from . import contrast
 from .stats import mean_ci, spearman_with_ci
 from .survival import kaplan_meier, logrank, median_survival, stratified_cox
 from .utility import mean_nll, perplexity, token_accuracy, utility_drop
@@ -47,7 +47,7 @@ __all__ = [
     "steps_to_forget", "unlearning_quality", "uq_example", "uq_with_ci",
     "mean_ci", "spearman_with_ci",
     "interpolated_crossing", "uq_auc", "value_at_step",
-    "Outcome", "compare_steps", "f3_verdict", "paired_effect", "verdict_across",
+    "contrast",
     "kaplan_meier", "logrank", "median_survival", "stratified_cox",
     "mean_nll", "perplexity", "token_accuracy", "utility_drop",
 ]

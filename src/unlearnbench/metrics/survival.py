@@ -85,7 +85,7 @@ def logrank(durations_a, observed_a, durations_b, observed_b) -> dict:
 def _nan_row(n: int, events: int, error: str | None, warning: str | None = None) -> dict:
     nan = math.nan
     return {"coef": nan, "se": nan, "coef_lo": nan, "coef_hi": nan, "hr": nan, "hr_lo": nan, "hr_hi": nan,
-            "lo": nan, "hi": nan, "p": nan, "n": n, "events": events, "loglik": nan, "loglik_null": nan,
+            "p": nan, "n": n, "events": events, "loglik": nan, "loglik_null": nan,
             "error": error, "warning": warning, "usable": False}
 
 
@@ -169,7 +169,7 @@ def stratified_cox(df: pd.DataFrame, duration_col: str, event_col: str,
     for c in usable:
         coef, lo, hi = (float(s.loc[c, k]) for k in ("coef", "coef lower 95%", "coef upper 95%"))
         result[c] = {"coef": coef, "se": float(s.loc[c, "se(coef)"]), "coef_lo": lo, "coef_hi": hi, "hr": _exp(coef),
-                     "hr_lo": _exp(lo), "hr_hi": _exp(hi), "lo": lo, "hi": hi, "p": float(s.loc[c, "p"]), "n": n,
+                     "hr_lo": _exp(lo), "hr_hi": _exp(hi), "p": float(s.loc[c, "p"]), "n": n,
                      "events": events, "loglik": loglik, "loglik_null": loglik - float(lrt.test_statistic) / 2,
                      "error": None, "warning": warning, "usable": warning is None}
     return {c: result[c] for c in covariates}

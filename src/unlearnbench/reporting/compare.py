@@ -11,9 +11,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from unlearnbench.errors import UserError
-from unlearnbench.findings import cell_values
+from unlearnbench.findings import cell_interval
 from unlearnbench.io import atomic_dir, read_json
-from unlearnbench.metrics import mean_ci
 from unlearnbench.records import check_layout
 from unlearnbench.reporting.style import KIND_LABELS, kind_color, kind_key, reps_title
 
@@ -23,7 +22,7 @@ def _ci(d: dict | None, fmt: str = "{:.2f}") -> str:
         return "–"
     if d["n"] < 2 or d["lo"] == d["hi"]:
         return f"{fmt.format(d['mean'])} (n={d['n']})"
-    return f"{fmt.format(d['mean'])} ± {fmt.format((d['hi'] - d['lo']) / 2)} (n={d['n']})"
+    return f"{fmt.format(d['mean'])} ± {fmt.format((d['hi'] - d['lo']) / 2)} (n={d['n']} {d.get('n_unit', '')})".replace(" )", ")")
 
 
 def _seed_dirs(d: Path) -> list[Path]:
@@ -88,7 +87,9 @@ def compare_runs(dirs: list[Path], out_dir: Path) -> None:
             check_layout(s, ["report"])
         summaries = [read_json(s / "summary.json") for s in subs]
         label = d.name if d.name not in [r["label"] for r in runs] else str(d)
-        runs.append({"label": label, "dir": d, "summaries": summaries, "settings": _settings(subs[0], summaries)})
+        parent = read_json(d / "summary.json") if len(subs) > 1 and (d / "summary.json").exists() else None
+        runs.append({"label": label, "dir": d, "summaries": summaries, "settings": _settings(subs[0], summaries),
+                     "findings": (parent or summaries[0]).get("findings", {}) if len(subs) == 1 or parent else {}})
     cells = sorted({(g["kind"], int(g["repetitions"])) for r in runs for s in r["summaries"] for g in s["requests"]},
                    key=lambda c: (kind_key(c[0]), c[1]))
     everything = [s for r in runs for s in r["summaries"]]
@@ -98,17 +99,19 @@ def compare_runs(dirs: list[Path], out_dir: Path) -> None:
              "| run | directory | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 2)]
     for r in runs:
         lines.append(f"| {r['label']} | `{r['dir']}` | " + " | ".join(str(v) for v in r["settings"].values()) + " |")
-    lines += ["", "Each cell: mean ± half-width of the 95% t-interval across the run's seeds (n = seeds with a "
-              "value); the last column pools every seed of every run. Steps to unlearn and the utility drop there "
-              "count only seeds where the request became unlearned and had something to forget.", ""]
+    lines += ["", "Each cell: mean ± half-width of the 95% t-interval. For a run of several seeds the seed is the unit: "
+              "each seed's mean over its forget groups, then the interval over seeds (n = seeds); for a run of one "
+              "seed the interval is over its groups (n = groups: a statement about that trained pair). The last "
+              "column pools every seed of every run (n = seeds). Steps to unlearn and the utility drop there count "
+              "only requests that became unlearned and had something to forget.", ""]
     stats = {}
     for col, title, fmt in METRICS:
         lines += [f"### {title[0].upper() + title[1:]}", "",
                   "| kind | reps | " + " | ".join(r["label"] for r in runs) + " | all runs |",
                   "|" + "---|" * (len(runs) + 3)]
         for kind, reps in cells:
-            per = [mean_ci(cell_values(r["summaries"], kind, reps, col)) for r in runs]
-            pooled = mean_ci(cell_values(everything, kind, reps, col))
+            per = [cell_interval(r["summaries"], kind, reps, col) for r in runs]
+            pooled = cell_interval(everything, kind, reps, col)
             stats[(col, kind, reps)] = per
             lines.append(f"| {kind} | {reps} | " + " | ".join(_ci(p, fmt) for p in per) + f" | {_ci(pooled, fmt)} |")
         lines.append("")
@@ -116,10 +119,10 @@ def compare_runs(dirs: list[Path], out_dir: Path) -> None:
               "|" + "---|" * (len(runs) + 1)]
     for key in ("F1", "F2", "F3"):
         cols = []
-        for r in runs:
-            v = [s["findings"][key]["verdict"] for s in r["summaries"] if key in s.get("findings", {})]
-            n_rep = sum(x == "reproduced" for x in v)
-            cols.append(f"{n_rep}/{len(v)} seeds reproduced ({', '.join(v)})" if v else "–")
+        for r in runs:  # one verdict per run, decided from all its seeds' requests (never a vote over seeds)
+            f = r["findings"].get(key)
+            cols.append(f"{f['verdict']}" + (f" ({f['detail']})" if f.get("detail") else "")
+                        + f", n = {f.get('unit', '–')}" if f else "–")
         lines.append(f"| {key} | " + " | ".join(cols) + " |")
     lines += ["", "## Figure", "", "![compare](compare.png)", ""]
 

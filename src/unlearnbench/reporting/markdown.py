@@ -5,7 +5,6 @@ findings block the report stage prints.
 
 from __future__ import annotations
 
-import math
 
 from unlearnbench.reporting.style import FIGURES, kind_key, mean, num, request_cells
 from unlearnbench.results import outcome_counts
@@ -49,50 +48,69 @@ def _interval(e: dict, fmt: str = "{:.3g}") -> str:
     return f"{num(e.get('mean'), fmt)} [{num(e.get('lo'), fmt)}, {num(e.get('hi'), fmt)}]"
 
 
+def _effect_text(e: dict) -> str:
+    """An effect with its interval and what its n counts; F1's step readouts also as a ratio of (1 + steps)."""
+    text = f"{_interval(e)}"
+    if e.get("ratio") is not None:
+        text += f" (×{num(e['ratio'], '{:.2f}')} [{num(e.get('ratio_lo'), '{:.2f}')}, {num(e.get('ratio_hi'), '{:.2f}')}])"
+    return text + f", n = {e.get('n', 0)} {e.get('n_unit', 'groups')}"
+
+
+def _left_out(e: dict) -> str:
+    """How many requests each side used, how many were censoring bounds, and what was left out and why."""
+    c = e.get("counts") or {}
+    out = [f"ID {c.get('id_used', 0)} ({c.get('id_censored', 0)} censored), OOD {c.get('ood_used', 0)} "
+           f"({c.get('ood_censored', 0)} censored)"]
+    for side in ("id", "ood"):
+        for why, n in (c.get(f"{side}_left_out") or {}).items():
+            out.append(f"{side.upper()} {n} left out: {why}")
+    return "; ".join(out)
+
+
 def finding_lines(findings: dict) -> list[str]:
-    """F1-F3 with their verdicts, effects with intervals over replicates, outcome counts and stability."""
+    """F1-F4 with their overall verdicts (family-wise: Holm over the cells), each contrast's effect and interval per
+    target (unadjusted), what every request became, and F3's Cox models."""
     if not findings:
         return ["No findings: the run has no (kind, repetitions) requests or no forgetting tables."]
     lines = []
     for key, f in findings.items():
+        if "statement" not in f:
+            continue  # the replicate spread, not a finding
         units = "contrasts" if "contrasts" in f else "kinds"
-        lines.append(f"- **{key}: {f['verdict']}** ({f['holds']} of {f['of']} {units} reproduce it). "
-                     f"{f['statement']}. Effect: {f['effect']}.")
-        if f.get("contrasts"):
-            targets = list(f["contrasts"][0]["by_target"])
-            lines += ["", "  | reps | OOD kind | replicates | verdict | " + " | ".join(targets) + " | stable across targets |",
-                      "  |" + "---|" * (len(targets) + 5)]
-            for c in f["contrasts"]:
-                cells = []
-                for t in targets:
-                    e = c["by_target"][t]
-                    n = e["counts"]
-                    cells.append(f"{_interval(e)} {e['verdict']} ({n['supports']}+/{n['against']}−/{n['tie']}="
-                                 f"/{n['inconclusive']}?)")
-                lines.append(f"  | {c['repetitions']} | {c['ood_kind']} | {c['replicates']} | **{c['verdict']}** | "
-                             + " | ".join(cells) + f" | {'yes' if c['stable_across_targets'] else 'no: ' + c['across_targets']} |")
-            lines.append("")
+        lines.append(f"- **{key}: {f['verdict']}**" + (f" ({f['detail']})" if f.get("detail") else "")
+                     + f". {f['statement']}. Effect: {f['effect']}. Unit: {f.get('unit_note') or f.get('unit')}. "
+                     f"{f.get('family', '')} ({f['holds']} of {f['of']} {units} significant after it).")
+        for c in f.get("contrasts", []):
+            e = c["by_target"][c["main"]]
+            others = "; ".join(f"{t}: {_effect_text(x)} {x['verdict']}" for t, x in c["by_target"].items()
+                               if t != c["main"])
+            lines.append(f"  - r{c['repetitions']} {c['ood_kind']} vs id: **{c['family_verdict']}** after Holm "
+                         f"(p = {num(c['p'], '{:.2g}')}, Holm {num(c.get('p_holm'), '{:.2g}')}); {c['main']}: "
+                         f"{_effect_text(e)}, unadjusted {c['verdict']}; {_left_out(e)}"
+                         + ("" if c["stable_across_targets"] else "; **depends on target**")
+                         + f". Descriptive, unadjusted: {others}")
         for c in f.get("kinds", []):
             m, d = c["cox"]["memorization"], c["cox"]["difficulty"]
-            desc = c["pooled_spearman_descriptive"]["memorization"]
-            lines.append(f"  - {c['kind']}: **{c['verdict']}**; hazard ratio of forgetting per SD of memorization "
-                         f"{num(m['hr'], '{:.3g}')} [{_hr(m['lo'])}, {_hr(m['hi'])}] (p = {num(m['p'], '{:.2g}')}), of "
-                         f"difficulty {num(d['hr'], '{:.3g}')} [{_hr(d['lo'])}, {_hr(d['hi'])}]; n = {c['n']} examples in "
-                         f"{c['requests']} requests, {num(c['censored_fraction'], '{:.0%}')} censored. Descriptive "
-                         f"only (pooled over repetitions, confounded): Spearman ρ = {num(desc['rho'])} "
-                         f"[{num(desc['lo'])}, {num(desc['hi'])}]")
+            desc = (c.get("pooled_spearman_descriptive") or {}).get("memorization") or {}
+            lines.append(f"  - {c['kind']}: **{c['family_verdict']}** after Holm (unadjusted {c['verdict']}, "
+                         f"p = {num(c['p'], '{:.2g}')} by the {c.get('test') or 'no'} test"
+                         + (f"; {c['reason']}" if c.get("reason") else "") + "); hazard ratio of forgetting per "
+                         f"within-request SD of memorization {num(m['hr'], '{:.3g}')} [{num(m.get('hr_lo'), '{:.3g}')}, "
+                         f"{num(m.get('hr_hi'), '{:.3g}')}], of difficulty {num(d['hr'], '{:.3g}')} "
+                         f"[{num(d.get('hr_lo'), '{:.3g}')}, {num(d.get('hr_hi'), '{:.3g}')}]; n = {c['n']} examples "
+                         f"in {c['requests']} requests ({c.get('forgotten_at_start', 0)} forgotten at step 0 left out), "
+                         f"{num(c['censored_fraction'], '{:.0%}')} censored"
+                         + (f". Descriptive only (pooled over repetitions, confounded): Spearman ρ = "
+                            f"{num(desc.get('rho'))} [{num(desc.get('lo'))}, {num(desc.get('hi'))}]" if desc else ""))
         if f.get("excluded_requests"):
             lines.append(f"  - left out (nothing to forget): {', '.join(f['excluded_requests'])}")
-    lines += ["", "Each effect is the mean over replicate pairs with its 95% t-interval; the counts are pairs that "
-              "support (+) or go against (−) the finding, ties (=) and pairs without evidence (?: a collapsed side, "
-              "both censored, censoring before the other side's event, or nothing to forget). `uq_T`: interpolated "
-              "steps to reach UQ T (F1) or log utility cost there (F2); `auc`: area under UQ against log(1+step). "
-              "Verdicts are computed from these numbers (docs/findings.md)."]
+    lines += ["", "A contrast's effect is a two-sample one (OOD against ID groups of the same repetitions, never paired "
+              "by label), with its 95% interval; with one seed the units are the forget groups of this trained pair, "
+              "with several the seeds. The overall verdict controls the family-wise error over the finding's cells "
+              "(Holm); per-cell verdicts and the other targets are unadjusted and descriptive. `uq_T`: log(1 + "
+              "interpolated steps) to reach UQ T (F1, × its ratio) or log(ppl/ppl_0) there (F2); `auc`: area under the "
+              "running maximum of UQ against log(1+step). docs/findings.md says how each is decided."]
     return lines
-
-
-def _hr(coef) -> str:
-    return num(math.exp(coef) if coef is not None and math.isfinite(coef) else None, "{:.3g}")
 
 
 def attack_lines(results: list[dict], f4: dict | None) -> list[str]:
@@ -122,12 +140,9 @@ def attack_lines(results: list[dict], f4: dict | None) -> list[str]:
         lines += ["No oracle (`train.oracle=false`): θr was not attacked. \"ē oracle attacked\" is replaced by the "
                   "held-out-reference e_r (unattacked), and the AUC and PrivLeak under θr are not available (–).", ""]
     if f4:
-        lines.append(f"- **F4: {f4['verdict']}** ({f4['holds']} of {f4['of']} contrasts). {f4['statement']}. Effect: "
-                     f"{f4['effect']}.")
-        for c in f4["contrasts"]:
-            parts = [f"{a}: {_interval(e)} {e['verdict']}" + (f" ({e['direction']})" if e.get("direction") else "")
-                     for a, e in c["by_attack"].items()]
-            lines.append(f"  - r{c['repetitions']} {c['ood_kind']} vs id ({c['replicates']} replicates): " + "; ".join(parts))
+        lines += finding_lines({"F4": f4})[:-2]
+        lines.append(f"  - requests the attack stage skipped: {f4.get('skipped', 0)}; without an oracle baseline: "
+                     f"{f4.get('excluded_without_oracle', 0)} (counted in each contrast's left-out requests)")
     return lines
 
 
@@ -212,16 +227,19 @@ def render_markdown(summary: dict, figures: dict[str, str] | None = None,
 def format_findings(summary: dict) -> str:
     """The findings block the report stage prints."""
     lines = ["[findings]"]
-    for key, f in summary.get("findings", {}).items():
-        lines.append(f"  {key}: {f['verdict']} — {f['statement']}")
+    findings = {**summary.get("findings", {}), **summary.get("attacks", {}).get("findings", {})}
+    for key, f in findings.items():
+        if "statement" not in f:
+            continue
+        lines.append(f"  {key}: {f['verdict']}" + (f" ({f['detail']})" if f.get("detail") else "")
+                     + f" — {f['statement']}")
         for c in f.get("contrasts", []):
             e = c["by_target"][c["main"]]
-            lines.append(f"    r{c['repetitions']} {c['ood_kind']} vs id: {c['verdict']} "
-                         f"(effect {num(e['mean'], G3)} [{num(e['lo'], G3)}, {num(e['hi'], G3)}], "
-                         f"{e['n_informative']}/{e['n_pairs']} informative pairs; "
-                         f"across targets: {c['across_targets']})")
+            lines.append(f"    r{c['repetitions']} {c['ood_kind']} vs id: {c['family_verdict']} after Holm "
+                         f"(effect {num(e['mean'], G3)} [{num(e['lo'], G3)}, {num(e['hi'], G3)}], n = {e.get('n', 0)} "
+                         f"{e.get('n_unit', 'groups')}; unadjusted {c['verdict']}; across targets: {c['across_targets']})")
         for c in f.get("kinds", []):
             m = c["cox"]["memorization"]
-            lines.append(f"    {c['kind']}: {c['verdict']} (HR per SD of memorization {num(m['hr'], G3)} "
-                         f"[{_hr(m['lo'])}, {_hr(m['hi'])}], n = {c['n']})")
+            lines.append(f"    {c['kind']}: {c['family_verdict']} after Holm (HR per within-request SD of memorization "
+                         f"{num(m['hr'], G3)} [{num(m.get('hr_lo'), G3)}, {num(m.get('hr_hi'), G3)}], n = {c['n']})")
     return "\n".join(lines)

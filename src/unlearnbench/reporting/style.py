@@ -21,6 +21,19 @@ KIND_LABELS = {"id": "ID (KJV)", "canary": "OOD canary", "domain": "OOD domain"}
 REP_MARKERS = {1: "o", 4: "s", 16: "^"}
 OTHER_MARKERS = ("D", "v", "P", "X", "h", "<", ">")
 STEP_LABEL = "unlearning step (optimizer steps, symlog)"
+# One colour per verdict (overall, family-wise and unadjusted; F4 names its two directions), everywhere.
+VERDICT_COLOURS = {"reproduced": "#1a9850", "partly reproduced": "#a6d96a", "not reproduced": "#fdae61",
+                   "not significant": "#fdae61", "reversed": "#d73027", "partly reversed": "#f46d43",
+                   "mixed": "#762a83", "OOD recovers more": "#2166ac", "ID recovers more": "#67a9cf",
+                   "inconclusive": "#d9d9d9"}
+
+
+def verdict_colour(verdict: str) -> str:
+    """The colour of a verdict; an unadjusted F4 reading "reproduced (OOD recovers more)" takes its direction's."""
+    v = str(verdict)
+    if v not in VERDICT_COLOURS and v.endswith(")") and "(" in v:
+        v = v[v.index("(") + 1:-1]
+    return VERDICT_COLOURS.get(v, "#ffffff")
 ATTACK_FIGURES = ("relearning", "recovered", "mia_auc")  # only when the attack stage ran
 FIGURES = {  # name -> (heading, caption)
     "exposure_trajectories": ("Exposure trajectories, ID vs OOD",

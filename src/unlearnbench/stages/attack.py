@@ -276,7 +276,8 @@ def run(ctx: Context) -> None:
                    f"it never became unlearned (outcome {r.get('outcome')})" if r.get("outcome") != "unlearned" else
                    f"no model saved at its unlearned step ({model_dir}; set unlearn.save_unlearned=true)")
             acc.print(f"[attack] {r['request']}: skipped, {why}")
-            skipped.append({"request": r["request"], "reason": why})
+            skipped.append({"request": r["request"], "kind": r["kind"], "repetitions": r["repetitions"],
+                            "group": r.get("group", 0), "reason": why})
             continue
         todo.append(r)
         ids_of[r["request"]] = list(pd.read_parquet(ctx.run_dir / "unlearn" / r["request"] / "forgetting.parquet")
