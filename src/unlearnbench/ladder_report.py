@@ -174,10 +174,13 @@ def figure(spec: Spec, pts: list[Point], rows: pd.DataFrame, key: str, path: Pat
             xs, labels = [], []
             for k, (lv, pname) in enumerate(levels):
                 r = rows[(rows.point == pname) & (rows["where"] == w)]
-                x = float(r.params.iloc[0]) if axis.x == "params" and len(r) and r.params.iloc[0] else float(k)
+                if r.empty:  # not finished (or no such cell at this point): no mark, no tick
+                    continue
+                params = r.params.iloc[0]
+                x = float(params) if axis.x == "params" and params and not pd.isna(params) else float(k)
                 xs.append(x)
                 labels.append(lv)
-                if r.empty or r.effect.iloc[0] is None or pd.isna(r.effect.iloc[0]):
+                if r.effect.iloc[0] is None or pd.isna(r.effect.iloc[0]):
                     continue
                 e, lo, hi, v = (r[c].iloc[0] for c in ("effect", "lo", "hi", "verdict"))
                 colour = VERDICT_COLOURS.get(v, "#000000")
@@ -185,7 +188,7 @@ def figure(spec: Spec, pts: list[Point], rows: pd.DataFrame, key: str, path: Pat
                     ax.plot([x, x], [lo, hi], color=colour, lw=2)
                 ax.plot([x], [e], "o", color=colour, ms=6)
             ax.axhline(0.0, color="#444444", lw=0.8, ls=":")
-            if axis.x == "params":
+            if axis.x == "params" and xs and min(xs) > 0:
                 ax.set_xscale("log")
             ax.set_xticks(xs, labels, fontsize=7)
             ax.margins(x=0.15)
