@@ -24,6 +24,7 @@ LIST_VALUES = {
     "--methods": (["ga", "npo"], ["ga", "npo"]),
     "--exposures": (["extrapolated"], ["extrapolated"]),
     "--compare": (["runs/a", "runs/b"], ["runs/a", "runs/b"]),
+    "--points": (["base", "size-5M"], ["base", "size-5M"]),
 }
 LIST_OPTIONS = [flag for flag, kw in cli.OPTIONS.items() if kw.get("nargs") == "+"]
 OVERRIDES = ["metrics.uq_target=0.8", "unlearn.lr=0.002"]
@@ -32,9 +33,10 @@ MISUSES = [(c.name, flag) for c in cli.command_table().values() for flag in LIST
 
 
 def test_every_list_option_is_covered():
-    assert sorted(LIST_VALUES) == sorted(LIST_OPTIONS) == ["--compare", "--exposures", "--lr", "--methods"]
+    assert sorted(LIST_VALUES) == sorted(LIST_OPTIONS) == ["--compare", "--exposures", "--lr", "--methods", "--points"]
     assert ("map", "--lr") in USES and ("report", "--compare") in USES and ("config", "--exposures") in MISUSES
-    assert len(USES) == 4 and len(USES) + len(MISUSES) == 4 * len(cli.commands())
+    assert ("ladder", "--points") in USES and ("run", "--points") in MISUSES
+    assert len(USES) == 5 and len(USES) + len(MISUSES) == 5 * len(cli.commands())
 
 
 def _resolved(args) -> dict:
@@ -77,7 +79,7 @@ def _refused(capsys, argv) -> str:
 def test_a_list_option_on_a_command_that_does_not_read_it_is_refused(capsys, command, flag):
     words, _ = LIST_VALUES[flag]
     err = _refused(capsys, [command, "--preset", "smoke", flag, *words, "metrics.uq_target=0.8"])
-    owners = {"--lr": "map", "--methods": "map", "--exposures": "map", "--compare": "report"}[flag]
+    owners = {"--lr": "map", "--methods": "map", "--exposures": "map", "--compare": "report", "--points": "ladder"}[flag]
     assert f"{flag} is not an option of `{command}`" in err and f"{flag} belongs to {owners})." in err
 
 
@@ -107,8 +109,8 @@ def test_help_lists_every_command_with_its_line_and_every_preset():
     from unlearnbench.stages import STAGES
 
     text = cli.parser().format_help()
-    names = [*STAGES, "run", "map", "config"]
-    assert list(cli.commands()) == names and {"attack", "map"} <= set(names)
+    names = [*STAGES, "run", "map", "ladder", "config"]
+    assert list(cli.commands()) == names and {"attack", "map", "ladder"} <= set(names)
     listed = re.findall(r"^  ([a-z]+) +(\S.*)$", text.split("commands:\n", 1)[1].split("\n\n", 1)[0], re.M)
     assert [n for n, _ in listed] == names
     assert all(summary == cli.command_table()[n].summary for n, summary in listed)

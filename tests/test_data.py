@@ -6,7 +6,7 @@ import json
 import pytest
 
 from conftest import cli, smoke_config
-from unlearnbench.data.corpora import kjv_passages, load_texts, pydoc_paragraphs
+from unlearnbench.data.corpora import clean_unique, kjv_passages, load_texts, pydoc_paragraphs, stdlib_docstrings
 from unlearnbench.data.build import build_data, load_examples, load_tokenizer
 from unlearnbench.errors import UserError
 
@@ -17,6 +17,28 @@ def test_builtin_corpora():
     assert kjv[0].startswith("In the beginning") and not kjv[0][0].isdigit()
     docs = pydoc_paragraphs()
     assert len(docs) > 1000 and any("assert" in d for d in docs)
+
+
+def test_stdlib_docstrings_by_hand(tmp_path):
+    """Module, class and function docstrings, paragraph by paragraph, files in sorted order; tests, site-packages
+    and files this Python cannot parse are left out."""
+    (tmp_path / "b.py").write_text('"""Second module."""\n')
+    (tmp_path / "a.py").write_text('"""First   module.\n\nIts second\n  paragraph."""\n'
+                                   'class C:\n    """A class."""\n    def f(self):\n        """A method."""\n')
+    for skipped in ("test", "site-packages"):
+        (tmp_path / skipped).mkdir()
+        (tmp_path / skipped / "x.py").write_text('"""Not documentation."""\n')
+    (tmp_path / "bad.py").write_text("def broken(:\n")
+    assert stdlib_docstrings(tmp_path) == ["First module.", "Its second paragraph.", "A class.", "A method.",
+                                           "Second module."]
+    with pytest.raises(UserError, match="pystdlib"):
+        stdlib_docstrings(tmp_path / "missing")
+
+
+def test_stdlib_corpus_is_large_and_deterministic():
+    texts = clean_unique(load_texts("pystdlib"), 40)
+    assert len(texts) > 6000  # more than the default design needs for an ID corpus (~5,000 passages)
+    assert texts == clean_unique(stdlib_docstrings(), 40)
 
 
 def test_counts_match_config(prepared):
@@ -113,7 +135,8 @@ def test_bad_corpora(tmp_path):
 
 def test_corpus_too_small_is_refused_and_nothing_written(tmp_path):
     small = tmp_path / "small.jsonl"
-    small.write_text("\n".join(json.dumps({"text": f"a short passage of text, number {i}, long enough to keep"}) for i in range(40)))
+    small.write_text("\n".join(json.dumps({"text": f"a short passage of text, number {i}, long enough to keep"})
+                               for i in range(40)))
     run_dir = tmp_path / "run"
     with pytest.raises(UserError, match="too small"):
         build_data(smoke_config(run_dir, f"data.corpus={small}"), run_dir / "data")
@@ -155,3 +178,32 @@ def test_replicate_groups_are_disjoint_and_trained_as_often_as_their_repetitions
     reqs = build_requests(cfg, forget)
     assert len(reqs) == 27 and {r.name for r in reqs} >= {"canary_r4_g0", "domain_r16_g2"}
     assert all(len(r.example_ids) == 4 and r.group in (0, 1, 2) for r in reqs)
+
+
+def test_bos_has_its_own_trainable_embedding_and_padding_is_separate(prepared):
+    """BOS (id 0) starts every example and its input embedding learns; padding (id 1) never appears in an
+    example, and the model's padding_idx keeps its row at zero with no gradient."""
+    import dataclasses
+
+
+    from unlearnbench.batching import collate
+    from unlearnbench.models import build_model
+
+    cfg, run_dir = prepared
+    tok = load_tokenizer(run_dir / "data")
+    assert (tok.bos_token_id, tok.pad_token_id) == (0, 1)
+    ds = load_examples(run_dir / "data")
+    ids = ds["input_ids"]
+    assert all(x[0] == 0 for x in ids) and not any(1 in x for x in ids)
+    untied = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tie_embeddings=False))
+    model = build_model(untied, len(tok), 0, tok.bos_token_id, tok.pad_token_id)
+    emb = model.get_input_embeddings()
+    assert emb.padding_idx == 1 and float(emb.weight.detach()[1].abs().sum()) == 0.0
+    seqs = [ids[0], ids[1][:5]]  # two lengths: the short one is padded with id 1
+    b = collate(seqs, [1, 1], [len(s) for s in seqs], tok.pad_token_id)
+    assert int((b["input_ids"] == 1).sum()) == len(seqs[0]) - 5
+    model(**b).loss.backward()
+    assert float(emb.weight.grad[0].abs().sum()) > 0  # BOS learns from the input side
+    assert float(emb.weight.grad[1].abs().sum()) == 0.0  # padding does not
+    with pytest.raises(ValueError, match="BOS and padding share"):
+        build_model(untied, len(tok), 0, 0, 0)

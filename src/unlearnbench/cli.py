@@ -29,6 +29,12 @@ OPTIONS: dict[str, dict] = {
     "--methods": dict(nargs="+", default=None, metavar="M", help="the grid's methods (default ga npo)"),
     "--exposures": dict(nargs="+", default=None, metavar="E", help="the grid's exposure forms (default extrapolated "
                         "rank)"),
+    "--ladder": dict(default="cpu", metavar="NAME|FILE", help="the ladder spec: a shipped one ({ladders}) or a .yaml "
+                     "file (default: cpu; docs/ladder.md)"),
+    "--points": dict(nargs="+", default=None, metavar="POINT", help="run only these points of the ladder (the others "
+                     "are read when finished)"),
+    "--findings-only": dict(action="store_true", help="re-decide every finished point from its stored results; train "
+                            "and unlearn nothing"),
 }
 COMMON = ("--preset", "--config", "--debug")  # every command reads these
 
@@ -53,6 +59,9 @@ def command_table() -> dict[str, Command]:
         Command("run", f"every stage in order ({', '.join(STAGES)}), for each seed of run.seeds", ("--force",)),
         Command("map", "the findings map: score and unlearn over a grid of --lr x --methods x --exposures on a run's "
                        "trained models", ("--lr", "--methods", "--exposures")),
+        Command("ladder", "the whole study at every point of a ladder over training-side axes (model size, training "
+                          "regime, corpus roles, repetitions), then its table and figures", ("--ladder", "--points",
+                                                                                            "--findings-only")),
         Command("config", "print the resolved config (preset < --config file < key=value overrides) and exit"),
     ]
     return {c.name: c for c in rows}
@@ -87,6 +96,7 @@ def usage() -> str:
 def parser() -> argparse.ArgumentParser:
     """The argument parser; its help lists every command and which commands read each option."""
     from unlearnbench.config import preset_names
+    from unlearnbench.ladder import shipped
 
     table = command_table()
     width = max(map(len, table)) + 2
@@ -104,7 +114,8 @@ def parser() -> argparse.ArgumentParser:
     for flag, kwargs in OPTIONS.items():
         users = option_users(flag)
         who = "every command" if len(users) == len(table) else ", ".join(users)
-        p.add_argument(flag, **{**kwargs, "help": f"{who}: {kwargs['help'].format(presets=', '.join(preset_names()))}"})
+        text = kwargs["help"].format(presets=", ".join(preset_names()), ladders=", ".join(shipped()))
+        p.add_argument(flag, **{**kwargs, "help": f"{who}: {text}"})
     return p
 
 
@@ -135,6 +146,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_intermixed_args(words)
     # positional words without `=` go first: load_config refuses the first of them by name (not key=value)
     args.overrides = [*args.overrides, *overrides]
+    args.preset_given = any(w == "--preset" or w.startswith("--preset=") for w in words)
     command = command_table()[args.stage]
     unread = [flag for flag in OPTIONS if flag not in COMMON + command.options
               and getattr(args, _dest(flag)) != p.get_default(_dest(flag))]
@@ -190,9 +202,10 @@ def _one_paragraph(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
-def _load(args: argparse.Namespace):
-    """The resolved, checked config. Errors of the config library that its own checks let through (an
-    interpolation that does not resolve, a value it cannot convert) are the user's input too: exit 2."""
+def _load(args: argparse.Namespace, preset: str | None = None, first: tuple[str, ...] = ()):
+    """The resolved, checked config (`preset` instead of --preset, `first` overrides before the command line's).
+    Errors of the config library that its own checks let through (an interpolation that does not resolve, a value
+    it cannot convert) are the user's input too: exit 2."""
     from omegaconf.errors import OmegaConfBaseException
 
     from unlearnbench.config import load_config
@@ -200,7 +213,7 @@ def _load(args: argparse.Namespace):
     from unlearnbench.study import check_config
 
     try:
-        cfg = resolve_run(load_config(args.preset, args.config, args.overrides))
+        cfg = resolve_run(load_config(preset or args.preset, args.config, [*first, *args.overrides]))
     except OmegaConfBaseException as exc:
         raise UserError(f"The configuration cannot be resolved: {type(exc).__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else ''}. Check the overrides and --config file "
@@ -254,7 +267,17 @@ def _skip_tempdir_probe() -> None:
 
 def _main(args: argparse.Namespace, argv: list[str] | None = None) -> None:
     _skip_tempdir_probe()
-    cfg = _load(args)
+    spec = None
+    if args.stage == "ladder":  # the spec names the base preset (--preset replaces it) and the root's default name
+        import dataclasses
+
+        from unlearnbench.ladder import load_spec
+
+        spec = load_spec(args.ladder)
+        spec = dataclasses.replace(spec, preset=args.preset) if args.preset_given else spec
+        cfg = _load(args, spec.preset, (*spec.overrides, f"run.name=ladder_{spec.name}"))
+    else:
+        cfg = _load(args)
     if args.stage == "config":
         import yaml
 
@@ -281,6 +304,11 @@ def _main(args: argparse.Namespace, argv: list[str] | None = None) -> None:
             from unlearnbench.reporting.compare import compare_runs
 
             on_main_or_fail(acc, lambda: compare_runs([Path(d) for d in args.compare], run_dir / "compare"))
+            return
+        if spec is not None:
+            from unlearnbench.ladder import run_ladder
+
+            run_ladder(spec, run_dir, args.overrides, args.points, args.findings_only, args.config, acc)
             return
         if args.stage == "map":
             from unlearnbench.findings_map import map_settings

@@ -25,7 +25,7 @@ from unlearnbench.errors import UserError
 class DataConfig:
     """What `prepare` builds: the ID corpus, the OOD forget sets, references, holdouts."""
 
-    corpus: str = "kjv"  # kjv | pydoc | local .jsonl/.json/.parquet/.txt/.csv | a `datasets` hub name
+    corpus: str = "kjv"  # kjv | pydoc | pystdlib | local .jsonl/.json/.parquet/.txt/.csv | a `datasets` hub name
     corpus_config: Optional[str] = None  # `datasets` configuration name for a hub corpus
     corpus_split: str = "train"
     text_field: str = "text"

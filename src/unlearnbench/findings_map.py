@@ -12,8 +12,6 @@ with (`run_findings`); a setting writes no report of its own. The map is written
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
 from itertools import product
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from unlearnbench.errors import UserError
 from unlearnbench.findings import run_findings
 from unlearnbench.io import write_text
 from unlearnbench.results import load_run
-from unlearnbench.rundir import RECORDS_DIR, map_dir, map_setting_dir, record_path
+from unlearnbench.rundir import map_dir, map_setting_dir, record_path
 
 DEFAULT_GRID = {"lr": [1e-4, 3e-4, 1e-3], "method": ["ga", "npo"], "exposure": ["extrapolated", "rank"]}
 
@@ -50,19 +48,21 @@ def setting_configs(cfg: Config, grid: dict) -> list[tuple[str, Config]]:
     return out
 
 
-def link_parent(parent: Path, setting_dir: Path) -> None:
-    """Give a setting the parent's data and trained models (links) and their stage records (copies)."""
+def link_parent(parent: Path, setting_dir: Path, cfg: Config) -> None:
+    """Give a setting the parent's prepared data and trained models (`records.share_stages`: links to the outputs,
+    copies of the records, checked to share the cell's fingerprints)."""
+    from unlearnbench.records import read_record, share_stages, stage_fingerprint
+
     for stage in ("prepare", "train"):
         if not record_path(parent, stage).exists():
             raise UserError(f"The findings map reuses the trained models of {parent}, but its '{stage}' stage has not "
                             f"finished. Run `unlearnbench train run.dir={parent}` (or `run`) with the same config first.")
-    (setting_dir / RECORDS_DIR).mkdir(parents=True, exist_ok=True)
-    for sub in ("data", "models"):
-        link = setting_dir / sub
-        if not link.exists():
-            os.symlink(os.path.relpath(parent / sub, setting_dir), link)
+    share_stages(parent, setting_dir, cfg, ("prepare", "train"))
     for stage in ("prepare", "train"):
-        shutil.copy(record_path(parent, stage), record_path(setting_dir, stage))
+        rec = read_record(setting_dir, stage)
+        if rec is None or rec.get("fingerprint") != stage_fingerprint(cfg, stage):
+            raise UserError(f"The findings map setting {setting_dir} cannot reuse the '{stage}' stage of {parent}: it was "
+                            "computed under another config. Run the map with the config the run was made with.")
 
 
 def setting_findings(cfg: Config) -> dict:
@@ -190,7 +190,7 @@ def map_settings(cfg: Config, grid: dict | None, acc) -> Path:
         check_config(sub)
     for name, sub in settings:
         if acc.is_main_process:
-            link_parent(parent, Path(sub.run.dir))
+            link_parent(parent, Path(sub.run.dir), sub)
         acc.wait_for_everyone()
         acc.print(f"[map] {name}")
         run_stages(sub, "score", False, acc)

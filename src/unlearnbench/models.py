@@ -13,25 +13,30 @@ from unlearnbench.io import atomic_dir
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def build_model(cfg: Config, vocab_size: int, seed: int):
-    """A randomly initialised model from config, or the pretrained `model.name_or_path`."""
+def build_model(cfg: Config, vocab_size: int, seed: int, bos_id: int = 0, pad_id: int = 1):
+    """A randomly initialised model from config, or the pretrained `model.name_or_path`. `bos_id` / `pad_id` are the
+    tokenizer's (the defaults are the built-in tokenizer's): the padding id is the embedding's `padding_idx` (its
+    row stays zero and untrained), so it must not be the BOS id, whose embedding every example's first prediction
+    reads (docs/definitions.md §1)."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     m = cfg.model
     if m.name_or_path:
         return load_pretrained(m.name_or_path, m.dtype, m.trust_remote_code, vocab_size)
+    if bos_id == pad_id:
+        raise ValueError(f"BOS and padding share id {bos_id}: BOS's embedding would never be trained")
     torch.manual_seed(seed)
     if m.arch == "llama":
         mc = LlamaConfig(vocab_size=vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
                          num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads, num_key_value_heads=m.n_heads,
                          max_position_embeddings=m.max_position_embeddings, tie_word_embeddings=m.tie_embeddings,
-                         bos_token_id=0, eos_token_id=0, pad_token_id=0, attention_dropout=0.0)
+                         bos_token_id=bos_id, eos_token_id=bos_id, pad_token_id=pad_id, attention_dropout=0.0)
         model = LlamaForCausalLM(mc)
     else:
         mc = GPT2Config(vocab_size=vocab_size, n_embd=m.hidden_size, n_layer=m.n_layers, n_head=m.n_heads,
                         n_inner=m.intermediate_size, n_positions=m.max_position_embeddings, resid_pdrop=0.0,
                         embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=m.tie_embeddings,
-                        bos_token_id=0, eos_token_id=0, pad_token_id=0)
+                        bos_token_id=bos_id, eos_token_id=bos_id, pad_token_id=pad_id)
         model = GPT2LMHeadModel(mc)
     return model.to(DTYPES[m.dtype])
 

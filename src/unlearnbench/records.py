@@ -383,3 +383,31 @@ def verify_input(path: str | Path, run_dir: str | Path | None = None) -> None:
     if damage is not None:
         invalidate(base, stage, damage)
         raise CorruptFileError(damaged_message(base, stage, str(damage)))
+
+
+# ----------------------------------------------------------------------------------------------- sharing
+
+def share_stages(src: Path, dst: Path, cfg: Config, stages: tuple[str, ...] | None = None) -> list[str]:
+    """Give the run directory `dst` (to be run with `cfg`) the stages that `src` finished under the same
+    fingerprints, in order, stopping at the first that differs: each shared stage's recorded outputs are linked
+    (relative symbolic links) and its record copied with `shared_from`, so `dst` skips it and later stages verify
+    and read the same files. A stage `dst` already finished for `cfg` is kept as it is. `stages`: the candidates
+    (default every stage but the report, which is each run's own). Returns the stages shared. Main process only."""
+    src, dst = Path(src), Path(dst)
+    shared: list[str] = []
+    for stage in (stages or tuple(s for s in STAGES if s != "report")):
+        fp = stage_fingerprint(cfg, stage)
+        own = read_record(dst, stage)
+        if own is not None and own.get("fingerprint") == fp and not own.get("invalid"):
+            continue  # finished here already (shared earlier, or computed)
+        rec = read_record(src, stage)
+        if rec is None or rec.get("invalid") or rec.get("fingerprint") != fp or own is not None:
+            break
+        for out in STAGES[stage].recorded:
+            if (src / out).exists() and not (dst / out).exists():
+                (dst / out).parent.mkdir(parents=True, exist_ok=True)
+                os.symlink(os.path.relpath(src / out, (dst / out).parent), dst / out)
+        rundir.record_path(dst, stage).parent.mkdir(parents=True, exist_ok=True)
+        write_json(rundir.record_path(dst, stage), {**rec, "shared_from": os.path.relpath(src, dst)})
+        shared.append(stage)
+    return shared

@@ -129,6 +129,7 @@ def resolve_run(cfg: Config) -> Config:
 
 RECORDS_DIR = "stages"  # <run.dir>/stages/<stage>.json: each stage's record
 MAP_DIR = "map"  # <run.dir>/map/<setting>/: the findings map's sub-runs
+POINTS_DIR = "points"  # <run.dir>/points/<point>/: a ladder's studies (docs/ladder.md)
 
 
 def record_path(run_dir: Path, stage: str) -> Path:
@@ -151,12 +152,19 @@ def map_setting_dir(run_dir: str | Path, setting: str) -> Path:
     return map_dir(run_dir) / setting
 
 
+def ladder_point_dir(run_dir: str | Path, point: str) -> Path:
+    """The study of one point of a ladder: `<run_dir>/points/<point>`."""
+    return Path(run_dir) / POINTS_DIR / point
+
+
 def nested_runs(run_dir: str | Path) -> list[Path]:
-    """The run directories whose invocations write into this one or under it: the parent of a `seed_*` sub-run or
-    of a findings-map setting (one or two levels up), and this directory's own `seed_*` and `map/*` sub-runs."""
+    """The run directories whose invocations write into this one or under it: the parent of a `seed_*` sub-run, of
+    a findings-map setting or of a ladder point (one to three levels up: a point's seed), and this directory's own
+    `seed_*`, `map/*` and `points/*` sub-runs."""
     run_dir = Path(os.path.abspath(run_dir))
-    subs = [p for p in (*sorted(run_dir.glob("seed_*")), *sorted(map_dir(run_dir).glob("*"))) if p.is_dir()]
-    return [run_dir.parent, run_dir.parent.parent, *subs]
+    subs = [p for p in (*sorted(run_dir.glob("seed_*")), *sorted(map_dir(run_dir).glob("*")),
+                        *sorted((run_dir / POINTS_DIR).glob("*"))) if p.is_dir()]
+    return [run_dir.parent, run_dir.parent.parent, run_dir.parent.parent.parent, *subs]
 
 
 # ----------------------------------------------------------------------------------------------- removing files

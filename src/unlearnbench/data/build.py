@@ -9,13 +9,18 @@ from pathlib import Path
 import numpy as np
 
 from unlearnbench.config import Config
-from unlearnbench.data.corpora import clean_unique, load_texts
+from unlearnbench.data.corpora import clean_unique, load_texts, python_version
 from unlearnbench.errors import UserError
 from unlearnbench.io import atomic_dir, write_json
 
 COLUMNS = ("example_id", "kind", "repetitions", "group", "split", "text", "input_ids", "score_start", "score_end",
            "in_original", "in_oracle")
 BOS = "<|endoftext|>"
+PAD = "<|pad|>"
+# The built-in tokenizer's special tokens and their ids: BOS (also EOS) is 0 and has a trainable embedding; padding
+# is 1, its own id, which the model's `padding_idx` freezes and which is never attended to or scored.
+SPECIAL_TOKENS = (BOS, PAD)
+BOS_ID, PAD_ID = 0, 1
 
 
 def _take(pool: list[str], n: int, what: str, key: str, available_msg: str) -> list[str]:
@@ -125,10 +130,12 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[BOS],
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=list(SPECIAL_TOKENS),
                             show_progress=False)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=BOS, eos_token=BOS,
-                                   pad_token=BOS, unk_token=None)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=BOS, eos_token=BOS, pad_token=PAD,
+                                  unk_token=None)
+    assert (tok.bos_token_id, tok.pad_token_id) == (BOS_ID, PAD_ID), "special tokens come first, in order"
+    return tok
 
 
 def load_pretrained_tokenizer(cfg: Config):
@@ -209,6 +216,8 @@ def manifest(rows: list[dict], tok, cfg: Config) -> dict:
     return {"groups": sorted(groups.values(), key=lambda g: (g["kind"], g["split"], g["repetitions"])),
             "total_examples": len(rows), "vocab_size": len(tok),
             "tokenizer": cfg.model.name_or_path or f"byte-level BPE ({cfg.data.vocab_size})",
+            # the built-in Python corpora (pydoc, pystdlib) are read from the running interpreter
+            "corpora": {"id": cfg.data.corpus, "domain": cfg.data.domain_corpus, "python": python_version()},
             "training_mixture": {"original": mixture("in_original"), "oracle": mixture("in_oracle")}}
 
 

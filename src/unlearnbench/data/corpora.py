@@ -1,10 +1,15 @@
-"""Text sources: the built-in corpora (KJV Bible, Python docs) and any `datasets` source."""
+"""Text sources: the built-in corpora (KJV Bible, Python's documentation topics, the standard library's docstrings)
+and any `datasets` source."""
 
 from __future__ import annotations
 
+import ast
 import json
+import os
 import re
 import sqlite3
+import sys
+import sysconfig
 from importlib import resources
 from pathlib import Path
 
@@ -39,6 +44,49 @@ def pydoc_paragraphs() -> list[str]:
     return out
 
 
+# Folders of the standard library that are not its documented modules: tests, the IDLE and turtle demos, vendored
+# or bundled packages, and whatever was installed into it.
+_STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "ensurepip",
+                "__pycache__", "tkinter"}
+
+
+def stdlib_docstrings(root: str | os.PathLike | None = None) -> list[str]:
+    """Paragraphs of the docstrings (module, class, function) of the running Python's standard library, read from its
+    source with `ast` (nothing is imported), files and folders in sorted order, whitespace-normalised. Deterministic
+    for one Python version; another version ships other docstrings (the manifest records the version)."""
+    root = Path(root or sysconfig.get_paths()["stdlib"])
+    if not root.is_dir():
+        raise UserError(f"The standard library's source is not at {root}, so the built-in corpus 'pystdlib' cannot be "
+                        "read. Use data.corpus=kjv or pydoc, or a local corpus file.")
+    out = []
+    for dirpath, dirnames, files in os.walk(root):
+        rel = Path(dirpath).relative_to(root).parts
+        if any(p in _STDLIB_SKIP or p.startswith("config-") for p in rel):
+            dirnames[:] = []
+            continue
+        dirnames.sort()
+        for name in sorted(f for f in files if f.endswith(".py")):
+            try:
+                tree = ast.parse((Path(dirpath) / name).read_text(encoding="utf-8"))
+            except (SyntaxError, UnicodeDecodeError, ValueError):
+                continue  # a file of another Python's grammar or encoding: not this interpreter's docs
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                    for para in re.split(r"\n\s*\n", ast.get_docstring(node, clean=True) or ""):
+                        text = " ".join(para.split())
+                        if text and not set(text) <= set("*=-~^ "):
+                            out.append(text)
+    return out
+
+
+def python_version() -> str:
+    """The running Python's version: the built-in Python corpora depend on it."""
+    return ".".join(map(str, sys.version_info[:3]))
+
+
+BUILTIN = {"kjv": kjv_passages, "pydoc": pydoc_paragraphs, "pystdlib": stdlib_docstrings}
+
+
 def _check_jsonl(path: Path, field: str) -> None:
     """Parse a jsonl file line by line so a broken line is reported by number."""
     n = 0
@@ -66,16 +114,14 @@ def load_texts(source: str, text_field: str = "text", split: str = "train", conf
     `cache_dir` receives what `datasets` writes while reading a local file (the run's own cache); hub corpora go
     to the user's HF cache, which is where downloaded inputs belong.
     """
-    if source == "kjv":
-        return kjv_passages()
-    if source == "pydoc":
-        return pydoc_paragraphs()
+    if source in BUILTIN:
+        return BUILTIN[source]()
     path = Path(source)
     suffix = path.suffix.lower()
     if suffix in LOCAL_FORMATS or path.exists():
         if not path.is_file():
             raise UserError(f"Corpus file '{source}' does not exist. Give an existing .jsonl/.json/.parquet/.txt/"
-                            "/.csv file, a built-in corpus (kjv, pydoc) or a `datasets` hub name.")
+                            "/.csv file, a built-in corpus (kjv, pydoc, pystdlib) or a `datasets` hub name.")
         if suffix not in LOCAL_FORMATS:
             raise UserError(f"Corpus file '{source}' has an unsupported extension '{suffix}'. Supported: "
                             f"{', '.join(LOCAL_FORMATS)}.")
@@ -86,7 +132,7 @@ def load_texts(source: str, text_field: str = "text", split: str = "train", conf
         kwargs = {"data_files": str(path), **({"cache_dir": cache_dir} if cache_dir else {})}
         return _load_with_datasets(LOCAL_FORMATS[suffix], kwargs, text_field, "train", source)
     if "/" not in source and not source.replace("-", "").replace("_", "").isalnum():
-        raise UserError(f"Unknown corpus '{source}'. Use kjv, pydoc, a local file, or a `datasets` hub name.")
+        raise UserError(f"Unknown corpus '{source}'. Use kjv, pydoc, pystdlib, a local file, or a `datasets` hub name.")
     return _load_with_datasets(source, {"name": config} if config else {}, text_field, split, source)
 
 

@@ -186,7 +186,7 @@ def train_model(acc, cfg: Config, run_dir: Path, name: str, examples, tokenizer,
                         f"(train.batch_size={t.batch_size}). Lower the batch size or add data.")
     world, rank = (1, 0) if job_parallel else (acc.num_processes, acc.process_index)
     micro, accum = batch_geometry(t.batch_size, t.micro_batch_size, world)
-    model, opt, sched = _build(acc, cfg, len(tokenizer), seed, micro, accum, job_parallel)
+    model, opt, sched = _build(acc, cfg, tokenizer, seed, micro, accum, job_parallel)
     ckpt_root = Path(run_dir) / "checkpoints" / name
     say = (lambda msg: print(msg, flush=True)) if job_parallel else acc.print
     start = _resume(acc, model, opt, sched, ckpt_root, name, say, job_parallel)
@@ -242,14 +242,14 @@ def train_model(acc, cfg: Config, run_dir: Path, name: str, examples, tokenizer,
     return info
 
 
-def _build(acc, cfg: Config, vocab: int, seed: int, micro: int, accum: int, job_parallel: bool):
+def _build(acc, cfg: Config, tokenizer, seed: int, micro: int, accum: int, job_parallel: bool):
     """The model, its AdamW optimizer and learning-rate schedule, prepared for this launch (moved to this
     process's device when `job_parallel`)."""
     t = cfg.train
     if not job_parallel:  # before the model is built: a ZeRO-3 from_pretrained reads the DeepSpeed config
         acc.gradient_accumulation_steps = accum
         configure_deepspeed_batch(acc, micro, accum, t.grad_clip)
-    model = build_model(cfg, vocab, seed)
+    model = build_model(cfg, len(tokenizer), seed, tokenizer.bos_token_id, tokenizer.pad_token_id)
     model.config.use_cache = False
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
