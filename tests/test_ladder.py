@@ -175,3 +175,39 @@ def test_tiny_gpu_ladder_killed_between_points_resumes_and_redecides(tmp_path):
     redecided = json.loads((root / "ladder.json").read_text())
     assert redecided["findings"] == fresh["findings"] and redecided["points"] == fresh["points"]
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing but the report stage ran again
+
+
+def test_finding_rows_read_family_verdicts_effects_and_skip_measurements():
+    """One row per finding overall and per cell: the cell's family verdict (after Holm) beside its unadjusted one,
+    the main target's effect and interval (F4: the main attack's; F3: the Cox log-HR of memorization and its
+    interval), n; a block that is not a finding (replicate_spread) gives no row."""
+    import math
+
+    from unlearnbench.ladder_report import finding_rows
+
+    cell = {"cell": "r16 canary", "repetitions": 16, "ood_kind": "canary", "main": "0.5", "verdict": "reversed",
+            "family_verdict": "not significant",
+            "by_target": {"0.5": {"mean": -0.61, "lo": -0.69, "hi": -0.53, "n_informative": 6},
+                          "0.8": {"mean": 9.0, "lo": 8.0, "hi": 10.0, "n_informative": 4}}}
+    f4 = {**cell, "main": "relearn_forget_fraction", "verdict": "reproduced (OOD recovers more)",
+          "family_verdict": "OOD recovers more",
+          "by_target": {"relearn_forget_fraction": {"mean": 0.29, "lo": 0.10, "hi": 0.48, "n_informative": 6}}}
+    cox = {"coef": math.log(0.5), "coef_lo": math.log(0.25), "coef_hi": math.log(1.0), "hr": 0.5}
+    summary = {"findings": {"F1": {"verdict": "not reproduced", "unit": "groups", "contrasts": [cell]},
+                            "F3": {"verdict": "reproduced", "unit": "examples within requests",
+                                   "kinds": [{"kind": "id", "verdict": "reproduced", "family_verdict": "reproduced",
+                                              "cox": {"memorization": cox}, "n": 40}]},
+                            "replicate_spread": {"cells": []}},
+               "attacks": {"findings": {"F4": {"verdict": "partly reproduced", "unit": "groups", "contrasts": [f4]}}}}
+    rows = {(r["finding"], r["where"]): r for r in finding_rows(summary)}
+    assert sorted(rows) == [("F1", "overall"), ("F1", "r16 canary"), ("F3", "id"), ("F3", "overall"),
+                            ("F4", "overall"), ("F4", "r16 canary")]
+    r = rows[("F1", "r16 canary")]
+    assert (r["verdict"], r["unadjusted"], r["effect"], r["lo"], r["hi"], r["n"]) == (
+        "not significant", "reversed", -0.61, -0.69, -0.53, 6)
+    assert rows[("F1", "overall")]["verdict"] == "not reproduced" and rows[("F1", "overall")]["effect"] is None
+    r = rows[("F4", "r16 canary")]
+    assert (r["verdict"], r["effect"], r["lo"], r["hi"]) == ("OOD recovers more", 0.29, 0.10, 0.48)
+    r = rows[("F3", "id")]
+    assert r["effect"] == pytest.approx(-0.6931, abs=1e-4) and r["lo"] == pytest.approx(-1.3863, abs=1e-4)
+    assert r["hi"] == 0.0 and r["n"] == 40 and r["unit"] == "examples within requests"

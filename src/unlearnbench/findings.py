@@ -51,6 +51,15 @@ def finding_f4(attack_results: list[dict], skipped: list[dict], alpha: float = 0
     return verdicts.decide_f4(attack_results, skipped, alpha)
 
 
+def skipped_requests(run) -> list[dict]:
+    """The attack stage's skipped requests of a loaded run (`results.load_run`), each with its kind, repetitions
+    and group from its unlearn result (an attacks/summary.json written before 0.2's verdicts kept only the name
+    and the reason)."""
+    ident = {r["request"]: {k: r[k] for k in ("request", "kind", "repetitions", "group") if k in r}
+             for r in run.requests}
+    return [{**ident.get(s["request"], {}), **s} for s in (run.attacks or {}).get("skipped", [])]
+
+
 def survival(forgetting: pd.DataFrame) -> dict:
     """Example level: Kaplan-Meier of the fraction not yet forgotten per (kind, repetitions), pooled over the
     replicate groups, and a log-rank test OOD vs ID per repetitions (the example-level companion of F1)."""
@@ -128,7 +137,7 @@ def aggregate_seeds(cfg: Config, run_dirs: list[Path]) -> dict:
         if not run.forgetting.empty:
             frames.append(run.forgetting.assign(seed=s["seed"]))
         attacks += [{**r, "seed": s["seed"]} for r in run.attack_results]
-        skipped += [{**k, "seed": s["seed"]} for k in (run.attacks or {}).get("skipped", [])]
+        skipped += [{**k, "seed": s["seed"]} for k in skipped_requests(run)]
     forgetting = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     findings = run_findings(cfg, results, forgetting)
     if attacks or skipped:

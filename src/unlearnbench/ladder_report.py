@@ -61,8 +61,11 @@ def finding_rows(summary: dict) -> list[dict]:
     rows = []
     findings = {**(summary.get("findings") or {}), **((summary.get("attacks") or {}).get("findings") or {})}
     for key, f in findings.items():
+        if not isinstance(f, dict) or "verdict" not in f:  # e.g. replicate_spread: a measurement, not a finding
+            continue
         rows.append({"finding": key, "where": "overall", "verdict": f.get("verdict"), "unadjusted": None,
-                     "effect": None, "lo": None, "hi": None, "n": None, "unit": f.get("unit")})
+                     "effect": None, "lo": None, "hi": None, "n": None, "unit": f.get("unit"),
+                     "measure": f"log {f['effect']}" if "kinds" in f and f.get("effect") else f.get("effect")})
         for c in f.get("contrasts", []):
             e = c["by_target"][c["main"]]
             rows.append({"finding": key, "where": c["cell"], "verdict": c.get("family_verdict", c["verdict"]),
@@ -159,50 +162,77 @@ def markdown(spec: Spec, pts: list[Point], rows: pd.DataFrame, facts: list[dict]
     return "\n".join(lines) + "\n"
 
 
-def figure(spec: Spec, pts: list[Point], rows: pd.DataFrame, key: str, path: Path) -> None:
-    """One finding: a panel per (cell, axis), the effect and interval of each of the axis' points, coloured by
-    verdict; x is the parameter count (log scale) for a `params` axis, the levels in order otherwise."""
+def figure(spec: Spec, pts: list[Point], rows: pd.DataFrame, key: str, path: Path):
+    """One finding: a panel per (cell, axis), the effect and interval of each of the axis' finished points,
+    coloured by the cell's verdict within the finding; a cell without an interval (inconclusive) is an open mark
+    at 0. x is the parameter count (log scale, a tick per point) for a `params` axis, the levels in order
+    otherwise. A panel whose axis has no point with that cell is left blank with a note. Returns the figure."""
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
 
     wheres = [w for w in dict.fromkeys(rows["where"]) if w != "overall"]
     if not wheres:
-        return
-    fig = Figure(figsize=(3.2 * len(spec.axes), 2.4 * len(wheres) + 1.2), dpi=100, layout="constrained")
+        return None
+    fig = Figure(figsize=(3.2 * len(spec.axes), 2.1 * len(wheres) + 1.2), dpi=100, layout="constrained")
     axs = fig.subplots(len(wheres), len(spec.axes), squeeze=False)
+    drawn = {}
     for j, axis in enumerate(spec.axes):
         levels = [(lv, _point_of(pts, axis.name, lv)) for lv, _, _ in axis.levels]
         for i, w in enumerate(wheres):
             ax = axs[i][j]
+            if i == 0:
+                ax.set_title(axis.title, fontsize=9)
+            if j == 0:
+                ax.set_ylabel(w, fontsize=8)
             xs, labels = [], []
             for k, (lv, pname) in enumerate(levels):
                 r = rows[(rows.point == pname) & (rows["where"] == w)]
-                if r.empty:  # not finished (or no such cell at this point): no mark, no tick
+                if r.empty:  # not finished, or no such cell at this point: no mark, no tick
                     continue
                 params = r.params.iloc[0]
                 x = float(params) if axis.x == "params" and params and not pd.isna(params) else float(k)
                 xs.append(x)
                 labels.append(lv)
-                if r.effect.iloc[0] is None or pd.isna(r.effect.iloc[0]):
-                    continue
                 e, lo, hi, v = (r[c].iloc[0] for c in ("effect", "lo", "hi", "verdict"))
                 colour = verdict_colour(v)
-                if lo is not None and hi is not None and not (pd.isna(lo) or pd.isna(hi)):
-                    ax.plot([x, x], [lo, hi], color=colour, lw=2)
+                drawn[v] = "o" if e is not None and not pd.isna(e) else "x"
+                if drawn[v] == "x":
+                    ax.plot([x], [0.0], "x", color="#7f7f7f", ms=7)
+                    continue
+                has_lo, has_hi = (b is not None and not pd.isna(b) for b in (lo, hi))
+                if has_lo or has_hi:  # an open side (censored requests bound it on one side only): a triangle
+                    ax.plot([x, x], [lo if has_lo else e, hi if has_hi else e], color=colour, lw=2)
+                if has_lo != has_hi:
+                    ax.plot([x], [e], "^" if has_lo else "v", color=colour, ms=8)
+                    drawn["open"] = "^"
                 ax.plot([x], [e], "o", color=colour, ms=6)
+            if not xs:
+                ax.set_axis_off()
+                ax.text(0.5, 0.5, f"{w}:\nno point of this axis\nhas this cell", ha="center", va="center", fontsize=7,
+                        color="#7f7f7f", transform=ax.transAxes)
+                continue
             ax.axhline(0.0, color="#444444", lw=0.8, ls=":")
-            if axis.x == "params" and xs and min(xs) > 0:
+            if axis.x == "params" and min(xs) > 0:
                 ax.set_xscale("log")
+                ax.set_xlim(min(xs) / 2, max(xs) * 2)
+                ax.xaxis.set_minor_locator(NullLocator())
+                ax.xaxis.set_minor_formatter(NullFormatter())
+            else:
+                ax.set_xlim(min(xs) - 0.5, max(xs) + 0.5)
+            ax.xaxis.set_major_locator(FixedLocator(xs))
             ax.set_xticks(xs, labels, fontsize=7)
-            ax.margins(x=0.15)
-            if i == 0:
-                ax.set_title(axis.title, fontsize=9)
-            if j == 0:
-                ax.set_ylabel(w, fontsize=8)
             ax.tick_params(labelsize=7)
-    shown = {v for v in rows.verdict[rows["where"] != "overall"] if isinstance(v, str)}
-    handles = [Line2D([], [], color=verdict_colour(v), marker="o", lw=2, label=v)
-               for v in [*VERDICT_COLOURS, *sorted(shown - set(VERDICT_COLOURS))] if v in shown]
+    open_side = drawn.pop("open", None)
+    handles = [Line2D([], [], color=verdict_colour(v) if m == "o" else "#7f7f7f", marker=m,
+                      lw=2 if m == "o" else 0, label=v if m == "o" else f"{v} (no interval)")
+               for v, m in sorted(drawn.items(), key=lambda t: list(VERDICT_COLOURS).index(t[0])
+                                  if t[0] in VERDICT_COLOURS else 99)]
+    if open_side:
+        handles.append(Line2D([], [], color="#444444", marker="^", lw=0, label="interval open on this side"))
     fig.legend(handles=handles, loc="outside lower center", ncol=min(4, len(handles)), fontsize=8)
-    fig.suptitle(f"{key} across the ladder: effect and 95% interval per cell", fontsize=10)
+    measure = next((m for m in rows.get("measure", pd.Series(dtype=object)) if isinstance(m, str)), None)
+    fig.suptitle(f"{key} across the ladder: effect and 95% interval per cell (colour: verdict after Holm)"
+                 + (f"\neffect: {measure}" if measure else ""), fontsize=10)
     fig.savefig(path, format="png")
+    return fig
