@@ -116,6 +116,31 @@ def test_local_files_as_corpus(tmp_path):
     assert load_texts(str(tmp_path / "c.csv")) == texts
 
 
+def test_json_corpora_in_every_shape_datasets_reads(tmp_path):
+    """.json: a list of objects, an object of columns, or JSON lines under a .json name, read with Python's json
+    (pyarrow's JSON reader, behind `datasets`, crashed the process on a generated file); a non-string value is not
+    text; a document of another shape or one without the field is refused naming the fix."""
+    texts = [f"Passage {i} é" for i in range(5)]
+    cases = {"records.json": json.dumps([{"text": t, "n": i} for i, t in enumerate(texts)]),
+             "columns.json": json.dumps({"text": texts, "n": list(range(5))}),
+             "lines.json": "\n".join(json.dumps({"text": t}) for t in texts) + "\n\n",
+             "mixed.jsonl": "\n".join(json.dumps({"text": t}) for t in texts) + '\n{"text": 3}\n'}
+    for name, body in cases.items():
+        (tmp_path / name).write_text(body, encoding="utf-8")
+        assert load_texts(str(tmp_path / name)) == texts, name
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps([{"text": "x"}]).encode())
+    assert load_texts(str(tmp_path / "bom.json")) == ["x"]
+    for body, match in [('"just a string"', "neither a list of objects"), ('[1, 2]', "neither a list of objects"),
+                        ('{"data": ["a"]}', "neither a list of objects"), ('[{"body": "a"}]', "no field 'text'"),
+                        ('[{"text": 1}]', "no text in field"), ('[]', "no rows"), ('{"text": 1', "line 1")]:
+        (tmp_path / "bad.json").write_text(body)
+        with pytest.raises(UserError, match=match):
+            load_texts(str(tmp_path / "bad.json"))
+    (tmp_path / "latin.json").write_bytes(json.dumps([{"text": "é"}], ensure_ascii=False).encode("latin-1"))
+    with pytest.raises(UserError, match="not UTF-8"):
+        load_texts(str(tmp_path / "latin.json"))
+
+
 def test_bad_corpora(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": broken}\n')

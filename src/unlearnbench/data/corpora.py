@@ -87,24 +87,54 @@ def python_version() -> str:
 BUILTIN = {"kjv": kjv_passages, "pydoc": pydoc_paragraphs, "pystdlib": stdlib_docstrings}
 
 
-def _check_jsonl(path: Path, field: str) -> None:
-    """Parse a jsonl file line by line so a broken line is reported by number."""
-    n = 0
-    with path.open("r", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+def _json_texts(path: Path, field: str) -> list[str]:
+    """The texts of a local .json or .jsonl file, read with Python's json module: JSON lines (one object per line),
+    or one document holding a list of objects or an object of columns. (Not through `datasets`: its JSON builder
+    hands the bytes to pyarrow's JSON reader, which crashed the process with a segmentation fault on a generated
+    file in the fuzz suite.) A broken line is reported by number."""
+    try:
+        raw = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}). Save it as UTF-8.") from None
+    if not raw.strip():
+        raise UserError(f"{path} is empty: it holds no JSON. Point data.corpus at a file with text.")
+    doc = None
+    if path.suffix.lower() == ".json":
+        try:
+            doc = json.loads(raw)
+        except json.JSONDecodeError:
+            doc = None  # perhaps JSON lines under a .json name, as `datasets` accepts
+        if isinstance(doc, dict) and isinstance(doc.get(field), list):
+            doc = [{field: v} for v in doc[field]]  # an object of columns
+        elif doc is not None and not (isinstance(doc, list) and all(isinstance(r, dict) for r in doc)):
+            raise UserError(f"{path} holds one JSON document that is neither a list of objects nor an object with "
+                            f"a '{field}' list. Give one object per row (with a '{field}' field), or set "
+                            "data.text_field to the field holding the text.")
+    rows = doc
+    if rows is None:
+        rows = []
+        for lineno, line in enumerate(raw.splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise UserError(f"{path}: line {lineno} is not valid JSON ({exc.msg}). Fix or remove that line; "
-                                "every line of a .jsonl file must be one JSON object.") from None
+                                "every line of a JSON lines file must be one JSON object.") from None
             if not isinstance(row, dict) or field not in row:
                 raise UserError(f"{path}: line {lineno} has no '{field}' field. Set data.text_field to the field "
                                 "holding the text, or fix the line.")
-            n += 1
-    if n == 0:
-        raise UserError(f"{path} is empty: it holds no JSON lines. Point data.corpus at a file with text.")
+            rows.append(row)
+    if not rows:
+        raise UserError(f"{path} holds no rows. Point data.corpus at a file with text.")
+    if not any(field in r for r in rows):
+        fields = sorted({k for r in rows for k in r})[:8]
+        raise UserError(f"Corpus '{path}' has no field '{field}' (fields: {', '.join(map(str, fields)) or 'none'}). "
+                        "Set data.text_field to the field holding the text.")
+    texts = [r[field] for r in rows if isinstance(r.get(field), str)]
+    if not texts:
+        raise UserError(f"Corpus '{path}' holds no text in field '{field}'.")
+    return texts
 
 
 def load_texts(source: str, text_field: str = "text", split: str = "train", config: str | None = None,
@@ -127,8 +157,8 @@ def load_texts(source: str, text_field: str = "text", split: str = "train", conf
                             f"{', '.join(LOCAL_FORMATS)}.")
         if path.stat().st_size == 0:
             raise UserError(f"Corpus file '{source}' is empty. Point data.corpus at a file with text.")
-        if suffix == ".jsonl":
-            _check_jsonl(path, text_field)
+        if suffix in (".jsonl", ".json"):
+            return _json_texts(path, text_field)
         kwargs = {"data_files": str(path), **({"cache_dir": cache_dir} if cache_dir else {})}
         return _load_with_datasets(LOCAL_FORMATS[suffix], kwargs, text_field, "train", source)
     if "/" not in source and not source.replace("-", "").replace("_", "").isalnum():
