@@ -1,23 +1,25 @@
 """The look shared by every figure and table of the reports: one colour per kind (ID blue, canary vermillion, domain
-green: Okabe-Ito, colour-blind safe), one marker per repetitions, the study's order of kinds, number formatting,
-and the axes (symlog steps, perplexity ratios). Figures use matplotlib's object API (no pyplot, so no global
-backend state).
+green: Okabe-Ito, colour-blind safe), one marker per repetitions, the kinds' labels (naming the run's corpora), the
+study's order of kinds, number formatting, the axes (symlog steps, perplexity ratios) and titles wrapped to their
+figure's width. Figures use matplotlib's object API (no pyplot, so no global backend state).
 """
 
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullLocator
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
 KIND_ORDER = ("id", "canary", "domain")
 KIND_COLORS = {"id": "#0072B2", "canary": "#D55E00", "domain": "#009E73"}  # Okabe-Ito: colour-blind safe
-KIND_LABELS = {"id": "ID (KJV)", "canary": "OOD canary", "domain": "OOD domain"}
+KIND_LABELS = {"id": "ID", "canary": "OOD canary", "domain": "OOD domain"}  # without the corpora: `kind_labels`
+CORPUS_NAMES = {"kjv": "KJV", "pydoc": "pydoc", "pystdlib": "pystdlib"}  # the built-in corpora
 REP_MARKERS = {1: "o", 4: "s", 16: "^"}
 OTHER_MARKERS = ("D", "v", "P", "X", "h", "<", ">")
 STEP_LABEL = "unlearning step (optimizer steps, symlog)"
@@ -39,7 +41,8 @@ FIGURES = {  # name -> (heading, caption)
     "exposure_trajectories": ("Exposure trajectories, ID vs OOD",
                               "Mean exposure of each forget request vs step; dashed: its level under the oracle θr."),
     "uq_vs_step": ("Unlearning quality vs step",
-                   "UQ of each request with its 95% bootstrap band; dotted: the UQ target (vertical: reached)."),
+                   "UQ of each request; a panel of at most three requests shows each one's 95% bootstrap band and, "
+                   "dotted vertical, the step it reached the UQ target (dotted horizontal)."),
     "utility_vs_step": ("Utility vs step",
                         "ID-holdout perplexity relative to θ0 (utility drop = ratio − 1); star: the step the "
                         "request became unlearned."),
@@ -47,24 +50,53 @@ FIGURES = {  # name -> (heading, caption)
                       "UQ against the utility cost along each unlearning run; star: the step it became unlearned."),
     "steps_to_forget_vs_memorization": ("Steps to forget vs memorization",
                                         "Per example; hollow markers: censored (not forgotten by the request's last "
-                                        "evaluation). The pooled ρ is descriptive: F3 is the Cox model within requests."),
+                                        "evaluation). The pooled ρ is descriptive: F3 is the Cox model within "
+                                        "requests."),
     "steps_to_forget_vs_difficulty": ("Steps to forget vs difficulty",
                                       "Per example; hollow markers: censored (not forgotten by the request's last "
                                       "evaluation). The pooled ρ is descriptive."),
     "survival": ("Fraction not yet forgotten (Kaplan-Meier)",
-                 "Per kind and repetitions, pooled over the replicate groups, with the 95% band; the log-rank test OOD "
-                 "vs ID per repetitions is in the text."),
-    "relearning": ("Exposure during relearning", "Mean exposure of each attacked request over relearning steps; dashed: "
-                   "the oracle θr given the same steps on the same data."),
-    "recovered": ("Recovered share after each attack", "Per request and attack, with the 95% bootstrap interval; 0 = no "
-                  "more than the oracle picks up."),
+                 "Per kind and repetitions, pooled over the replicate groups, with the 95% band; the log-rank test "
+                 "OOD vs ID per repetitions is in the text."),
+    "relearning": ("Exposure during relearning", "Mean exposure of each attacked request over relearning steps; "
+                   "dashed: the oracle θr given the same steps on the same data."),
+    "recovered": ("Recovered share after each attack", "Per request and attack, with the 95% bootstrap interval; 0 = "
+                  "no more than the oracle picks up."),
     "mia_auc": ("Membership inference AUC", "Min-K%++ AUC of the request's examples against its references under θ0, "
                 "the unlearned model and θr."),
-    "finding_effects": ("F1 and F2 effects over replicates",
-                        "Each dot is one replicate pair (hollow: a censoring bound); bar: mean and 95% t-interval. "
-                        "F1: OOD − ID steps to reach UQ 0.9 (> 0 supports F1); F2: ID − OOD log(ppl_t/ppl_0) at that "
-                        "crossing (> 0 supports F2)."),
+    "finding_effects": ("F1 and F2 per cell",
+                        "A panel per cell and finding, each on scales of its own. Left: every request's value on the "
+                        "main target (F1: steps to reach the UQ target, on a log(1 + steps) scale; F2: log(ppl_t / "
+                        "ppl_0) at the crossing), jittered, hollow triangles censored (lower bounds), bars the side "
+                        "means. Right-hand axis: the contrast (F1: OOD − ID log(1 + steps), × its ratio of 1 + steps; "
+                        "F2: ID − OOD; > 0 supports the finding) with its 95% interval, grey squares each seed's "
+                        "contrast when the seed is the unit, an arrow where censoring leaves the interval open. Below "
+                        "each panel its verdict after Holm, in its colour."),
 }
+
+
+def corpus_name(corpus: str) -> str:
+    """A corpus as a label: a built-in one by its name, a local file by its stem, a hub data set by its name."""
+    c = str(corpus)
+    if c in CORPUS_NAMES:
+        return CORPUS_NAMES[c]
+    return Path(c).stem if Path(c).suffix in (".jsonl", ".json", ".parquet", ".txt", ".csv") else c
+
+
+def kind_labels(corpora: dict | None = None) -> dict[str, str]:
+    """The kinds' labels for one run, naming its corpora (data/manifest.json's `corpora`: {"id": ..., "domain":
+    ...}): "ID (KJV)", "OOD canary", "OOD domain (pydoc)"; without them, the bare `KIND_LABELS`."""
+    labels = dict(KIND_LABELS)
+    for kind in ("id", "domain"):
+        if (corpora or {}).get(kind):
+            labels[kind] = f"{KIND_LABELS[kind]} ({corpus_name(corpora[kind])})"
+    return labels
+
+
+def wrap_title(text: str, width_in: float, fontsize: float = 12.0) -> str:
+    """`text` broken into lines that fit a figure (or panel) `width_in` inches wide at `fontsize` points."""
+    chars = max(20, int(width_in * 72 / (0.52 * fontsize)))  # DejaVu Sans averages about half an em a character
+    return "\n".join(textwrap.wrap(text, chars))
 
 
 def num(x, fmt: str = "{:.2f}") -> str:
@@ -122,24 +154,52 @@ def step_axis(ax, max_steps: int | None, axis: str = "x") -> None:
         ax.set_xlabel(STEP_LABEL)
 
 
+def log_ticks(lo: float, hi: float, most: int = 6) -> list[float]:
+    """At most `most` round ticks (1-2-5 within a decade, fewer per decade as the span grows) covering [lo, hi] of a
+    log axis, at least two."""
+    lo, hi = max(lo, 1e-12), max(hi, lo * 1.0001)
+    for subs in ((1, 1.2, 1.5, 2, 3, 5, 7), (1, 2, 5), (1, 3), (1,)):
+        ticks = [m * 10.0 ** e for e in range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1)
+                 for m in subs if lo <= m * 10.0 ** e <= hi]
+        if len(ticks) <= most:
+            break
+    else:  # more decades than `most`: every k-th decade
+        decades = [10.0 ** e for e in range(math.ceil(math.log10(lo)), math.floor(math.log10(hi)) + 1)]
+        ticks = decades[::math.ceil(len(decades) / most)]
+    if len(ticks) < 2:  # a narrow span: its ends
+        ticks = sorted({float(f"{lo:.2g}"), float(f"{hi:.2g}")})
+    return ticks
+
+
+def _tick_text(v: float) -> str:
+    return f"{v:g}" if 1e-3 <= abs(v) < 1e4 else f"{v:.0e}".replace("e+0", "e").replace("e-0", "e-")
+
+
 def ratio_axis(ax, curves: list[pd.Series], axis: str) -> str:
-    """Log scale for a perplexity ratio when it spans more than 3x, else linear; plain-number ticks."""
+    """Log scale for a perplexity ratio when it spans more than 3x, else linear; at most six plain-number ticks."""
     vals = pd.concat(curves).dropna() if curves else pd.Series(dtype=float)
-    log = len(vals) and vals.max() / max(vals.min(), 1e-12) > 3
+    vals = vals[np.isfinite(vals) & (vals > 0)]
+    log = bool(len(vals)) and vals.max() / vals.min() > 3
     a = ax.xaxis if axis == "x" else ax.yaxis
     if log:
+        lo, hi = float(vals.min()), float(vals.max())
         (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
-        a.set_major_locator(LogLocator(subs=(1.0, 3.0)))
+        (ax.set_xlim if axis == "x" else ax.set_ylim)(lo / 1.15, hi * 1.15)
+        a.set_major_locator(FixedLocator(log_ticks(lo / 1.15, hi * 1.15)))
         a.set_minor_locator(NullLocator())
-        a.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        a.set_major_formatter(FuncFormatter(lambda v, _: _tick_text(v)))
     return "log" if log else "linear"
 
 
-def legend_handles(kinds: list[str], reps: list[int], extra: list[Line2D] = ()) -> list[Line2D]:
-    """Legend entries: a line per kind (its colour), a marker per repetitions, then `extra`."""
-    h = [Line2D([], [], color=kind_color(k), lw=2.5, label=KIND_LABELS.get(k, k)) for k in kinds]
-    h += [Line2D([], [], color="black", marker=rep_marker(r), ls="none", label=reps_title(r)) for r in reps]
-    return h + list(extra)
+def legend_handles(kinds: list[str], labels: dict[str, str], extra: list = ()) -> list[Line2D]:
+    """Legend entries: a line per kind (its colour, its label from `kind_labels`), then `extra`."""
+    h = [Line2D([], [], color=kind_color(k), lw=2.5, label=labels.get(k, k)) for k in kinds]
+    return h + [e for e in extra if e is not None]
+
+
+def rep_handles(reps: list[int]) -> list[Line2D]:
+    """Legend entries: a black marker per repetitions (for figures whose marks take `rep_marker`)."""
+    return [Line2D([], [], color="black", marker=rep_marker(r), ls="none", label=reps_title(r)) for r in reps]
 
 
 def new_figure(n_panels: int, width: float = 4.6, height: float = 3.6, rows: int = 1) -> tuple[Figure, np.ndarray]:
@@ -150,6 +210,12 @@ def new_figure(n_panels: int, width: float = 4.6, height: float = 3.6, rows: int
     return fig, axes
 
 
-def save(fig: Figure, path: Path) -> None:
-    """Write the figure as PNG."""
+def suptitle(fig: Figure, text: str, fontsize: float = 12.0) -> None:
+    """The figure's title, wrapped to its width."""
+    fig.suptitle(wrap_title(text, fig.get_figwidth() - 0.3, fontsize), fontsize=fontsize)
+
+
+def save(fig: Figure, path: Path) -> Path:
+    """Write the figure as PNG; returns `path`."""
     fig.savefig(path, format="png")
+    return Path(path)
