@@ -211,3 +211,36 @@ def test_finding_rows_read_family_verdicts_effects_and_skip_measurements():
     r = rows[("F3", "id")]
     assert r["effect"] == pytest.approx(-0.6931, abs=1e-4) and r["lo"] == pytest.approx(-1.3863, abs=1e-4)
     assert r["hi"] == 0.0 and r["n"] == 40 and r["unit"] == "examples within requests"
+
+
+def test_ladder_figure_reads_and_passes_the_figure_checks(tmp_path):
+    """The ladder figure of a crafted table: a tick per finished point (the params axis on a log scale without
+    minor labels), no text outside the canvas, no overlapping or missing tick labels, legend entries for what is
+    drawn (a verdict's colour, an inconclusive cell's cross, an interval open on one side) and nothing else."""
+    import pandas as pd
+
+    from figure_checks import figure_problems
+    from unlearnbench.ladder_report import figure
+
+    spec = load_spec(_spec(tmp_path, TINY))
+    pts = points(spec, tmp_path / "lad", [])
+    names = [p.name for p in pts]
+    assert names == ["base", "size-32", "lr-3e-3"]
+    rows = []
+    for p, params, (e, lo, hi, v) in zip(names, (40_000, 12_000, 40_000), [(0.5, 0.1, 0.9, "reproduced"),
+                                                                           (0.2, -0.3, None, "not significant"),
+                                                                           (None, None, None, "inconclusive")]):
+        rows += [{"point": p, "params": params, "finding": "F1", "where": "overall", "verdict": v, "effect": None,
+                  "lo": None, "hi": None, "measure": "OOD − ID log(1 + steps)"},
+                 {"point": p, "params": params, "finding": "F1", "where": "r16 canary", "verdict": v, "effect": e,
+                  "lo": lo, "hi": hi, "measure": None}]
+    fig = figure(spec, pts, pd.DataFrame(rows), "F1", tmp_path / "ladder_F1.png")
+    assert (tmp_path / "ladder_F1.png").exists()
+    assert figure_problems(fig) == []
+    size_ax, lr_ax = fig.axes[0], fig.axes[1]
+    assert size_ax.get_xscale() == "log" and [t.get_text() for t in size_ax.get_xticklabels()] == ["64", "32"]
+    assert [t.get_text() for t in lr_ax.get_xticklabels()] == ["1e-3", "3e-3"]
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == ["reproduced", "not significant", "inconclusive (no interval)", "interval open on this side",
+                      "0: no difference"]
+    assert "OOD − ID log(1 + steps)" in fig._suptitle.get_text()

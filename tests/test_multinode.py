@@ -302,8 +302,12 @@ def _assert_matches(ref: Path, run: Path) -> None:
         print(f"[multinode] unlearn {request}: max |Δuq| {float(np.abs(a.uq - b.uq).max()):.2e}")
         np.testing.assert_allclose(a.uq, b.uq, atol=1e-3)
         np.testing.assert_allclose(a.exposure_mean, b.exposure_mean, atol=1e-3)
-        np.testing.assert_allclose(a.id_holdout_ppl, b.id_holdout_ppl, rtol=1e-4)
-        np.testing.assert_allclose(a.train_loss.dropna(), b.train_loss.dropna(), rtol=1e-4)
+        # Unlike assert_same_curve (conftest: one θ₀ unlearned by two backends), each run unlearns its own θ₀, and
+        # the two θ₀ differ at the all-reduce's rounding (above); gradient ascent amplifies that as perplexity
+        # climbs: measured 1.2e-4 relative at the last step of a request whose perplexity had risen 2.8x. A changed
+        # update (DeepSpeed's clipping, conftest) moved perplexity by 2e-3: 5e-4 still separates them.
+        np.testing.assert_allclose(a.id_holdout_ppl, b.id_holdout_ppl, rtol=5e-4)
+        np.testing.assert_allclose(a.train_loss.dropna(), b.train_loss.dropna(), rtol=5e-4)
 
 
 @pytest.mark.slow

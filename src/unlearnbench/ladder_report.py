@@ -224,13 +224,15 @@ def figure(spec: Spec, pts: list[Point], rows: pd.DataFrame, key: str, path: Pat
             ax.set_xticks(xs, labels, fontsize=7)
             ax.tick_params(labelsize=7)
     open_side = drawn.pop("open", None)
-    handles = [Line2D([], [], color=verdict_colour(v) if m == "o" else "#7f7f7f", marker=m,
-                      lw=2 if m == "o" else 0, label=v if m == "o" else f"{v} (no interval)")
+    handles = [Line2D([], [], color=verdict_colour(v) if m == "o" else "#7f7f7f", marker=m, ls="none",
+                      label=v if m == "o" else f"{v} (no interval)")
                for v, m in sorted(drawn.items(), key=lambda t: list(VERDICT_COLOURS).index(t[0])
                                   if t[0] in VERDICT_COLOURS else 99)]
     if open_side:
-        handles.append(Line2D([], [], color="#444444", marker="^", lw=0, label="interval open on this side"))
-    fig.legend(handles=handles, loc="outside lower center", ncol=min(4, len(handles)), fontsize=8)
+        handles.append(Line2D([], [], color="#444444", marker="^", ls="none", label="interval open on this side"))
+    handles.append(Line2D([], [], color="#444444", lw=0.8, ls=":", label="0: no difference"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=max(1, min(len(handles), len(spec.axes) + 1)),
+               fontsize=8)
     measure = next((m for m in rows.get("measure", pd.Series(dtype=object)) if isinstance(m, str)), None)
     fig.suptitle(f"{key} across the ladder: effect and 95% interval per cell (colour: verdict after Holm)"
                  + (f"\neffect: {measure}" if measure else ""), fontsize=10)
