@@ -1,7 +1,6 @@
 """A run writes nothing outside its run directory: not under $HOME (W&B logs and artifacts, matplotlib's font
 cache, the `datasets` cache of a local corpus), the working directory or $TMPDIR."""
 
-import json
 import os
 import subprocess
 
@@ -18,8 +17,10 @@ def test_study_writes_only_inside_its_run_directory(tmp_path):
     home, cwd, tmp, run = (tmp_path / n for n in ("home", "cwd", "tmp", "run"))
     for d in (home, cwd, tmp):
         d.mkdir()
-    corpus = tmp_path / "corpus.jsonl"  # read through `datasets`' json builder, which caches what it reads
-    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in kjv_passages()[:3000]))
+    import pandas as pd
+
+    corpus = tmp_path / "corpus.parquet"  # read through `datasets`' parquet builder, which caches what it reads
+    pd.DataFrame({"text": kjv_passages()[:3000]}).to_parquet(corpus, index=False)
     env = {"PATH": os.environ["PATH"], "HOME": str(home), "TMPDIR": str(tmp), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(ROOT / "src")}  # nothing else: no WANDB_MODE, no cache variables
     proc = subprocess.run(
