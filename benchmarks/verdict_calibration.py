@@ -2,14 +2,14 @@
 """How often does each finding's overall verdict claim an effect that is not there, and how often does it find one
 that is? Simulates whole studies of the shipped designs (`default`: 1 seed x 3 forget groups; `study`: 5 seeds x 3)
 with censoring at max_steps, collapses, nothing-to-forget groups and the measured seed-level spread (the model is in
-_verdict_sim.py), and decides each with the project's own verdict functions (unlearnbench.verdicts) and, for
-contrast, with the rules they replace (unlearnbench.findings' finding_f1..f4, seeds combined by their vote as
-aggregate_seeds did). Writes benchmarks/results/verdict_calibration.json: per design and finding, the false-positive
+_verdict_sim.py), and decides each with the project's own verdict functions (unlearnbench.verdicts). (The 0.1 rules
+they replaced were measured by this script at git 44d4bc8, while the package still had them: docs/findings.md.)
+Writes benchmarks/results/verdict_calibration.json: per design and finding, the false-positive
 rate of the overall verdict under no effect with its exact (Clopper-Pearson) 95% Monte Carlo interval, and the power
 at the stated effect (F1: OOD 1.5x slower; F2: ID 0.3 log-ppl costlier; F3: HR 0.7 per within-request SD of
 memorization; F4: OOD recovers 0.15 more).
 
-    python benchmarks/verdict_calibration.py --jobs 2   # full: 15 minutes on 2 idle cores (~30 on one)
+    python benchmarks/verdict_calibration.py --jobs 2   # full: 11-15 minutes on 2 idle cores (~25 on one)
     python benchmarks/verdict_calibration.py --quick    # seconds: a logic check (results/*.quick.json)
 """
 
@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import time
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -33,63 +31,23 @@ from unlearnbench import verdicts
 FINDINGS = ("F1", "F2", "F3", "F4")
 SCENARIOS = ("null", "null_pair", *FINDINGS)
 CLAIMS = ("reproduced", "partly reproduced", "reversed", "partly reversed", "mixed")
-# Simulated studies per design: (null, of them decided by the old rules too, power, of them by the old rules). F3
-# costs a lifelines fit per kind (~0.15 s a study with 9 strata, ~0.8 s with the study design's 45), so fewer.
-# The budget designs check the censoring rule on F1, F2, F4 (F3's examples censor at max_steps in every design).
-FULL = {"default": {"F124": (4000, 1000, 1000, 300), "F3": (1500, 200, 200, 60)},
-        "study": {"F124": (4000, 1000, 1000, 300), "F3": (300, 40, 100, 20)},
-        "default_budget10": {"F124": (4000, 1000, 1000, 300), "F3": (0, 0, 0, 0)},
-        "study_budget10": {"F124": (2000, 500, 500, 200), "F3": (0, 0, 0, 0)}}
-QUICK = {"default": {"F124": (60, 20, 20, 10), "F3": (12, 4, 6, 3)},
-         "study": {"F124": (20, 6, 6, 3), "F3": (3, 1, 2, 1)},
-         "default_budget10": {"F124": (20, 6, 6, 3), "F3": (0, 0, 0, 0)},
-         "study_budget10": {"F124": (10, 3, 3, 2), "F3": (0, 0, 0, 0)}}
-
-
-# ------------------------------------------------------------------------------------------- old rules
-
-
-def _old_rules():
-    """The replaced deciding functions when this checkout still has them, else None."""
-    try:
-        from unlearnbench import findings
-        return findings if hasattr(findings, "replicate_pairs") else None
-    except ImportError:
-        return None
-
-
-@contextmanager
-def _pooled_cox(findings):
-    """The old F3 z-scored memorization over all examples of a kind: give it that standardization back."""
-    from unlearnbench.metrics import survival
-    original = findings.metrics.stratified_cox
-    findings.metrics.stratified_cox = partial(survival.stratified_cox, standardize="pooled")
-    try:
-        yield
-    finally:
-        findings.metrics.stratified_cox = original
-
-
-def _old_verdict(findings, key: str, requests, examples, attacks) -> str:
-    """The old overall verdict: per seed, then the seeds' verdicts voted by overall_verdict (aggregate_seeds)."""
-    per_seed = []
-    for s in sorted({r["seed"] for r in requests}):
-        if key == "F1":
-            per_seed.append(findings.finding_f1([r for r in requests if r["seed"] == s], 0.9)["verdict"])
-        elif key == "F2":
-            per_seed.append(findings.finding_f2([r for r in requests if r["seed"] == s], 0.9)["verdict"])
-        elif key == "F3":
-            with _pooled_cox(findings):
-                per_seed.append(findings.finding_f3(examples[examples.seed == s], n_boot=1, seed=0)["verdict"])
-        else:
-            per_seed.append(findings.finding_f4([a for a in attacks if a["seed"] == s])["verdict"])
-    return per_seed[0] if len(per_seed) == 1 else findings.overall_verdict(per_seed)
+# Simulated studies per design: (null, power). F3 costs a lifelines fit per kind (~0.15 s a study with 9 strata,
+# ~0.8 s with the study design's 45), so fewer. The budget designs check the censoring rule on F1, F2, F4 (F3's
+# examples censor at max_steps in every design).
+FULL = {"default": {"F124": (4000, 1000), "F3": (1500, 200)},
+        "study": {"F124": (4000, 1000), "F3": (300, 100)},
+        "default_budget10": {"F124": (4000, 1000), "F3": (0, 0)},
+        "study_budget10": {"F124": (2000, 500), "F3": (0, 0)}}
+QUICK = {"default": {"F124": (60, 20), "F3": (12, 6)},
+         "study": {"F124": (20, 6), "F3": (3, 2)},
+         "default_budget10": {"F124": (20, 6), "F3": (0, 0)},
+         "study_budget10": {"F124": (10, 3), "F3": (0, 0)}}
 
 
 # ------------------------------------------------------------------------------------------- one study
 
 
-def _new_verdict(key: str, requests, examples, attacks, skipped) -> str:
+def _verdict(key: str, requests, examples, attacks, skipped) -> str:
     if key == "F1":
         return verdicts.decide_f1(requests, 0.9)["verdict"]
     if key == "F2":
@@ -100,10 +58,10 @@ def _new_verdict(key: str, requests, examples, attacks, skipped) -> str:
 
 
 def one_study(task: tuple) -> dict:
-    """Simulate study `i` of (design, scenario) and decide the findings asked for: {key: (new, old or None)}.
+    """Simulate study `i` of (design, scenario) and decide the findings asked for: {key: verdict}.
     Scenarios: "null" (no effect, the measured seed spread), "null_pair" (no effect and no seed spread: the null
     of a one-seed claim), or a finding's key (its stated effect; no seed spread in a one-seed design)."""
-    design_name, scenario, i, keys, old_keys, seed, spread = task
+    design_name, scenario, i, keys, seed, spread = task
     design = S.DESIGNS[design_name]
     effect = None if scenario.startswith("null") else scenario
     seed_sd = 0.0 if scenario == "null_pair" or (effect and design.seeds == 1) else 1.0
@@ -111,11 +69,9 @@ def one_study(task: tuple) -> dict:
     requests = S.simulate_requests(design, spread, effect, rng, seed_sd)
     examples = S.simulate_examples(design, requests, effect, rng) if "F3" in keys else None
     attacks, skipped = S.simulate_attacks(design, requests, effect, rng, seed_sd)
-    old = _old_rules() if old_keys else None
     out = {"censored": sum(r["outcome"] == "censored" for r in requests) / len(requests)}
     for key in keys:
-        out[key] = (_new_verdict(key, requests, examples, attacks, skipped),
-                    _old_verdict(old, key, requests, examples, attacks) if old and key in old_keys else None)
+        out[key] = _verdict(key, requests, examples, attacks, skipped)
     return out
 
 
@@ -140,50 +96,45 @@ def _summarize(vs: list[str], scenario: str) -> dict:
             "all_cells": _rate(sum(v == "reproduced" for v in vs), len(vs)), "verdicts": counts}
 
 
-def _tasks(design: str, scenario: str, keys, n: int, n_old: int, old: bool, seed: int, spread: dict,
-           start: int = 0) -> list[tuple]:
-    return [(design, scenario, i, tuple(keys), tuple(keys) if old and i - start < n_old else (), seed, spread)
-            for i in range(start, start + n)]
+def _tasks(design: str, scenario: str, keys, n: int, seed: int, spread: dict, start: int = 0) -> list[tuple]:
+    return [(design, scenario, i, tuple(keys), seed, spread) for i in range(start, start + n)]
 
 
-def calibrate(designs=tuple(S.DESIGNS), sizes: dict = FULL, old: bool = True, seed: int = 0, jobs: int = 1,
+def calibrate(designs=tuple(S.DESIGNS), sizes: dict = FULL, seed: int = 0, jobs: int = 1,
               spread_path: Path = C.RESULTS / "replicate_spread.json") -> dict:
-    """Every (design, scenario) of the calibration: {design: {finding: {null, power[, null_population]}: {new,
-    old}}}. `null` is the null of the design's claim: for one seed "no difference in this trained pair", for seeds
-    "no difference between kinds over seeds" (the measured seed spread); a one-seed design also gets
-    `null_population` (F1, F2, F4): the measured seed spread, which no one-seed verdict can see."""
+    """Every (design, scenario) of the calibration: {design: {finding: {null, power[, null_population]}}}. `null`
+    is the null of the design's claim: for one seed "no difference in this trained pair", for seeds "no difference
+    between kinds over seeds" (the measured seed spread); a one-seed design also gets `null_population` (F1, F2,
+    F4): the measured seed spread, which no one-seed verdict can see."""
     spread = S.load_spread(spread_path)
-    old = old and _old_rules() is not None
     out, censored = {}, {}
     with ProcessPoolExecutor(jobs) if jobs > 1 else _Serial() as pool:
         for d in designs:
-            (n0, o0, n1, o1), (m0, p0, m1, p1) = sizes[d]["F124"], sizes[d]["F3"]
+            (n0, n1), (m0, m1) = sizes[d]["F124"], sizes[d]["F3"]
             null = "null_pair" if S.DESIGNS[d].seeds == 1 else "null"
-            runs = {"null": _tasks(d, null, ("F1", "F2", "F4"), n0, o0, old, seed, spread)
-                    + _tasks(d, null, ("F3",), m0, p0, old, seed, spread, start=n0)}
+            runs = {"null": _tasks(d, null, ("F1", "F2", "F4"), n0, seed, spread)
+                    + _tasks(d, null, ("F3",), m0, seed, spread, start=n0)}
             if null == "null_pair":
-                runs["null_population"] = _tasks(d, "null", ("F1", "F2", "F4"), n0, o0, old, seed, spread)
+                runs["null_population"] = _tasks(d, "null", ("F1", "F2", "F4"), n0, seed, spread)
             for f in FINDINGS:
-                runs[f] = _tasks(d, f, (f,), *((m1, p1) if f == "F3" else (n1, o1)), old, seed, spread)
+                runs[f] = _tasks(d, f, (f,), m1 if f == "F3" else n1, seed, spread)
             res = {}
             for sc, ts in runs.items():
                 t0 = time.perf_counter()
                 res[sc] = list(pool.map(one_study, ts, chunksize=max(1, len(ts) // (8 * jobs))))
                 print(f"[calibration] {d} {sc}: {len(ts)} studies in {time.perf_counter() - t0:.0f} s", flush=True)
             censored[d] = float(np.mean([r["censored"] for r in res["null"]]))
-            out[d] = {f: _collect(res, f, old) for f in FINDINGS}
-    return {"results": out, "censored_fraction_null": censored, "old_rules": old}
+            out[d] = {f: _collect(res, f) for f in FINDINGS}
+    return {"results": out, "censored_fraction_null": censored}
 
 
-def _collect(res: dict, f: str, old: bool) -> dict:
+def _collect(res: dict, f: str) -> dict:
     out = {}
     for name, sc, kind in (("null", "null", "null"), ("null_population", "null_population", "null"),
                            ("power", f, "power")):
         got = [r[f] for r in res.get(sc, []) if f in r]
         if got:
-            out[name] = {"new": _summarize([v for v, _ in got], kind)}
-            if old:
-                out[name]["old"] = _summarize([o for _, o in got if o is not None], kind)
+            out[name] = _summarize(got, kind)
     return out
 
 
@@ -200,9 +151,8 @@ class _Serial:
 
 
 def table(body: dict) -> str:
-    """The calibration table: false-positive rate and power, new rules beside old."""
-    def rate(r, key):
-        x = r.get(key) if r else None
+    """The calibration table: false-positive rate under each null and power, with Monte Carlo intervals."""
+    def rate(x):
         return "-" if not x or not x["n"] else f"{x['rate']:.3f} [{x['mc_lo']:.3f}, {x['mc_hi']:.3f}] (n={x['n']})"
     rows = []
     for d, by in body["results"].items():
@@ -210,25 +160,21 @@ def table(body: dict) -> str:
             for name in ("null", "null_population"):
                 if name in r:
                     label = {"null": "pair" if S.DESIGNS[d].seeds == 1 else "seeds", "null_population": "population"}
-                    rows.append([d, f, label[name], rate(r[name]["new"], "false_positive"),
-                                 rate(r[name].get("old"), "false_positive"),
-                                 rate(r["power"]["new"], "power") if name == "null" else "",
-                                 rate(r["power"].get("old"), "power") if name == "null" else ""])
-    return C.fmt_table(rows, ["design", "finding", "null", "false positive, new [MC 95%]",
-                              "false positive, old [MC 95%]", "power, new", "power, old"])
+                    rows.append([d, f, label[name], rate(r[name]["false_positive"]),
+                                 rate(r.get("power", {}).get("power")) if name == "null" else ""])
+    return C.fmt_table(rows, ["design", "finding", "null", "false positive [MC 95%]", "power [MC 95%]"])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny settings: a logic check in seconds")
     ap.add_argument("--jobs", type=int, default=1, help="worker processes (the numbers do not depend on it)")
-    ap.add_argument("--no-old", action="store_true", help="skip the replaced rules")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args()
     sizes = QUICK if args.quick else FULL
     t0 = time.perf_counter()
-    body = calibrate(sizes=sizes, old=not args.no_old, seed=args.seed, jobs=args.jobs)
+    body = calibrate(sizes=sizes, seed=args.seed, jobs=args.jobs)
     print(table(body))
     body.update(sizes=sizes, seed=args.seed, effects=S.EFFECTS, model=S.__doc__,
                 designs={k: vars(v) | {"p_nothing": {f"{a}_r{b}": p for (a, b), p in v.p_nothing.items()}}
