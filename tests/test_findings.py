@@ -8,7 +8,9 @@ import pytest
 from scipy import stats
 
 from conftest import smoke_config, write_seed
-from unlearnbench.findings import aggregate_seeds, cell_interval, finding_f4, flatten_findings, run_findings, survival
+from unlearnbench.findings import aggregate_seeds, cell_interval, flatten_findings, run_findings, survival
+from unlearnbench.results import with_identity
+from unlearnbench.verdicts import decide_f4
 
 
 def result(kind, reps, group, outcome="unlearned", step=10.0, auc=0.5, log_ppl=0.1, nothing=False, targets=None):
@@ -182,11 +184,26 @@ def test_f4_counts_skipped_requests_and_no_oracle_results():
     res += [_attack_result("canary", j, v) for j, v in enumerate((0.4, 0.45, 0.5))]
     skipped = [{"request": "canary_r16_g3", "kind": "canary", "repetitions": 16, "group": 3,
                 "reason": "it never became unlearned (outcome censored)"}]
-    f4 = finding_f4(res, skipped)
+    f4 = decide_f4(res, skipped)
     c = contrast(f4)
     e = c["by_target"]["relearn_forget_fraction"]
     assert e["mean"] == pytest.approx(0.45 - 0.2) and c["family_verdict"] == "OOD recovers more"
     assert e["counts"]["ood_left_out"] == {"skipped: it never became unlearned (outcome censored)": 1}
     assert f4["skipped"] == 1 and f4["excluded_without_oracle"] == 0
-    blind = finding_f4([{**r, "baseline": "held_out_references"} for r in res], [])
+    blind = decide_f4([{**r, "baseline": "held_out_references"} for r in res], [])
     assert blind["verdict"] == "inconclusive" and blind["excluded_without_oracle"] == 6
+
+
+def test_skipped_requests_stored_by_name_only_get_their_identity_from_the_unlearn_results():
+    """An attacks/summary.json written before 0.2 kept a skipped request's name and reason only; `load_run` gives
+    it the kind, repetitions and group of its unlearn result, so F4 counts it on its side."""
+    requests = [{"request": "canary_r16_g3", "kind": "canary", "repetitions": 16, "group": 3, "outcome": "censored"},
+                {"request": "id_r16_g0", "kind": "id", "repetitions": 16, "group": 0, "outcome": "unlearned"}]
+    stored = [{"request": "canary_r16_g3", "reason": "it never became unlearned (outcome censored)"}]
+    assert with_identity(stored, requests) == [{"request": "canary_r16_g3", "kind": "canary", "repetitions": 16,
+                                                "group": 3, "reason": stored[0]["reason"]}]
+    res = [_attack_result("id", j, v) for j, v in enumerate((0.2, 0.22, 0.18))]
+    res += [_attack_result("canary", j, v) for j, v in enumerate((0.4, 0.45, 0.5))]
+    c = contrast(decide_f4(res, with_identity(stored, requests)))
+    assert c["by_target"]["relearn_forget_fraction"]["counts"]["ood_left_out"] == {
+        "skipped: it never became unlearned (outcome censored)": 1}

@@ -74,8 +74,8 @@ def test_the_merged_summary_is_the_report_stages_own(smoke_study, tmp_path):
     """summary.json is written by the report stage alone (its record lists it; the unlearn and attack stages' do
     not): the unlearn stage's request rows, each with `attacked` and the attack columns of attacks/<request>/, F4
     from those results, and the unlearn stage's outcome counts and cost."""
-    from unlearnbench.findings import finding_f4
     from unlearnbench.io import write_json
+    from unlearnbench.verdicts import decide_f4
 
     cfg, run = smoke_study
     records = {s: json.loads((run / "stages" / f"{s}.json").read_text())["files"] for s in ("unlearn", "attack", "report")}
@@ -99,7 +99,8 @@ def test_the_merged_summary_is_the_report_stages_own(smoke_study, tmp_path):
     assert summary["outcomes"] == unlearn["outcomes"] and summary["cost"] == unlearn["cost"]
     assert summary["attacks"]["requests"] == sorted(attacked)
     assert summary["attacks"]["relearn_steps"] == attacks["relearn_steps"] == cfg.attack.relearn_steps
-    write_json(tmp_path / "f4.json", finding_f4(list(attacked.values()), attacks["skipped"], cfg.metrics.alpha))  # as stored
+    # as stored
+    write_json(tmp_path / "f4.json", decide_f4(list(attacked.values()), attacks["skipped"], cfg.metrics.alpha))
     assert json.loads((tmp_path / "f4.json").read_text()) == summary["attacks"]["findings"]["F4"]
 
 

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from unlearnbench.verdicts import decide, decide_f1, decide_f2, decide_f3, decide_f4, replicate_spread
+from unlearnbench.verdicts import decide_f1, decide_f2, decide_f3, decide_f4, replicate_spread
 
 T2 = 4.302652729911275  # t(0.975, 2)
 
@@ -262,12 +262,16 @@ def test_f4_counts_skipped_requests_and_keeps_directions_apart():
     assert blind["excluded_without_oracle"] == 8 and blind["verdict"] == "inconclusive"
 
 
-def test_replicate_spread_and_decide():
+def test_replicate_spread_and_the_findings_of_pooled_seeds():
     # id r4 at UQ 0.9: log(1 + steps) 1, 2, 3 in seed 0 and 4, 5, 6 in seed 1 -> the components by hand
     res = [result("id", 4, g, step=math.expm1(v), seed=0) for g, v in enumerate((1.0, 2.0, 3.0))]
     res += [result("id", 4, g, step=math.expm1(v), seed=1) for g, v in enumerate((4.0, 5.0, 6.0))]
     res += [result("canary", 4, g, step=5.0, seed=s) for g in range(3) for s in (0, 1)]
     r = replicate_spread(res)["log1p_steps"]["id_r4 uq 0.9"]
     assert r["within_seed_group_var"] == pytest.approx(1.0) and r["between_seed_var"] == pytest.approx(4.5 - 1 / 3)
-    out = decide(res)
+    from unlearnbench.config import load_config
+    from unlearnbench.findings import run_findings
+
+    out = run_findings(load_config("smoke"), res, pd.DataFrame())  # the report stage's entry, seeds pooled
     assert set(out) == {"F1", "F2", "replicate_spread"} and out["F1"]["unit"] == "seeds"
+    assert out["replicate_spread"] == replicate_spread(res)

@@ -25,7 +25,7 @@ OOD_KINDS = verdicts.OOD_KINDS
 def run_findings(cfg: Config, results: list[dict], forgetting: pd.DataFrame) -> dict:
     """F1-F3 of one run (or of several seeds' requests pooled, each result carrying its `seed`): F1 and F2 for
     group requests, F3 when there are forgetting tables, each kind's F3 row with the pooled Spearman ρ beside it
-    (descriptive only: repetitions confound it). F4 needs the attack results: `finding_f4`."""
+    (descriptive only: repetitions confound it). F4 needs the attack results: `verdicts.decide_f4`."""
     m = cfg.metrics
     findings = {}
     if cfg.unlearn.requests == "groups":
@@ -43,21 +43,6 @@ def run_findings(cfg: Config, results: list[dict], forgetting: pd.DataFrame) -> 
     if len({r.get("seed", 0) for r in results}) > 1:
         findings["replicate_spread"] = verdicts.replicate_spread(results)
     return findings
-
-
-def finding_f4(attack_results: list[dict], skipped: list[dict], alpha: float = 0.05) -> dict:
-    """F4 from the attack stage's results and the requests it skipped (each with its reason: counted, never
-    dropped), by the calibrated rules (`verdicts.decide_f4`)."""
-    return verdicts.decide_f4(attack_results, skipped, alpha)
-
-
-def skipped_requests(run) -> list[dict]:
-    """The attack stage's skipped requests of a loaded run (`results.load_run`), each with its kind, repetitions
-    and group from its unlearn result (an attacks/summary.json written before 0.2's verdicts kept only the name
-    and the reason)."""
-    ident = {r["request"]: {k: r[k] for k in ("request", "kind", "repetitions", "group") if k in r}
-             for r in run.requests}
-    return [{**ident.get(s["request"], {}), **s} for s in (run.attacks or {}).get("skipped", [])]
 
 
 def survival(forgetting: pd.DataFrame) -> dict:
@@ -137,11 +122,11 @@ def aggregate_seeds(cfg: Config, run_dirs: list[Path]) -> dict:
         if not run.forgetting.empty:
             frames.append(run.forgetting.assign(seed=s["seed"]))
         attacks += [{**r, "seed": s["seed"]} for r in run.attack_results]
-        skipped += [{**k, "seed": s["seed"]} for k in skipped_requests(run)]
+        skipped += [{**k, "seed": s["seed"]} for k in (run.attacks or {}).get("skipped", [])]
     forgetting = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     findings = run_findings(cfg, results, forgetting)
     if attacks or skipped:
-        findings["F4"] = finding_f4(attacks, skipped, alpha)
+        findings["F4"] = verdicts.decide_f4(attacks, skipped, alpha)
     keys = sorted({(g["kind"], int(g["repetitions"])) for s in sums for g in s["requests"]})
     cells = []
     for kind, reps in keys:

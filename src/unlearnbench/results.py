@@ -112,6 +112,14 @@ def attacks_current(run_dir: Path) -> bool:
     return (att.get("inputs") or {}).get("unlearn") == unl["outputs_digest"]
 
 
+def with_identity(skipped: list[dict], requests: list[dict]) -> list[dict]:
+    """The attack stage's skipped requests, each with its kind, repetitions and group taken from its unlearn result
+    (what F4 counts them by), whatever the stored entry kept."""
+    ident = {r["request"]: {k: r[k] for k in ("request", "kind", "repetitions", "group") if k in r}
+             for r in requests}
+    return [{**ident.get(s["request"], {}), **s} for s in skipped]
+
+
 def load_run(run_dir: Path) -> RunResults:
     """A run's per-request results of the unlearn and attack stages, and its forgetting tables. Attack results
     count only when the attack stage ran on the current unlearn results."""
@@ -125,4 +133,6 @@ def load_run(run_dir: Path) -> RunResults:
                                f"results; they are left out (`unlearnbench attack run.dir={run_dir}` redoes them)")
     attack_results = ([read_json(p) for p in sorted((run_dir / "attacks").glob("*/result.json"))]
                       if attacks is not None else [])
+    if attacks is not None:  # attacks/summary.json before 0.2 kept a skipped request's name and reason only
+        attacks["skipped"] = with_identity(attacks.get("skipped", []), requests)
     return RunResults(run_dir, unlearn, requests, load_forgetting(run_dir, requests), attacks, attack_results, note)

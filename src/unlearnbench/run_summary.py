@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from unlearnbench import verdicts
 from unlearnbench.config import Config
-from unlearnbench.findings import finding_f4, run_findings, skipped_requests, survival
+from unlearnbench.findings import run_findings, survival
 from unlearnbench.io import read_json
 from unlearnbench.results import RunResults, outcome_counts, request_row
 
@@ -93,5 +94,6 @@ def merged_summary(cfg: Config, run: RunResults) -> dict:
         out["attacks"] = {"requests": sorted(by_request), "selection": a["selection"],
                           "relearn_steps": a["relearn_steps"], "relearn_lr": a["relearn_lr"],
                           "quant_bits": a["quant_bits"],
-                          "findings": {"F4": finding_f4(run.attack_results, skipped_requests(run), cfg.metrics.alpha)}}
+                          "findings": {"F4": verdicts.decide_f4(run.attack_results, a.get("skipped", []),
+                                                                cfg.metrics.alpha)}}
     return out

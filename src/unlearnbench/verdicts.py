@@ -25,7 +25,7 @@ from unlearnbench.metrics.crossing import UQ_TARGETS
 from unlearnbench.metrics.survival import stratified_cox
 
 __all__ = ["OOD_KINDS", "F4_ATTACKS", "request_view", "attack_view", "example_view", "decide_f1", "decide_f2",
-           "decide_f3", "decide_f4", "replicate_spread", "decide"]
+           "decide_f3", "decide_f4", "replicate_spread"]
 
 OOD_KINDS = ("canary", "domain")
 ALPHA = contrast.ALPHA
@@ -196,9 +196,10 @@ def _unit(views: list[dict]) -> str:
     return "seeds" if len({v["seed"] for v in views}) > 1 else "groups"
 
 
-def _finding(statement: str, effect: str, rows: list[dict], unit: str, alpha: float, two_sided: bool = False,
-             names: tuple[str, str] = ("reproduced", "reversed")) -> dict:
-    """Holm over the cells' main p-values, each cell's family-wise decision, and the overall verdict."""
+def _family(rows: list[dict], alpha: float, two_sided: bool = False,
+            names: tuple[str, str] = ("reproduced", "reversed")) -> dict:
+    """Holm over the rows' (cells') p-values: each row gets `p_holm` and its `family_verdict`; returns the overall
+    verdict (`contrast.overall_verdict`) of the rows' family-wise decisions."""
     adj = contrast.holm({r["cell"]: r["p"] for r in rows}, alpha)
     decisions = {}
     for r in rows:
@@ -207,13 +208,19 @@ def _finding(statement: str, effect: str, rows: list[dict], unit: str, alpha: fl
         r.update(p_holm=a["p_holm"], family_verdict="inconclusive" if r["p"] is None else
                  "not significant" if not a["reject"] else names[0] if r["direction"] == "up" else names[1])
     informative = [r["cell"] for r in rows if r["p"] is not None]
-    o = contrast.overall_verdict(decisions, informative, two_sided, names)
+    return contrast.overall_verdict(decisions, informative, two_sided, names)
+
+
+def _finding(statement: str, effect: str, rows: list[dict], unit: str, alpha: float, two_sided: bool = False,
+             names: tuple[str, str] = ("reproduced", "reversed")) -> dict:
+    """Holm over the cells' main p-values, each cell's family-wise decision, and the overall verdict."""
+    o = _family(rows, alpha, two_sided, names)
     return {"statement": statement, "effect": effect, "unit": unit, "unit_note": UNIT_NOTE[unit], "alpha": alpha,
             "family": f"Holm over the {len(rows)} cells' two-sided p-values: the overall verdict's false-positive "
                       f"rate under no effect is at most {alpha:g}",
             "contrasts": rows, "verdict": o["verdict"], "direction": o["direction"], "detail": o["detail"],
             "supporting": o["up"], "against": o["down"], "holds": len(o["up"]) + (len(o["down"]) if two_sided else 0),
-            "of": len(rows), "informative": len(informative)}
+            "of": len(rows), "informative": sum(r["p"] is not None for r in rows)}
 
 
 def _cell_row(views, reps, ood, main: str, readouts: dict) -> dict:
@@ -334,13 +341,7 @@ def decide_f3(forgetting: pd.DataFrame, alpha: float = ALPHA) -> dict:
                      "cox": cox, **t, "verdict": verdict, "verdict_basis": UNADJUSTED})
     unit = "examples within requests" if usable.stratum.str.split("/").str[0].nunique() <= 1 else \
         "examples within seed x request"
-    adj = contrast.holm({r["cell"]: r["p"] for r in rows}, alpha)
-    decisions = {r["cell"]: r["direction"] if adj[r["cell"]]["reject"] else None for r in rows}
-    for r in rows:
-        r.update(p_holm=adj[r["cell"]]["p_holm"], family_verdict="inconclusive" if r["p"] is None else
-                 {"up": "reproduced", "down": "reversed"}[r["direction"]] if decisions[r["cell"]] else
-                 "not significant")
-    o = contrast.overall_verdict(decisions, [r["cell"] for r in rows if r["p"] is not None])
+    o = _family(rows, alpha)
     return {"statement": F3_STATEMENT, "effect": "hazard ratio of being forgotten per within-request SD (Cox, "
             "strata = request)", "unit": unit, "alpha": alpha,
             "family": f"Holm over the {len(rows)} kinds' two-sided p-values", "kinds": rows,
@@ -373,17 +374,3 @@ def replicate_spread(results: list[dict], targets: tuple[str, ...] = ("0.5", "0.
             if (r := contrast.variance_components(c)) is not None:
                 cost[f"{kind}_r{reps} uq {t}"] = r
     return {"seeds": seeds, "log1p_steps": steps, "log_ppl_ratio": cost}
-
-
-def decide(results: list[dict], forgetting: pd.DataFrame | None = None, attack_results: list[dict] = (),
-           skipped: list[dict] = (), uq_target: float = 0.9, alpha: float = ALPHA) -> dict:
-    """Every finding the inputs allow: F1, F2 (request results), F3 (per-example rows), F4 (attack results), and
-    with two or more seeds the replicate spread."""
-    out = {"F1": decide_f1(results, uq_target, alpha), "F2": decide_f2(results, uq_target, alpha)}
-    if forgetting is not None and not forgetting.empty:
-        out["F3"] = decide_f3(forgetting, alpha)
-    if attack_results or skipped:
-        out["F4"] = decide_f4(list(attack_results), list(skipped), alpha)
-    if _unit([request_view(r) for r in results]) == "seeds":
-        out["replicate_spread"] = replicate_spread(results)
-    return out
