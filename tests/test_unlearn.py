@@ -99,8 +99,10 @@ def test_stopping_rules(smoke_study, tmp_path):
     run = _copy(smoke_study, tmp_path / "stop")
     cfg = smoke_config(run, "unlearn.request_kinds=[domain]", "unlearn.patience=2")
     run_study(cfg, "unlearn", force=True)
+    statuses = []
     for r in (4, 16):
         res = json.loads((run / f"unlearn/domain_r{r}/result.json").read_text())
+        statuses.append(res["status"])
         curve = pd.read_parquet(run / f"unlearn/domain_r{r}/curve.parquet")
         if res["status"] == "target":  # target held for 2 consecutive evaluations at some point, and (with
             # unlearn.until_all_forgotten, on by default) every example forgotten at the last one, then stopped
@@ -108,6 +110,7 @@ def test_stopping_rules(smoke_study, tmp_path):
             assert (above + above.shift(1, fill_value=0) == 2).any()
             assert curve.forgotten_fraction.iloc[-1] == 1.0 and "every example is forgotten" in res["stop_reason"]
             assert res["steps_run"] == curve.step.iloc[-1]
+    assert "target" in statuses  # the rule above was exercised
     cfg = smoke_config(run, "unlearn.request_kinds=[domain]", "unlearn.stop_on_target=false", "unlearn.max_steps=8")
     run_study(cfg, "unlearn", force=True)
     for r in (1, 4, 16):

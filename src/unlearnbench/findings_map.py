@@ -27,7 +27,6 @@ from unlearnbench.rundir import map_dir, map_setting_dir, record_path
 DEFAULT_GRID = {"lr": [1e-4, 3e-4, 1e-3], "method": ["ga", "npo"], "exposure": ["extrapolated", "rank"]}
 
 
-
 def setting_name(lr: float, method: str, exposure: str) -> str:
     """The sub-run directory name of one setting of the grid."""
     return f"lr{lr:g}_{method}_{exposure}"

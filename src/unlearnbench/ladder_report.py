@@ -12,8 +12,9 @@ import pandas as pd
 
 from unlearnbench.config import to_dict
 from unlearnbench.io import read_json, write_json, write_text
-from unlearnbench.reporting.style import VERDICT_COLOURS, verdict_colour
+from unlearnbench.reporting.style import VERDICT_COLOURS, num, verdict_colour
 
+G3 = "{:.3g}"  # effects and bounds in the table
 Spec = Point = Any  # unlearnbench.ladder's Spec and Point (the ladder imports this module, not the reverse)
 
 
@@ -123,10 +124,6 @@ def _point_of(pts: list[Point], axis: str, level: str) -> str:
     return next(p.name for p in pts if (axis, level) in p.levels)
 
 
-def _num(x, fmt: str = "{:.3g}") -> str:
-    return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else fmt.format(x)
-
-
 def markdown(spec: Spec, pts: list[Point], rows: pd.DataFrame, facts: list[dict]) -> str:
     """The ladder table: the points with their facts and cost, then per finding one row per point."""
     lines = [f"# {spec.title}", "", f"Ladder `{spec.name}` on preset `{spec.preset}`: one full study per point "
@@ -141,8 +138,8 @@ def markdown(spec: Spec, pts: list[Point], rows: pd.DataFrame, facts: list[dict]
         if not f.get("finished"):
             lines.append(f"| {p.name} | {lv} | not finished | | | | | | |")
             continue
-        lines.append(f"| {p.name} | {lv} | {_num(f['params'], '{:,}')} | {_num(f['sequences'], '{:,}')} | "
-                     f"{_num(f['forget_share'], '{:.1%}')} | {_num(f['epochs'], '{:.2f}')} | {f['seeds']} | "
+        lines.append(f"| {p.name} | {lv} | {num(f['params'], '{:,}')} | {num(f['sequences'], '{:,}')} | "
+                     f"{num(f['forget_share'], '{:.1%}')} | {num(f['epochs'], '{:.2f}')} | {f['seeds']} | "
                      f"{f['cost']['seconds'] / 3600:.2f} | {f['cost']['flops'] / 1e15:.3g} |")
     for key, part in (rows.groupby("finding", sort=True) if not rows.empty else []):
         wheres = list(dict.fromkeys(part["where"]))
@@ -156,7 +153,7 @@ def markdown(spec: Spec, pts: list[Point], rows: pd.DataFrame, facts: list[dict]
                     cells.append("")
                     continue
                 eff = "" if r["effect"] is None or pd.isna(r["effect"]) else (
-                    f" {_num(r['effect'])} [{_num(r['lo'])}, {_num(r['hi'])}]")
+                    f" {num(r['effect'], G3)} [{num(r['lo'], G3)}, {num(r['hi'], G3)}]")
                 cells.append(f"{r['verdict']}{eff}")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

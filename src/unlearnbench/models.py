@@ -7,13 +7,14 @@ from pathlib import Path
 import torch
 
 from unlearnbench.config import Config
+from unlearnbench.data.build import BOS_ID, PAD_ID
 from unlearnbench.errors import UserError
 from unlearnbench.io import atomic_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def build_model(cfg: Config, vocab_size: int, seed: int, bos_id: int = 0, pad_id: int = 1):
+def build_model(cfg: Config, vocab_size: int, seed: int, bos_id: int = BOS_ID, pad_id: int = PAD_ID):
     """A randomly initialised model from config, or the pretrained `model.name_or_path`. `bos_id` / `pad_id` are the
     tokenizer's (the defaults are the built-in tokenizer's): the padding id is the embedding's `padding_idx` (its
     row stays zero and untrained), so it must not be the BOS id, whose embedding every example's first prediction

@@ -16,6 +16,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
+from unlearnbench.data.corpora import LOCAL_FORMATS
+
 KIND_ORDER = ("id", "canary", "domain")
 KIND_COLORS = {"id": "#0072B2", "canary": "#D55E00", "domain": "#009E73"}  # Okabe-Ito: colour-blind safe
 KIND_LABELS = {"id": "ID", "canary": "OOD canary", "domain": "OOD domain"}  # without the corpora: `kind_labels`
@@ -80,7 +82,7 @@ def corpus_name(corpus: str) -> str:
     c = str(corpus)
     if c in CORPUS_NAMES:
         return CORPUS_NAMES[c]
-    return Path(c).stem if Path(c).suffix in (".jsonl", ".json", ".parquet", ".txt", ".csv") else c
+    return Path(c).stem if Path(c).suffix.lower() in LOCAL_FORMATS else c
 
 
 def kind_labels(corpora: dict | None = None) -> dict[str, str]:
